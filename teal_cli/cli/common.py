@@ -1,0 +1,120 @@
+"""What every subcommand shares: option types, error handling, logging, progress, output.
+
+Data goes to stdout; logs and progress go to stderr (progress only on a terminal, never
+with -q). A :class:`~teal_cli.errors.TealError` becomes one line ``Error: ...`` and exit 1
+(2 for usage errors); ``TEAL_DEBUG=1`` shows the traceback. Torch is imported only inside
+commands, so ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import sys
+import traceback
+from typing import Annotated, Callable, Iterator, Optional
+
+import typer
+
+from ..errors import TealError, UsageError
+
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA when available), cpu, cuda or cuda:N.")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto, float32, bfloat16 or float16 (auto: bf16 on GPU, fp32 on CPU).")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.")]
+QuietOpt = Annotated[bool, typer.Option("-q", "--quiet", help="No progress or info on stderr; errors only.")]
+VerboseOpt = Annotated[bool, typer.Option("-v", "--verbose", help="More detail on stderr.")]
+OnErrorOpt = Annotated[str, typer.Option("--on-error", help="fail: stop at the first bad item. skip: report it on stderr, go on, exit 1 at the end.")]
+
+
+class Log:
+    """stderr logging for one command run."""
+
+    def __init__(self, quiet: bool = False, verbose: bool = False):
+        self.quiet = quiet
+        self.verbose = verbose
+        self.interactive = sys.stderr.isatty() and not quiet
+
+    def info(self, message: str) -> None:
+        if not self.quiet:
+            print(message, file=sys.stderr, flush=True)
+
+    def debug(self, message: str) -> None:
+        if self.verbose and not self.quiet:
+            print(message, file=sys.stderr, flush=True)
+
+    def warn(self, message: str) -> None:
+        print(f"Warning: {message}", file=sys.stderr, flush=True)
+
+    @contextlib.contextmanager
+    def progress(self, description: str, total: int | None = None) -> Iterator[Callable[..., None]]:
+        """Yields ``advance(n=1, total=None)``; a rich bar on a terminal, nothing otherwise."""
+        if not self.interactive:
+            yield lambda n=1, total=None: None
+            return
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=Console(stderr=True), transient=True) as bar:
+            task = bar.add_task(description, total=total)
+
+            def advance(n: int = 1, total: int | None = None) -> None:
+                if total is not None:
+                    bar.update(task, total=total)
+                bar.advance(task, n)
+
+            yield advance
+
+
+def handle_errors(fn: Callable) -> Callable:
+    """Turn TealError into ``Error: ...`` on stderr and the matching exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except TealError as exc:
+            if os.environ.get("TEAL_DEBUG"):
+                traceback.print_exc()
+            message = str(exc).replace("\n", " ")
+            print(f"Error: {message}", file=sys.stderr, flush=True)
+            raise typer.Exit(exc.exit_code) from None
+        except BrokenPipeError:
+            # Downstream closed the pipe (e.g. `| head`): not an error of ours.
+            with contextlib.suppress(Exception):
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            print("Error: interrupted", file=sys.stderr)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def check_choice(value: str, choices: tuple[str, ...], option: str) -> str:
+    if value not in choices:
+        raise UsageError(f"{option} {value}: expected one of {', '.join(choices)}")
+    return value
+
+
+@contextlib.contextmanager
+def output_stream(path: Optional[str]) -> Iterator:
+    """stdout, or an atomically written text file for ``-o FILE``."""
+    if path is None or path == "-":
+        yield sys.stdout
+        return
+    from ..media import atomic_output
+
+    with atomic_output(path) as f:
+        yield f
+
+
+def setup_torch(device: str, dtype: str, seed: int | None):
+    """Resolve device/dtype and seed torch; returns ``(device, dtype)``."""
+    from ..device import resolve_device, resolve_dtype, seed_everything
+
+    dev = resolve_device(device)
+    seed_everything(seed)
+    return dev, resolve_dtype(dtype, dev)

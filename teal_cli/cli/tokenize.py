@@ -1,0 +1,72 @@
+"""teal tokenize: media files, folders or manifests -> JSONL token records."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from .common import DeviceOpt, DtypeOpt, Log, OnErrorOpt, QuietOpt, SeedOpt, VerboseOpt, check_choice, handle_errors, output_stream, setup_torch
+
+HELP = """Turn images and audio into token records (JSONL on stdout).
+
+Inputs are media files, folders (searched recursively), JSONL manifests naming media by
+path ({"id": .., "image": "a.png", "text": ".."}) or token records; '-' or a pipe is stdin.
+Each media path becomes a token segment of the codec given for its modality.
+
+\b
+Examples:
+  teal tokenize photo.jpg --codec codecs/patch-p4-k512 > photo.tok.jsonl
+  teal tokenize photos/ --codec codecs/patch-p4-k512 --batch-size 64 -o photos.tok.jsonl
+  teal tokenize pairs.jsonl --codec vqgan-f16-16384 --codec codecs/mel-80-k256
+  teal tokenize speech/ --codec codecs/mel-80-k256 --dedup --on-error skip
+"""
+
+
+@handle_errors
+def tokenize(
+    inputs: Annotated[Optional[list[str]], typer.Argument(help="Media files, folders, .jsonl manifests, or - for stdin.", show_default=False)] = None,
+    codec: Annotated[list[str], typer.Option("--codec", "-c", help="Codec name or codec directory; once per modality.")] = [],
+    output: Annotated[Optional[str], typer.Option("-o", "--output", help="Write JSONL here (atomically) instead of stdout.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Media items encoded together.", min=1)] = 16,
+    image_size: Annotated[Optional[int], typer.Option("--image-size", help="Tokenize images at this size instead of the codec's native one.", min=1)] = None,
+    dedup: Annotated[bool, typer.Option("--dedup", help="Collapse runs of equal audio ids; run lengths go to 'durations'.")] = False,
+    checkpoint: Annotated[Optional[str], typer.Option("--checkpoint", help="Local checkpoint file for a named codec.")] = None,
+    config: Annotated[Optional[str], typer.Option("--config", help="Local model config for a named codec (VQGAN's model.yaml).")] = None,
+    workers: Annotated[int, typer.Option("--workers", help="Threads decoding media ahead of the encoder.", min=1)] = 4,
+    on_error: OnErrorOpt = "fail",
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    seed: SeedOpt = 0,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    from ..codecs.registry import load_codec
+    from ..errors import UsageError
+    from ..inputs import iter_input_records, stdin_or_usage_error
+    from ..records import RecordWriter
+    from ..tokenize import TokenizeOptions, TokenizeStats, check_codecs, tokenize_records
+
+    log = Log(quiet, verbose)
+    check_choice(on_error, ("fail", "skip"), "--on-error")
+    if not codec:
+        raise UsageError("--codec is required (a codec name, e.g. beit2, or a directory made by 'teal cluster')")
+    if (checkpoint or config) and len(codec) > 1:
+        raise UsageError("--checkpoint/--config apply to a single --codec")
+    sources = stdin_or_usage_error(inputs or [])
+    dev, dt = setup_torch(device, dtype, seed)
+    extra = {k: v for k, v in {"checkpoint": checkpoint, "config": config}.items() if v}
+    codecs = [load_codec(name, device=dev, dtype=dt, **extra) for name in codec]
+    check_codecs(codecs)
+    log.debug("codecs: " + ", ".join(f"{c.name} ({c.modality}, {c.vocab_size} ids) on {dev}" for c in codecs))
+    options = TokenizeOptions(batch_size=batch_size, image_size=image_size, dedup=dedup, on_error=on_error, workers=workers)
+    stats = TokenizeStats()
+    with output_stream(output) as stream, log.progress("tokenize") as advance:
+        writer = RecordWriter(stream)
+        for record in tokenize_records(iter_input_records(sources), codecs, options, warn=log.warn, stats=stats):
+            writer.write(record)
+            advance()
+    log.info(f"tokenized {stats.records} record(s)" + (f", skipped {stats.skipped}" if stats.skipped else ""))
+    if stats.skipped:
+        raise typer.Exit(1)
+

@@ -1,0 +1,222 @@
+"""k-means codecs: a feature extractor plus centroids, stored as a directory.
+
+Layout (written by ``teal cluster``)::
+
+    patch-p4-k512/
+      config.json            # format, name, modality, k, dim, features{...}, fit provenance
+      centroids.safetensors  # "centroids": [k, dim] float32
+
+The name records provenance (``<extractor stem>-k<K>``, e.g. ``whisper-small-l11-k2048``).
+On load the name of the directory is checked against its config: a directory called
+``...-l11-k2048`` that holds layer-9 or k=1024 centroids is refused, because a layer or k
+mismatch is the commonest silent failure with k-means units.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import CodecError
+from ..features import build_extractor
+from ..features.base import FeatureExtractor
+from .base import AudioCodec, ImageCodec
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+FORMAT = "teal-kmeans-codec"
+FORMAT_VERSION = 1
+CONFIG_NAME = "config.json"
+CENTROIDS_NAME = "centroids.safetensors"
+
+
+class _KMeansMixin:
+    extractor: FeatureExtractor
+    centroids: "torch.Tensor"
+    config: dict[str, Any]
+
+    @property
+    def codebook(self) -> "torch.Tensor":
+        return self.centroids
+
+    def to(self, device):
+        self.device = device
+        self.centroids = self.centroids.to(device)
+        self.extractor.to(device)
+        return self
+
+    def _assign(self, feats: "torch.Tensor") -> "torch.Tensor":
+        from ..kmeans import assign
+
+        flat = feats.reshape(-1, feats.shape[-1])
+        ids, _ = assign(flat, self.centroids)
+        return ids.reshape(feats.shape[:-1])
+
+
+class KMeansImageCodec(_KMeansMixin, ImageCodec):
+    """Image codec over patch-like features; decodes by centroid lookup when invertible."""
+
+    def __init__(self, name: str, extractor: FeatureExtractor, centroids: "torch.Tensor", config: dict[str, Any]):
+        self.name = name
+        self.extractor = extractor
+        self.centroids = centroids
+        self.config = config
+        self.vocab_size = int(centroids.shape[0])
+        self.has_decoder = extractor.invertible
+        self.image_size = getattr(extractor, "image_size", None)
+        self.downsample = getattr(extractor, "patch_size", 1)
+
+    def preprocess(self, image: "Image.Image", image_size: int | None = None) -> "torch.Tensor":
+        return self.extractor.prepare(image, image_size)
+
+    def content_size(self, image: "Image.Image", image_size: int | None = None) -> "tuple[int, int] | None":
+        if image_size or self.image_size:
+            return None
+        w, h = image.size
+        return (h, w) if (h % self.downsample or w % self.downsample) else None
+
+    def encode(self, pixels: "torch.Tensor") -> "torch.Tensor":
+        return self._assign(self.extractor.extract(pixels.to(self.device)))
+
+    def decode(self, ids: "torch.Tensor") -> "torch.Tensor":
+        if not self.has_decoder:
+            raise self.no_decoder_error()
+        feats = self.centroids[ids.to(self.device)]
+        return self.extractor.invert(feats).clamp(0, 1)
+
+
+class KMeansAudioCodec(_KMeansMixin, AudioCodec):
+    """Audio codec over frame features (mel, Whisper, HuBERT)."""
+
+    def __init__(self, name: str, extractor: FeatureExtractor, centroids: "torch.Tensor", config: dict[str, Any]):
+        self.name = name
+        self.extractor = extractor
+        self.centroids = centroids
+        self.config = config
+        self.vocab_size = int(centroids.shape[0])
+        self.has_decoder = extractor.invertible
+        self.sample_rate = extractor.sample_rate
+        self.frame_rate = extractor.frame_rate
+
+    def encode(self, waves: "list[torch.Tensor]") -> "list[torch.Tensor]":
+        return [self._assign(f) for f in self.extractor.extract(waves)]
+
+    def decode(self, ids: "torch.Tensor") -> "torch.Tensor":
+        if not self.has_decoder:
+            raise self.no_decoder_error()
+        return self.extractor.invert(self.centroids[ids.to(self.device)])
+
+    def no_decoder_error(self) -> CodecError:
+        return CodecError(
+            f"codec '{self.name}' has no decoder: {self.extractor.kind} units need a unit vocoder to become sound "
+            "(decode a 'mel' codec instead, or vocode the units with a CodeHiFiGAN-style model)"
+        )
+
+
+def codec_name(extractor: FeatureExtractor, k: int) -> str:
+    return f"{extractor.name_stem()}-k{k}"
+
+
+def _check_name(directory: Path, config: dict[str, Any]) -> None:
+    """Refuse a directory whose provenance name contradicts its config (layer or k)."""
+    name = directory.name
+    stored = str(config.get("name", ""))
+    for tag in ("l", "k", "p"):
+        in_dir = re.search(rf"-{tag}(\d+)(?=-|$)", name)
+        in_cfg = re.search(rf"-{tag}(\d+)(?=-|$)", stored)
+        if in_dir and in_cfg and in_dir.group(1) != in_cfg.group(1):
+            what = {"l": "layer", "k": "k", "p": "patch size"}[tag]
+            raise CodecError(
+                f"{directory}: the directory name says {what} {in_dir.group(1)} but its config.json was fitted with "
+                f"{what} {in_cfg.group(1)} (codec '{stored}'); rename the directory or refit"
+            )
+
+
+def load_codec_dir(directory: str | Path, *, name: str | None = None, features: FeatureExtractor | None = None,
+                   **extractor_overrides: Any):
+    """Load a k-means codec directory.
+
+    ``features`` is an extractor the caller intends to use (e.g. from ``--features ... --layer``);
+    it must match the stored one. ``name`` is what records will carry (default: the directory name).
+    """
+    import torch
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    config_path = directory / CONFIG_NAME
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CodecError(f"{config_path}: cannot read codec config ({exc})") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise CodecError(f"{config_path}: not a teal k-means codec (expected \"format\": \"{FORMAT}\")")
+    if int(config.get("version", 0)) > FORMAT_VERSION:
+        raise CodecError(f"{config_path}: codec format version {config['version']} is newer than this teal reads")
+    _check_name(directory, config)
+    feat_cfg = config.get("features")
+    if not isinstance(feat_cfg, dict):
+        raise CodecError(f"{config_path}: missing 'features' block")
+    extractor = build_extractor(feat_cfg, **extractor_overrides)
+    if features is not None:
+        features.check_compatible(feat_cfg, str(directory))
+        extractor = features
+    try:
+        tensors = load_file(str(directory / CENTROIDS_NAME))
+        centroids = tensors["centroids"].to(torch.float32)
+    except (OSError, KeyError, Exception) as exc:  # safetensors raises its own error types
+        raise CodecError(f"{directory / CENTROIDS_NAME}: cannot read centroids ({exc})") from None
+    k, dim = config.get("k"), config.get("dim")
+    if centroids.ndim != 2 or centroids.shape[0] != k or centroids.shape[1] != dim or dim != extractor.dim:
+        raise CodecError(
+            f"{directory}: centroids have shape {list(centroids.shape)}, config says k={k}, dim={dim} "
+            f"and the {extractor.kind} extractor gives dim={extractor.dim}"
+        )
+    cls = KMeansImageCodec if extractor.modality == "image" else KMeansAudioCodec
+    return cls(name or directory.name, extractor, centroids, config)
+
+
+def save_codec_dir(directory: str | Path, extractor: FeatureExtractor, centroids: "torch.Tensor",
+                   provenance: dict[str, Any]) -> Path:
+    """Write a codec directory atomically (a temp directory renamed into place)."""
+    import os
+    import shutil
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    import teal_cli
+
+    directory = Path(directory)
+    k, dim = centroids.shape
+    config = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "name": codec_name(extractor, int(k)),
+        "modality": extractor.modality,
+        "k": int(k),
+        "dim": int(dim),
+        "features": extractor.config(),
+        **provenance,
+        "teal_version": teal_cli.__version__,
+    }
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        save_file({"centroids": centroids.detach().float().cpu().contiguous()}, str(tmp / CENTROIDS_NAME))
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(directory, old)
+            os.replace(tmp, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory

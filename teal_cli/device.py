@@ -1,0 +1,71 @@
+"""Device and dtype choice in one place: ``auto`` means CUDA when available."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING
+
+from .errors import UsageError
+
+if TYPE_CHECKING:
+    import torch
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def resolve_device(spec: str = "auto") -> "torch.device":
+    """``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` to a torch device, checking it exists."""
+    import torch
+
+    spec = (spec or "auto").strip().lower()
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec == "cuda" or spec.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {spec}: CUDA is not available on this machine (use --device cpu or auto)")
+        index = spec.partition(":")[2]
+        if index:
+            if not index.isdigit():
+                raise UsageError(f"--device {spec}: expected cuda:N with N a GPU index")
+            if int(index) >= torch.cuda.device_count():
+                raise UsageError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) present")
+        return torch.device(spec)
+    raise UsageError(f"--device {spec}: expected auto, cpu, cuda or cuda:N")
+
+
+def resolve_dtype(spec: str, device: "torch.device") -> "torch.dtype":
+    """``auto`` is bf16 on a GPU that supports it, fp16 on older GPUs, fp32 on CPU."""
+    import torch
+
+    spec = (spec or "auto").strip().lower()
+    if spec not in DTYPES:
+        raise UsageError(f"--dtype {spec}: expected one of {', '.join(DTYPES)}")
+    if spec == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return getattr(torch, spec)
+
+
+def autocast(device: "torch.device", dtype: "torch.dtype"):
+    """Autocast on GPU for half dtypes; a no-op context on CPU or fp32."""
+    import torch
+
+    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
+        return torch.autocast(device_type="cuda", dtype=dtype)
+    return contextlib.nullcontext()
+
+
+def seed_everything(seed: int | None) -> None:
+    if seed is None:
+        return
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

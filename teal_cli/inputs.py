@@ -1,0 +1,87 @@
+"""What a command's positional inputs mean: media files, folders, JSONL manifests, ``-``.
+
+Everything becomes a stream of :class:`~teal_cli.records.Record`: a media file is a record
+with one segment to tokenize; a folder is its media files, sorted, recursively; a ``.jsonl``
+file (or ``-``, stdin) is read as records or manifest entries, with relative media paths
+resolved against the manifest's own folder.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import IO, Iterable, Iterator
+
+from .errors import DataError, UsageError
+from .media import modality_of
+from .records import Record, Segment, read_records
+
+JSONL_EXTENSIONS = frozenset({".jsonl", ".ndjson", ".json"})
+
+
+def stdin_or_usage_error(inputs: list[str], what: str = "input") -> list[str]:
+    """No inputs means stdin, but only when something is piped in: a terminal would hang."""
+    if inputs:
+        return inputs
+    if sys.stdin is None or sys.stdin.isatty():
+        raise UsageError(f"no {what} given: name files or folders, or pipe JSONL records into stdin ('-')")
+    return ["-"]
+
+
+def _media_record(path: Path, rid: str) -> Record:
+    modality = modality_of(path)
+    return Record(id=rid, segments=[Segment(modality=modality, path=str(path))])
+
+
+def _walk(folder: Path) -> Iterator[Path]:
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if not name.startswith(".") and modality_of(name):
+                yield Path(root) / name
+
+
+def _resolve_paths(record: Record, base: Path | None) -> Record:
+    if base is None:
+        return record
+    for seg in record.segments:
+        if seg.path is not None and not os.path.isabs(seg.path):
+            seg.path = str(base / seg.path)
+    return record
+
+
+def iter_input_records(inputs: Iterable[str], stdin: IO[str] | None = None) -> Iterator[Record]:
+    """Expand positional inputs to records, lazily and in order."""
+    for item in inputs:
+        if item == "-":
+            yield from read_records(stdin if stdin is not None else sys.stdin, "<stdin>")
+            continue
+        path = Path(item)
+        if path.is_dir():
+            found = False
+            for media in _walk(path):
+                found = True
+                yield _media_record(media, str(media))
+            if not found:
+                raise DataError(f"{item}: folder holds no image or audio files")
+        elif path.is_file():
+            if path.suffix.lower() in JSONL_EXTENSIONS:
+                with open(path, encoding="utf-8") as f:
+                    for record in read_records(f, item):
+                        yield _resolve_paths(record, path.parent)
+            elif modality_of(path):
+                yield _media_record(path, item)
+            else:
+                raise DataError(f"{item}: not a media file (image/audio by extension) nor a .jsonl manifest")
+        else:
+            raise DataError(f"{item}: no such file or folder")
+
+
+def iter_media_paths(inputs: Iterable[str], modality: str, stdin: IO[str] | None = None) -> Iterator[tuple[str, str]]:
+    """``(id, path)`` of every media item of ``modality`` the inputs name (for ``teal cluster``)."""
+    for record in iter_input_records(inputs, stdin):
+        for i, seg in enumerate(record.segments):
+            if seg.modality == modality and seg.path is not None:
+                key = record.id if len(record.segments) == 1 else f"{record.id}#{i}"
+                yield key, seg.path

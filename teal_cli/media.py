@@ -1,0 +1,197 @@
+"""Reading and writing media: images through Pillow, audio through soundfile + soxr.
+
+Every loader turns a file into the one form codecs take (RGB PIL image; mono float32
+waveform at the codec's rate) and every failure into a :class:`DataError` naming the file.
+Writers are atomic: a temp file in the target folder, renamed into place on success.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Iterator
+
+from .errors import DataError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+    from PIL import Image
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
+AUDIO_EXTENSIONS = frozenset({".wav", ".flac", ".mp3", ".ogg", ".opus", ".aiff", ".aif", ".au"})
+
+# Pillow's own default guard (~89 Mpx) only warns; teal refuses instead. Override with
+# TEAL_MAX_IMAGE_PIXELS for legitimately huge scans.
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+
+
+def modality_of(path: str | Path) -> str | None:
+    """``image``/``audio`` by file extension, or None."""
+    ext = Path(path).suffix.lower()
+    if ext in IMAGE_EXTENSIONS:
+        return "image"
+    if ext in AUDIO_EXTENSIONS:
+        return "audio"
+    return None
+
+
+# --------------------------------------------------------------------------- images
+
+
+def load_image(path: str | Path) -> "Image.Image":
+    """Open any Pillow-readable image as RGB, upright (EXIF orientation applied).
+
+    Palette, grey, 16-bit and alpha images are converted (alpha composited on white, so a
+    transparent logo does not turn black). Decompression bombs are refused.
+    """
+    from PIL import Image, ImageOps
+
+    limit = int(os.environ.get("TEAL_MAX_IMAGE_PIXELS", DEFAULT_MAX_IMAGE_PIXELS))
+    Image.MAX_IMAGE_PIXELS = limit
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im = ImageOps.exif_transpose(im)
+                im.load()
+                return to_rgb(im)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DataError(f"{path}: image too large ({exc}); refused as a possible decompression bomb "
+                        "(raise TEAL_MAX_IMAGE_PIXELS if it is genuine)") from None
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a directory, expected an image file") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        # Pillow reports unknown formats and truncated data as OSError/SyntaxError.
+        raise DataError(f"{path}: cannot read image ({exc})") from None
+
+
+def to_rgb(im: "Image.Image") -> "Image.Image":
+    """Any Pillow mode to 8-bit RGB."""
+    from PIL import Image
+
+    if im.mode == "RGB":
+        return im
+    if im.mode == "P":
+        im = im.convert("RGBA") if "transparency" in im.info else im.convert("RGB")
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        import numpy as np
+
+        arr = np.asarray(im, dtype=np.float64)
+        peak = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        arr = np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        im = Image.fromarray(arr, mode="L")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def image_to_tensor(im: "Image.Image") -> "torch.Tensor":
+    """RGB PIL image to a ``[3, H, W]`` float32 tensor in ``[0, 1]``."""
+    import numpy as np
+    import torch
+
+    arr = np.asarray(im, dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+def tensor_to_image(pixels: "torch.Tensor") -> "Image.Image":
+    """``[3, H, W]`` float in ``[0, 1]`` to an RGB PIL image (rounded, clipped)."""
+    from PIL import Image
+
+    arr = pixels.detach().float().clamp(0, 1).mul(255.0).round().to("cpu").byte().permute(1, 2, 0).numpy()
+    return Image.fromarray(arr, mode="RGB")
+
+
+def save_image(im: "Image.Image", path: str | Path) -> None:
+    """Save atomically; the format follows the extension (PNG when it has none known)."""
+    path = Path(path)
+    fmt = None if path.suffix.lower() in IMAGE_EXTENSIONS else "PNG"
+    with atomic_output(path, binary=True) as f:
+        im.save(f, format=fmt or _pil_format(path))
+
+
+def _pil_format(path: Path) -> str:
+    from PIL import Image
+
+    Image.init()
+    return Image.EXTENSION.get(path.suffix.lower(), "PNG")
+
+
+# --------------------------------------------------------------------------- audio
+
+
+def load_audio(path: str | Path, sample_rate: int) -> "torch.Tensor":
+    """Read any soundfile-readable file as a mono float32 waveform at ``sample_rate``.
+
+    Channels are averaged; resampling uses soxr (high quality). Empty, silent-by-NaN or
+    unreadable files are a :class:`DataError`.
+    """
+    import numpy as np
+    import soundfile as sf
+    import torch
+
+    try:
+        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read audio ({exc})") from None
+    if data.size == 0:
+        raise DataError(f"{path}: audio is empty (0 samples)")
+    if not np.isfinite(data).all():
+        raise DataError(f"{path}: audio contains NaN or infinite samples")
+    wave = data.mean(axis=1)
+    return torch.from_numpy(resample(wave, rate, sample_rate))
+
+
+def resample(wave: "np.ndarray", rate: int, target: int) -> "np.ndarray":
+    import numpy as np
+
+    if rate == target:
+        return np.ascontiguousarray(wave, dtype=np.float32)
+    import soxr
+
+    return soxr.resample(wave, rate, target, quality="HQ").astype(np.float32, copy=False)
+
+
+def save_audio(wave: "torch.Tensor", sample_rate: int, path: str | Path) -> None:
+    """Write a mono waveform atomically (format from the extension; 16-bit PCM for WAV)."""
+    import soundfile as sf
+
+    path = Path(path)
+    data = wave.detach().float().clamp(-1, 1).cpu().numpy()
+    fmt = {".flac": "FLAC", ".ogg": "OGG"}.get(path.suffix.lower(), "WAV")
+    subtype = {"WAV": "PCM_16", "FLAC": "PCM_16", "OGG": "VORBIS"}[fmt]
+    with atomic_output(path, binary=True) as f:
+        sf.write(f, data, sample_rate, format=fmt, subtype=subtype)
+
+
+# --------------------------------------------------------------------------- atomic files
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | Path, *, binary: bool = False) -> Iterator[IO]:
+    """Open a temp file beside ``path``; rename it onto ``path`` only if the block succeeds.
+
+    A failed run leaves neither a partial file nor the temp file behind.
+    """
+    path = Path(path)
+    if path.parent and not path.parent.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    try:
+        with os.fdopen(fd, "wb" if binary else "w", encoding=None if binary else "utf-8") as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
