@@ -29,18 +29,16 @@ CHOICES = {"--device": "auto cpu cuda", "--dtype": "auto float32 bfloat16 float1
 
 def command_tree() -> dict[str, list[tuple[list[str], str, bool]]]:
     """``{subcommand: [(option names, help, takes_value)]}`` read from the click command."""
-    import click
-
     from . import app
 
+    # Typer ships its own copy of click, so classes are matched by duck type, not isinstance.
     group = typer.main.get_command(app)
     tree: dict[str, list[tuple[list[str], str, bool]]] = {}
-    ctx = click.Context(group)
-    for name in sorted(group.list_commands(ctx)):
-        cmd = group.get_command(ctx, name)
+    for name in sorted(group.commands):
+        cmd = group.commands[name]
         opts = []
         for param in cmd.params:
-            if isinstance(param, click.Option):
+            if getattr(param, "param_type_name", "") == "option":
                 opts.append((list(param.opts), (param.help or "").split(".")[0], not param.is_flag))
         opts.append((["-h", "--help"], "Show help", False))
         tree[name] = opts

@@ -1,0 +1,104 @@
+"""Shared fixtures: an isolated teal environment, real media, an in-process CLI runner."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "requires_cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path, monkeypatch):
+    """Each test runs in its own folder with its own cache and no network downloads."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TEAL_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("TEAL_OFFLINE", "1")
+    monkeypatch.delenv("TEAL_CODEC_PATH", raising=False)
+    monkeypatch.delenv("TEAL_DEBUG", raising=False)
+    return tmp_path
+
+
+@pytest.fixture(scope="session")
+def photo_path() -> Path:
+    """A real photograph (scikit-learn's bundled china.jpg, 640x427 JPEG)."""
+    import sklearn.datasets
+
+    path = Path(sklearn.datasets.__file__).parent / "images" / "china.jpg"
+    assert path.is_file(), path
+    return path
+
+
+@pytest.fixture
+def photo(tmp_path, photo_path) -> Path:
+    dst = tmp_path / "photo.jpg"
+    shutil.copy(photo_path, dst)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def speechlike_wave():
+    """A 1.5 s voiced, speech-like test signal at 16 kHz (made here, no recording):
+    a glide of harmonics with a syllable-rate envelope and a little noise."""
+    import torch
+
+    sr = 16000
+    t = torch.arange(int(1.5 * sr)) / sr
+    f0 = 120 + 60 * torch.sin(2 * math.pi * 1.3 * t)
+    phase = 2 * math.pi * torch.cumsum(f0, 0) / sr
+    wave = sum(torch.sin(k * phase) / k for k in range(1, 12))
+    envelope = 0.5 * (1 - torch.cos(2 * math.pi * 4 * t)).clamp(min=0)
+    gen = torch.Generator().manual_seed(0)
+    wave = 0.3 * wave * envelope + 0.01 * torch.randn(t.shape, generator=gen)
+    return (wave / wave.abs().max() * 0.8).float()
+
+
+@pytest.fixture
+def wav_file(tmp_path, speechlike_wave) -> Path:
+    import soundfile as sf
+
+    path = tmp_path / "speech.wav"
+    # Stereo at 22.05 kHz, to exercise downmixing and resampling on load.
+    import numpy as np
+    import soxr
+
+    mono = soxr.resample(speechlike_wave.numpy(), 16000, 22050)
+    sf.write(path, np.stack([mono, mono * 0.5], axis=1), 22050)
+    return path
+
+
+@pytest.fixture
+def cli():
+    """Run ``teal ARGS`` in-process; returns click's Result (exit_code, stdout, stderr)."""
+    from typer.testing import CliRunner
+
+    from teal_cli.cli import app
+
+    runner = CliRunner()
+
+    def invoke(*args: str, input: str | bytes | None = None):
+        return runner.invoke(app, [str(a) for a in args], input=input, catch_exceptions=False)
+
+    return invoke
+
+
+@pytest.fixture
+def patch_codec(photo, cli):
+    """A patch codec fitted on the photo (p4, k=64: small enough to fit in a second)."""
+    result = cli("cluster", photo, "--features", "patch", "--patch-size", "4", "--k", "64", "--iters", "10", "-q")
+    assert result.exit_code == 0, result.stderr
+    return Path("codecs/patch-p4-k64")

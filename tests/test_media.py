@@ -1,0 +1,69 @@
+"""Media loading: every Pillow mode to RGB, EXIF orientation, audio to mono at the codec rate."""
+
+import numpy as np
+import pytest
+import soundfile as sf
+from PIL import Image
+
+from teal_cli.errors import DataError
+from teal_cli.media import atomic_output, load_audio, load_image
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "RGBA", "LA", "I;16", "I", "F", "CMYK", "1"])
+def test_any_mode_becomes_rgb(tmp_path, mode):
+    rgb = Image.new("RGB", (7, 5), (200, 100, 50))
+    im = rgb.convert(mode) if mode not in ("I;16", "I", "F") else Image.new(mode, (7, 5), 40000 if mode == "I;16" else 128)
+    path = tmp_path / ("x.tiff" if mode in ("I;16", "I", "F", "CMYK") else "x.png")
+    im.save(path)
+    out = load_image(path)
+    assert out.mode == "RGB" and out.size == (7, 5)
+    if mode == "I;16":
+        assert out.getpixel((0, 0)) == (156, 156, 156)  # 40000 / 65535 of full scale
+
+
+def test_transparent_pixels_composite_on_white(tmp_path):
+    im = Image.new("RGBA", (2, 1), (0, 0, 0, 0))
+    im.putpixel((1, 0), (10, 20, 30, 255))
+    im.save(tmp_path / "a.png")
+    out = load_image(tmp_path / "a.png")
+    assert out.getpixel((0, 0)) == (255, 255, 255) and out.getpixel((1, 0)) == (10, 20, 30)
+
+
+def test_exif_orientation_applied(tmp_path):
+    im = Image.new("RGB", (30, 10), (255, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    im.save(tmp_path / "r.jpg", exif=exif)
+    assert load_image(tmp_path / "r.jpg").size == (10, 30)
+
+
+def test_audio_downmix_resample_and_errors(tmp_path):
+    t = np.arange(44100) / 44100
+    left = np.sin(2 * np.pi * 440 * t).astype(np.float32)
+    sf.write(tmp_path / "s.flac", np.stack([left, -left], 1), 44100)
+    wave = load_audio(tmp_path / "s.flac", 16000)
+    assert abs(len(wave) - 16000) <= 1 and float(wave.abs().max()) < 1e-3  # opposite channels cancel
+    sf.write(tmp_path / "m.wav", left, 44100)
+    wave = load_audio(tmp_path / "m.wav", 16000)
+    spectrum = np.abs(np.fft.rfft(wave.numpy()))
+    assert abs(int(spectrum.argmax()) - 440) <= 1  # 1 s at 16 kHz -> 1 Hz bins
+    nan = left.copy()
+    nan[5] = np.nan
+    sf.write(tmp_path / "nan.wav", nan, 16000, subtype="FLOAT")
+    with pytest.raises(DataError, match="nan.wav: audio contains NaN"):
+        load_audio(tmp_path / "nan.wav", 16000)
+    (tmp_path / "junk.wav").write_bytes(b"RIFF0000WAVEjunk")
+    with pytest.raises(DataError, match="junk.wav: cannot read audio"):
+        load_audio(tmp_path / "junk.wav", 16000)
+
+
+def test_atomic_output_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "o.txt"
+    with pytest.raises(RuntimeError):
+        with atomic_output(target) as f:
+            f.write("partial")
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+    with atomic_output(target) as f:
+        f.write("done")
+    assert target.read_text() == "done"
