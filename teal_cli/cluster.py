@@ -51,44 +51,101 @@ class ClusterReport:
     errors: list[str] = field(default_factory=list)
 
 
-def _extract_one(extractor: FeatureExtractor, path: str, options: ClusterOptions) -> "torch.Tensor":
-    import torch
-
+def _load(extractor: FeatureExtractor, path: str, options: ClusterOptions) -> "torch.Tensor":
     from .media import load_audio, load_image
 
+    if extractor.modality == "image":
+        return extractor.prepare(load_image(path), options.image_size)  # type: ignore[attr-defined]
+    return load_audio(path, extractor.sample_rate)
+
+
+def _extract_batch(extractor: FeatureExtractor, media: "list[torch.Tensor]") -> "list[torch.Tensor]":
+    """One extractor call per batch: audio as a list of clips, images stacked by size."""
+    import torch
+
     with torch.inference_mode():
-        if extractor.modality == "image":
-            pixels = extractor.prepare(load_image(path), options.image_size)  # type: ignore[attr-defined]
-            feats = extractor.extract(pixels[None].to(extractor.device))[0]
+        if extractor.modality == "audio":
+            feats = extractor.extract(media)
         else:
-            feats = extractor.extract([load_audio(path, extractor.sample_rate)])[0]
-    return feats.reshape(-1, feats.shape[-1]).float()
+            feats = [None] * len(media)
+            by_shape: dict[tuple, list[int]] = {}
+            for i, pixels in enumerate(media):
+                by_shape.setdefault(tuple(pixels.shape), []).append(i)
+            for idx in by_shape.values():
+                out = extractor.extract(torch.stack([media[i] for i in idx]).to(extractor.device))
+                for i, f in zip(idx, out):
+                    feats[i] = f
+    return [f.reshape(-1, f.shape[-1]).float() for f in feats]
 
 
 def iter_features(items: Iterable[tuple[str, str]], extractor: FeatureExtractor, options: ClusterOptions,
                   report: ClusterReport, cache=None, warn: Callable[[str], None] | None = None,
                   count: bool = True) -> Iterator["torch.Tensor"]:
-    """Features of each ``(id, path)``, from the cache when it has them."""
-    for key, path in items:
-        feats = cache.get(key) if cache is not None else None
-        if feats is None:
+    """Features of each ``(id, path)`` in order, from the cache when it has them.
+
+    Files are decoded in a thread pool one batch ahead and extracted ``batch_size`` at a
+    time, so a GPU extractor sees full batches.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    def batches() -> Iterator[list[tuple[str, str]]]:
+        chunk: list[tuple[str, str]] = []
+        for item in items:
+            chunk.append(item)
+            if len(chunk) == options.batch_size:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
+
+    def start(pool, chunk):
+        jobs = []
+        for key, path in chunk:
+            hit = cache.get(key) if cache is not None else None
+            jobs.append((key, hit, None if hit is not None else pool.submit(_load, extractor, path, options)))
+        return jobs
+
+    def finish(jobs) -> Iterator["torch.Tensor"]:
+        loaded, failed = [], {}
+        for key, hit, job in jobs:
+            if job is None:
+                continue
             try:
-                feats = _extract_one(extractor, path, options)
+                loaded.append((key, job.result()))
             except TealError as exc:
                 if options.on_error == "fail":
                     raise
+                failed[key] = str(exc)
+        extracted = dict(zip((k for k, _ in loaded), _extract_batch(extractor, [m for _, m in loaded]))) if loaded else {}
+        for key, feats in extracted.items():
+            if not bool(feats.isfinite().all()):
+                raise DataError(f"{key}: {extractor.kind} features contain NaN or infinite values "
+                                "(a broken checkpoint, or an overflow in half precision: try --dtype float32)")
+        for key, hit, _ in jobs:
+            if key in failed:
                 if count:
                     report.skipped += 1
-                    report.errors.append(str(exc))
+                    report.errors.append(failed[key])
                     if warn is not None:
-                        warn(f"skipped: {exc}")
+                        warn(f"skipped: {failed[key]}")
                 continue
-            if cache is not None:
+            feats = hit if hit is not None else extracted[key]
+            if hit is None and cache is not None:
                 cache.put(key, feats)
-        if count:
-            report.files += 1
-            report.rows += feats.shape[0]
-        yield feats
+            if count:
+                report.files += 1
+                report.rows += feats.shape[0]
+            yield feats
+
+    with ThreadPoolExecutor(max_workers=4, thread_name_prefix="teal-load") as pool:
+        pending = None
+        for chunk in batches():
+            ahead = start(pool, chunk)
+            if pending is not None:
+                yield from finish(pending)
+            pending = ahead
+        if pending is not None:
+            yield from finish(pending)
 
 
 def fit_codec(items: list[tuple[str, str]], extractor: FeatureExtractor, output: str | Path | None,
@@ -139,13 +196,17 @@ def fit_codec(items: list[tuple[str, str]], extractor: FeatureExtractor, output:
         report.result = result
     else:
         del held
-        # Streaming: every pass re-reads the inputs (from the cache when one is given).
-        def batches() -> Iterator[torch.Tensor]:
-            return iter_features(items, extractor, options, report, cache, warn, count=False)
+        # Streaming: the stream is re-read on every pass (from the cache when one is given);
+        # files, rows and skips are counted on the first read only.
+        report.files = report.rows = report.skipped = 0
+        report.errors.clear()
+        reads = 0
 
-        report.files, report.rows = 0, 0
-        for feats in iter_features(items, extractor, options, report, cache, warn):  # count rows once
-            pass
+        def batches() -> Iterator[torch.Tensor]:
+            nonlocal reads
+            reads += 1
+            return iter_features(items, extractor, options, report, cache, warn, count=reads == 1)
+
         report.result = kmeans_streaming(batches, options.k, sample=options.sample, iters=options.iters,
                                          seed=options.seed, device=device, progress=progress)
 

@@ -13,10 +13,12 @@ if TYPE_CHECKING:
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-def resolve_device(spec: str = "auto") -> "torch.device":
-    """``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` to a torch device, checking it exists."""
+def resolve_device(spec: "str | torch.device" = "auto") -> "torch.device":
+    """``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` (or a torch.device) to a torch device, checking it exists."""
     import torch
 
+    if isinstance(spec, torch.device):
+        spec = str(spec)
     spec = (spec or "auto").strip().lower()
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -35,10 +37,14 @@ def resolve_device(spec: str = "auto") -> "torch.device":
     raise UsageError(f"--device {spec}: expected auto, cpu, cuda or cuda:N")
 
 
-def resolve_dtype(spec: str, device: "torch.device") -> "torch.dtype":
-    """``auto`` is bf16 on a GPU that supports it, fp16 on older GPUs, fp32 on CPU."""
+def resolve_dtype(spec: "str | torch.dtype", device: "torch.device") -> "torch.dtype":
+    """``auto`` is bf16 on a GPU that supports it, fp16 on older GPUs, fp32 on CPU.
+
+    A torch.dtype passes through unchanged."""
     import torch
 
+    if isinstance(spec, torch.dtype):
+        return spec
     spec = (spec or "auto").strip().lower()
     if spec not in DTYPES:
         raise UsageError(f"--dtype {spec}: expected one of {', '.join(DTYPES)}")

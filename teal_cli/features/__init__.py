@@ -18,6 +18,8 @@ from .base import FeatureExtractor
 EXTRACTORS: dict[str, str] = {
     "patch": "teal_cli.features.patch:PatchFeatures",
     "mel": "teal_cli.features.mel:MelFeatures",
+    "whisper": "teal_cli.features.whisper:WhisperFeatures",
+    "hubert": "teal_cli.features.hubert:HubertFeatures",
 }
 
 

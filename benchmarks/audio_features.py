@@ -1,0 +1,137 @@
+"""Seconds of audio per second: Whisper feature extraction as ``teal cluster`` runs it, against
+the bare encoder forward on ready-made mel windows, in one run on one device.
+
+    python benchmarks/audio_features.py                         # whisper-small shapes, random weights
+    python benchmarks/audio_features.py --checkpoint small.pt   # real weights (any format teal loads)
+    python benchmarks/audio_features.py --device cuda --clips 128 --seconds 10 --batch 16
+
+Rows:
+- ``bare encoder``: ``encoder(mel)`` up to ``--layer`` on ``[batch, n_mels, 3000]`` windows already
+  on the device (no front end, no copies): the floor teal can reach.
+- ``extract (batched)``: ``WhisperFeatures.extract`` on ``--batch`` waveforms at a time
+  (log-mel, windowing, trimming, dtype handling): the goal is >= 90 % of the bare rate on GPU.
+- ``teal cluster path``: ``teal_cli.cluster.iter_features`` over WAV files on disk (decode,
+  resample check, extract), as ``teal cluster`` runs it, when that module is present.
+Each row gets a warm-up pass first. Every clip is shorter than 30 s, so each costs one window.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from teal_cli import audio  # noqa: E402
+from teal_cli.features.whisper import EncoderDims, WhisperFeatures, resolve_checkpoint  # noqa: E402
+
+SMALL = EncoderDims(n_mels=80, n_audio_ctx=1500, n_audio_state=768, n_audio_head=12, n_audio_layer=12)
+
+
+def random_small() -> dict:
+    from teal_cli.features.whisper import build_encoder
+
+    torch.manual_seed(0)
+    encoder = build_encoder(SMALL)
+    with torch.no_grad():
+        for p in encoder.parameters():
+            p.normal_(0, 0.02)
+    return {"model": "whisper-small(random)", "dims": SMALL, "state": encoder.state_dict(), "sha256": "", "path": "", "format": ""}
+
+
+def clips(n: int, seconds: float) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    t = torch.arange(int(seconds * audio.SAMPLE_RATE)) / audio.SAMPLE_RATE
+    out = []
+    for i in range(n):
+        f0 = 100 + 10 * (i % 7)
+        wave = sum(torch.sin(2 * math.pi * f0 * k * t) / k for k in range(1, 8)) * (0.5 + 0.5 * torch.sin(2 * math.pi * 3 * t))
+        out.append((0.2 * wave + 0.01 * torch.randn(t.shape, generator=g)).float())
+    return out
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def rate(fn, audio_seconds: float, device: torch.device) -> float:
+    fn()  # warm-up
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return audio_seconds / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", default=None)
+    parser.add_argument("--layer", default="11")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--clips", type=int, default=None)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--batch", type=int, default=None)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    n_clips = args.clips or (128 if device.type == "cuda" else 8)
+    batch = args.batch or (16 if device.type == "cuda" else 4)
+
+    found = resolve_checkpoint("whisper", args.checkpoint) if args.checkpoint else random_small()
+    extractor = WhisperFeatures(found["model"], found["dims"], found["state"], args.layer, sha256=found["sha256"],
+                                dtype=args.dtype, device=str(device), batch_size=batch)
+    waves = clips(n_clips, args.seconds)
+    total = n_clips * args.seconds
+    layer = None if extractor.layer == "final" else extractor.layer
+    print(f"{found['model']} layer {extractor.layer}, {device} {extractor.dtype}, {n_clips} clips x {args.seconds:g} s, "
+          f"batch {batch}", file=sys.stderr)
+
+    mel = torch.stack([extractor.windows(w)[0][0] for w in waves[:batch]]).to(device, extractor.dtype)
+    n_batches = math.ceil(n_clips / batch)
+
+    def bare():
+        with torch.inference_mode():
+            for _ in range(n_batches):
+                extractor.encoder(mel, layer=layer)
+
+    def batched():
+        for i in range(0, n_clips, batch):
+            extractor.extract(waves[i : i + batch])
+
+    rows = [("bare encoder", rate(bare, total, device)), ("extract (batched)", rate(batched, total, device))]
+    try:
+        from teal_cli.cluster import ClusterOptions, ClusterReport, iter_features
+    except ImportError:
+        iter_features = None
+    if iter_features is not None:
+        import soundfile as sf
+
+        with tempfile.TemporaryDirectory() as tmp:
+            items = []
+            for i, w in enumerate(waves):
+                path = os.path.join(tmp, f"clip{i}.wav")
+                sf.write(path, w.numpy(), audio.SAMPLE_RATE, subtype="FLOAT")
+                items.append((path, path))
+            options = ClusterOptions(batch_size=batch)
+
+            def cluster_path():
+                for _ in iter_features(items, extractor, options, ClusterReport()):
+                    pass
+
+            rows.append(("teal cluster path", rate(cluster_path, total, device)))
+
+    floor = rows[0][1]
+    print(f"{'method':<20} {'audio s / s':>12} {'vs bare':>8}")
+    for name, value in rows:
+        print(f"{name:<20} {value:>12.1f} {value / floor:>8.0%}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,235 @@
+"""Frozen HuBERT features (through transformers' ``HubertModel``), 50 frames per second.
+
+Names: ``hubert-base-ls960`` (layer 6 or 9 in textlesslib's units), ``hubert-large-ll60k``,
+``hubert-large-ls960-ft``, ``mhubert-147``; or ``--checkpoint`` a local Hugging Face folder
+or a hub repo id. No fairseq needed: Hugging Face's HuBERT checkpoints are the fairseq
+weights converted.
+
+Layer convention: ``layer=N`` is the output of transformer layer N counted from 1, the
+tensor fairseq's ``extract_features(output_layer=N)`` returns and transformers 5's
+``hidden_states[N]``. For the large ("stable layer norm") models the last layer differs from
+``last_hidden_state``, which has the final layer norm applied (transformers 4 put that normed
+tensor in ``hidden_states[-1]``). ``layer=0`` is the transformer's input; ``layer="final"`` is
+``last_hidden_state``. Layers after N are never run.
+
+Normalisation: the waveform is standardised per file (zero mean, unit variance) exactly when
+the checkpoint was trained that way: fairseq's ``task.normalize``, true for the large models
+(layer-norm feature extractor) and false for the base ones (group norm). ``normalize=`` overrides.
+Files longer than 100 s go through the model in consecutive 100 s chunks, as fairseq's
+HuBERT feature reader does, so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import CodecError, UsageError
+from .base import FeatureExtractor
+
+if TYPE_CHECKING:
+    import torch
+
+# teal name -> Hugging Face repo id
+HUBERT_MODELS: dict[str, str] = {
+    "hubert-base-ls960": "facebook/hubert-base-ls960",
+    "hubert-large-ll60k": "facebook/hubert-large-ll60k",
+    "hubert-large-ls960-ft": "facebook/hubert-large-ls960-ft",
+    "hubert-xlarge-ll60k": "facebook/hubert-xlarge-ll60k",
+    "mhubert-147": "utter-project/mHuBERT-147",
+}
+MAX_CHUNK = 1_600_000  # samples (100 s at 16 kHz), fairseq's HubertFeatureReader default
+_EPS = 1e-7  # Hugging Face's Wav2Vec2FeatureExtractor zero_mean_unit_var_norm
+
+
+def _load_model(source: str):
+    """(HubertModel, local folder, weight files) for a folder or hub repo id."""
+    import transformers
+
+    path = Path(source).expanduser()
+    if not path.exists():
+        if "/" in source and not source.startswith((".", "/", "~")):
+            try:
+                from huggingface_hub import snapshot_download
+
+                path = Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "*.bin"]))
+            except Exception as exc:  # noqa: BLE001 - offline / unknown repo: one clear message
+                raise CodecError(f"{source}: cannot get it from the Hugging Face hub ({type(exc).__name__}); "
+                                 "download the repository and pass its folder with --checkpoint") from None
+        else:
+            raise UsageError(f"--checkpoint {source}: no such folder")
+    if not (path / "config.json").is_file():
+        raise CodecError(f"{path}: not a Hugging Face model folder (no config.json)")
+    model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    if model_type != "hubert":
+        raise CodecError(f"{path}: config.json has model_type {model_type!r}, not 'hubert'")
+    files = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
+    if not files:
+        raise CodecError(f"{path}: no model weights (*.safetensors or pytorch_model.bin)")
+    model = transformers.HubertModel.from_pretrained(str(path), use_safetensors=files[0].suffix == ".safetensors")
+    return model.eval().requires_grad_(False), path, files
+
+
+class HubertFeatures(FeatureExtractor):
+    """Hidden states of a frozen HuBERT, 50 Hz (``(samples - 400) // 320 + 1`` frames)."""
+
+    kind = "hubert"
+    modality = "audio"
+    sample_rate = 16000
+    frame_rate = 50.0
+
+    def __init__(self, model, name: str, layer: int | str | None, *, sha256: str = "", checkpoint: str = "",
+                 normalize: bool | None = None, dtype: str | None = None, device: str | None = None,
+                 batch_size: int | None = None):
+        from ..device import resolve_device
+
+        self.model = model
+        self.model_name = name
+        cfg = model.config
+        self.depth = cfg.num_hidden_layers
+        self.layer = _check_layer(layer, self.depth, name)
+        self.sha256 = sha256
+        self.checkpoint = checkpoint
+        self.dim = cfg.hidden_size
+        self.stable_layer_norm = bool(cfg.do_stable_layer_norm)
+        self.normalize = (cfg.feat_extract_norm == "layer") if normalize is None else bool(normalize)
+        # Group-norm extractors (base models) normalise over the whole padded clip: no batching.
+        self.can_batch = cfg.feat_extract_norm == "layer"
+        self.batch_size = batch_size
+        self.dtype_spec = dtype
+        if self.layer != "final":
+            # Run only what layer N needs: drop later layers, keep the output of layer N.
+            del model.encoder.layers[self.layer :]
+            if self.stable_layer_norm:
+                import torch
+
+                model.encoder.layer_norm = torch.nn.Identity()
+        self.to(resolve_device(device or "cpu"))
+
+    @classmethod
+    def from_name(cls, name: str, layer: int | str | None = None, checkpoint: str | None = None,
+                  normalize: bool | None = None, dtype: str | None = None, device: str | None = None,
+                  batch_size: int | None = None, **_: Any) -> "HubertFeatures":
+        source = checkpoint
+        if source is None:
+            repo = HUBERT_MODELS.get(name.lower())
+            if repo is None:
+                raise UsageError(f"--features {name}: unknown HuBERT model; known: {', '.join(HUBERT_MODELS)} "
+                                 "(or pass --checkpoint with a Hugging Face folder or repo id)")
+            source = repo
+        model, folder, files = _load_model(source)
+        display = name if name.lower() in HUBERT_MODELS else _display_name(folder, source)
+        from .whisper import _multi_sha256
+
+        return cls(model, display, layer, sha256=_multi_sha256(files), checkpoint=str(folder), normalize=normalize,
+                   dtype=dtype, device=device, batch_size=batch_size)
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], **overrides: Any) -> "HubertFeatures":
+        checkpoint = overrides.pop("checkpoint", None)
+        if checkpoint is None and config.get("checkpoint") and Path(config["checkpoint"]).exists():
+            checkpoint = config["checkpoint"]
+        extractor = cls.from_name(config["model"], layer=config.get("layer"), checkpoint=checkpoint,
+                                  normalize=config.get("normalize"),
+                                  **{k: v for k, v in overrides.items() if k in ("dtype", "device", "batch_size")})
+        extractor.check_compatible(config, f"hubert features {config['model']}")
+        return extractor
+
+    def config(self) -> dict[str, Any]:
+        return {"kind": "hubert", "model": self.model_name, "checkpoint": self.checkpoint, "sha256": self.sha256,
+                "layer": self.layer, "dim": self.dim, "sample_rate": self.sample_rate, "frame_rate": self.frame_rate,
+                "normalize": self.normalize,
+                "normalisation": "per-file zero mean, unit variance" if self.normalize else "none (raw waveform)"}
+
+    def check_compatible(self, stored: dict[str, Any], where: str) -> None:
+        mine = self.config()
+        for key in ("kind", "model", "layer", "dim", "sample_rate", "normalize", "sha256"):
+            if key in stored and stored[key] != mine[key]:
+                raise CodecError(f"{where}: codec was fitted on hubert features with {key}={stored[key]!r}, "
+                                 f"but the extractor given has {key}={mine[key]!r}")
+
+    def name_stem(self) -> str:
+        return f"{self.model_name}-{'final' if self.layer == 'final' else f'l{self.layer}'}"
+
+    def to(self, device) -> "HubertFeatures":
+        import torch
+
+        from ..device import resolve_dtype
+
+        self.device = torch.device(device)
+        self.dtype = resolve_dtype(self.dtype_spec or "auto", self.device)
+        self.model.to(self.device, self.dtype)
+        return self
+
+    def n_frames(self, samples: int) -> int:
+        n = samples
+        for kernel, stride in zip(self.model.config.conv_kernel, self.model.config.conv_stride):
+            n = (n - kernel) // stride + 1 if n >= kernel else 0
+        return n
+
+    def _forward(self, waves: "torch.Tensor", lengths: list[int]) -> "torch.Tensor":
+        import torch
+
+        mask = None
+        if len(lengths) > 1 and min(lengths) != max(lengths):
+            mask = (torch.arange(waves.shape[1], device=self.device)[None] < torch.tensor(lengths, device=self.device)[:, None]).long()
+        with torch.inference_mode():
+            out = self.model(waves.to(self.device, self.dtype), attention_mask=mask)
+        return out.last_hidden_state.float()
+
+    def extract(self, waves: "list[torch.Tensor]") -> "list[torch.Tensor]":
+        """Mono 16 kHz waveforms to ``[frames, dim]`` float32 tensors on the device."""
+        import torch
+
+        chunks: list[tuple[int, torch.Tensor]] = []
+        for clip, wave in enumerate(waves):
+            if wave.dim() != 1:
+                raise UsageError(f"hubert features take mono waveforms [samples], got shape {tuple(wave.shape)}")
+            wave = wave.to(self.device, torch.float32)
+            if self.normalize:
+                wave = (wave - wave.mean()) / torch.sqrt(wave.var(unbiased=False) + _EPS)
+            for start in range(0, max(len(wave), 1), MAX_CHUNK):
+                chunks.append((clip, wave[start : start + MAX_CHUNK]))
+        outputs: list[list[torch.Tensor]] = [[] for _ in waves]
+        batch = (self.batch_size or (8 if self.device.type == "cuda" else 4)) if self.can_batch else 1
+        order = sorted(range(len(chunks)), key=lambda i: -len(chunks[i][1]))  # similar lengths together
+        results: dict[int, torch.Tensor] = {}
+        for i in range(0, len(order), batch):
+            ids = order[i : i + batch]
+            lengths = [len(chunks[j][1]) for j in ids]
+            if max(lengths) < 400:  # shorter than one frame's receptive field
+                for j in ids:
+                    results[j] = torch.zeros(0, self.dim, device=self.device)
+                continue
+            padded = torch.zeros(len(ids), max(lengths), device=self.device)
+            for row, j in enumerate(ids):
+                padded[row, : lengths[row]] = chunks[j][1]
+            hidden = self._forward(padded, lengths)
+            for row, j in enumerate(ids):
+                results[j] = hidden[row, : self.n_frames(lengths[row])]
+        for j, (clip, _) in enumerate(chunks):
+            outputs[clip].append(results[j])
+        return [torch.cat(parts) for parts in outputs]
+
+
+def _display_name(folder: Path, source: str) -> str:
+    stem = Path(source.rstrip("/")).name.lower()
+    return stem if stem.startswith(("hubert", "mhubert")) else "hubert-" + stem
+
+
+def _check_layer(layer: int | str | None, depth: int, model: str) -> int | str:
+    """Validate ``--layer``; None picks 9 for 12-layer models (textlesslib's units), else 2/3 of depth."""
+    if layer is None:
+        return 9 if depth == 12 else max(1, round(depth * 2 / 3))
+    if isinstance(layer, str):
+        if layer.strip().lower() == "final":
+            return "final"
+        try:
+            layer = int(layer)
+        except ValueError:
+            raise UsageError(f"--layer {layer}: expected a layer number 0..{depth} or 'final'") from None
+    if not 0 <= layer <= depth:
+        raise UsageError(f"--layer {layer}: {model} has {depth} transformer layers; expected 0..{depth} "
+                         "(N = output of layer N counted from 1) or 'final'")
+    return layer

@@ -1,0 +1,571 @@
+"""Frozen Whisper encoder features: the front half of ``whisper-*-l{N}-k{K}`` codecs.
+
+The encoder is implemented here (state-dict compatible with the ``encoder.*`` entries of
+openai-whisper's ``.pt`` files) and loads three checkpoint formats:
+
+- openai-whisper ``.pt`` (``{"dims", "model_state_dict"}``), by official name
+  (``whisper-small`` -> downloaded from openai's URL, sha256-checked) or by path;
+- Hugging Face (``openai/whisper-small`` or a local folder with ``config.json`` and
+  safetensors): ``WhisperEncoder`` keys are renamed to openai's (the two are the same
+  weights under other names, which is how Hugging Face converted them);
+- CTranslate2 / faster-whisper folders (``model.bin`` + ``config.json``): read by
+  :mod:`teal_cli.features.ct2`, dequantized to fp32 and the fused QKV split again.
+
+Layer convention: ``layer=N`` is the output of residual block N counted from 1 (the
+same tensor as Hugging Face's ``hidden_states[N]`` for N below the depth); ``layer=0`` is
+the block input (convolutions + positional embedding); ``layer="final"`` is the output
+after ``ln_post`` (what ``model.encoder(mel)`` returns, and Hugging Face's last hidden state).
+Blocks after N are never run.
+
+Audio: Whisper's log-mel of the whole clip with 30 s of zeros appended (as
+``whisper.transcribe`` does), cut into consecutive 3000-frame windows; every window goes
+through the encoder at its full 1500 positions (the encoder is only exact that way), and
+each window's output is trimmed to the frames that cover real audio, ``ceil(samples / 320)``
+at 50 Hz. Windows of many clips are batched together.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .. import audio
+from ..errors import CodecError, UsageError
+from .base import FeatureExtractor
+
+if TYPE_CHECKING:
+    import torch
+
+_URL = "https://openaipublic.azureedge.net/main/whisper/models/{sha}/{file}"
+# Official openai-whisper checkpoints: name -> (sha256, file). The digest is also the URL's folder.
+OPENAI_CHECKPOINTS: dict[str, tuple[str, str]] = {
+    "tiny.en": ("d3dd57d32accea0b295c96e26691aa14d8822fac7d9d27d5dc00b4ca2826dd03", "tiny.en.pt"),
+    "tiny": ("65147644a518d12f04e32d6f3b26facc3f8dd46e5390956a9424a650c0ce22b9", "tiny.pt"),
+    "base.en": ("25a8566e1d0c1e2231d1c762132cd20e0f96a85d16145c3a00adf5d1ac670ead", "base.en.pt"),
+    "base": ("ed3a0b6b1c0edf879ad9b11b1af5a0e6ab5db9205f891f668f8b0e6c6326e34e", "base.pt"),
+    "small.en": ("f953ad0fd29cacd07d5a9eda5624af0f6bcf2258be67c92b79389873d91e0872", "small.en.pt"),
+    "small": ("9ecf779972d90ba49c06d968637d720dd632c55bbf19d441fb42bf17a411e794", "small.pt"),
+    "medium.en": ("d7440d1dc186f76616474e0ff0b3b6b879abc9d1a4926b7adfa41db2d497ab4f", "medium.en.pt"),
+    "medium": ("345ae4da62f9b3d59415adc60127b97c714f32e89e936602e85993674d08dcb1", "medium.pt"),
+    "large-v1": ("e4b87e7e0bf463eb8e6956e646f1e277e901512310def2c24bf0e11bd3c28e9a", "large-v1.pt"),
+    "large-v2": ("81f7c96c852ee8fc832187b0132e569d6c3065a3252ed18e56effd0b6a73e524", "large-v2.pt"),
+    "large-v3": ("e5b1a55b89c1367dacf97e3e19bfd829a01529dbfdeefa8caeb59b3f1b81dadb", "large-v3.pt"),
+    "large-v3-turbo": ("aff26ae408abcba5fbf8813c21e62b0941638c5f6eebfb145be0c9839262a19a", "large-v3-turbo.pt"),
+}
+ALIASES = {"large": "large-v3", "turbo": "large-v3-turbo"}
+# encoder (layers, width) -> size name, to name checkpoints that do not say what they are
+_SIZES = {(4, 384): "tiny", (6, 512): "base", (12, 768): "small", (24, 1024): "medium", (32, 1280): "large"}
+ENCODER_FRAME_RATE = 50.0
+SAMPLES_PER_FRAME = audio.HOP_LENGTH * 2  # 320: conv2 has stride 2
+
+
+@dataclass(frozen=True)
+class EncoderDims:
+    """The encoder half of openai-whisper's ``ModelDimensions``."""
+
+    n_mels: int
+    n_audio_ctx: int
+    n_audio_state: int
+    n_audio_head: int
+    n_audio_layer: int
+
+
+def _encoder_classes():
+    """The encoder modules, built on first use so that importing this file needs no torch."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    class LayerNorm(nn.LayerNorm):
+        def forward(self, x):  # fp32 statistics whatever the activations' dtype, as openai does
+            return super().forward(x.float()).type(x.dtype)
+
+    class Linear(nn.Linear):
+        def forward(self, x):
+            return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    class Conv1d(nn.Conv1d):
+        def _conv_forward(self, x, weight, bias):
+            return super()._conv_forward(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+    class Attention(nn.Module):
+        def __init__(self, n_state: int, n_head: int):
+            super().__init__()
+            self.n_head = n_head
+            self.query = Linear(n_state, n_state)
+            self.key = Linear(n_state, n_state, bias=False)
+            self.value = Linear(n_state, n_state)
+            self.out = Linear(n_state, n_state)
+
+        def forward(self, x):
+            b, t, d = x.shape
+            q, k, v = (p(x).view(b, t, self.n_head, -1).transpose(1, 2) for p in (self.query, self.key, self.value))
+            y = F.scaled_dot_product_attention(q, k, v)
+            return self.out(y.transpose(1, 2).reshape(b, t, d))
+
+    class Block(nn.Module):
+        def __init__(self, n_state: int, n_head: int):
+            super().__init__()
+            self.attn = Attention(n_state, n_head)
+            self.attn_ln = LayerNorm(n_state)
+            self.mlp = nn.Sequential(Linear(n_state, 4 * n_state), nn.GELU(), Linear(4 * n_state, n_state))
+            self.mlp_ln = LayerNorm(n_state)
+
+        def forward(self, x):
+            x = x + self.attn(self.attn_ln(x))
+            return x + self.mlp(self.mlp_ln(x))
+
+    class Encoder(nn.Module):
+        """openai-whisper's ``AudioEncoder``, able to stop after any block."""
+
+        def __init__(self, dims: EncoderDims):
+            super().__init__()
+            self.dims = dims
+            self.conv1 = Conv1d(dims.n_mels, dims.n_audio_state, kernel_size=3, padding=1)
+            self.conv2 = Conv1d(dims.n_audio_state, dims.n_audio_state, kernel_size=3, stride=2, padding=1)
+            self.register_buffer("positional_embedding", torch.empty(dims.n_audio_ctx, dims.n_audio_state))
+            self.blocks = nn.ModuleList(Block(dims.n_audio_state, dims.n_audio_head) for _ in range(dims.n_audio_layer))
+            self.ln_post = LayerNorm(dims.n_audio_state)
+
+        def forward(self, mel, layer: int | None = None):
+            """``[B, n_mels, 2 * n_audio_ctx]`` -> ``[B, n_audio_ctx, n_state]`` at ``layer``
+            (None: after ``ln_post``)."""
+            x = F.gelu(self.conv1(mel))
+            x = F.gelu(self.conv2(x)).permute(0, 2, 1)
+            if x.shape[1:] != self.positional_embedding.shape:
+                raise CodecError(f"Whisper encoder expects {2 * self.dims.n_audio_ctx} mel frames, got {mel.shape[-1]}")
+            x = (x + self.positional_embedding).to(x.dtype)
+            depth = len(self.blocks) if layer is None else layer
+            for block in self.blocks[:depth]:
+                x = block(x)
+            return self.ln_post(x) if layer is None else x
+
+    return Encoder
+
+
+def build_encoder(dims: EncoderDims) -> "torch.nn.Module":
+    return _encoder_classes()(dims)
+
+
+# ---------------------------------------------------------------- checkpoint formats
+
+
+def _split_qkv(prefix: str, get, state: dict, i: int) -> None:
+    """Un-fuse CTranslate2's ``self_attention/linear_0`` ([3d, d]) into query, key, value."""
+    weight = get(f"{prefix}/self_attention/linear_0/weight")
+    bias = get(f"{prefix}/self_attention/linear_0/bias")
+    q, k, v = weight.chunk(3, dim=0)
+    qb, _, vb = bias.chunk(3, dim=0)  # key has no bias; the converter fused zeros in its place
+    state.update({f"blocks.{i}.attn.query.weight": q, f"blocks.{i}.attn.query.bias": qb,
+                  f"blocks.{i}.attn.key.weight": k,
+                  f"blocks.{i}.attn.value.weight": v, f"blocks.{i}.attn.value.bias": vb})
+
+
+def state_from_ct2(folder: Path) -> tuple[EncoderDims, dict[str, "torch.Tensor"]]:
+    """Encoder dims and an openai-named fp32 state dict from a CTranslate2 Whisper folder."""
+    from .ct2 import dequantize, read_model_bin
+
+    variables, header = read_model_bin(folder / "model.bin")
+    if header["spec"] and header["spec"] != "WhisperSpec":
+        raise CodecError(f"{folder}: CTranslate2 model is a {header['spec']}, not a Whisper model")
+
+    def get(name: str):
+        if name not in variables:
+            raise CodecError(f"{folder / 'model.bin'}: variable {name} missing (not a Whisper model?)")
+        return dequantize(variables, name)
+
+    n_layer = sum(1 for k in variables if k.startswith("encoder/layer_") and k.endswith("/ffn/linear_0/weight"))
+    pos = get("encoder/position_encodings/encodings")
+    conv1 = get("encoder/conv1/weight")
+    dims = EncoderDims(n_mels=conv1.shape[1], n_audio_ctx=pos.shape[0], n_audio_state=pos.shape[1],
+                       n_audio_head=int(variables["encoder/num_heads"]), n_audio_layer=n_layer)
+    state = {"conv1.weight": conv1, "conv1.bias": get("encoder/conv1/bias"),
+             "conv2.weight": get("encoder/conv2/weight"), "conv2.bias": get("encoder/conv2/bias"),
+             "positional_embedding": pos,
+             "ln_post.weight": get("encoder/layer_norm/gamma"), "ln_post.bias": get("encoder/layer_norm/beta")}
+    for i in range(n_layer):
+        p = f"encoder/layer_{i}"
+        _split_qkv(p, get, state, i)
+        state.update({
+            f"blocks.{i}.attn.out.weight": get(f"{p}/self_attention/linear_1/weight"),
+            f"blocks.{i}.attn.out.bias": get(f"{p}/self_attention/linear_1/bias"),
+            f"blocks.{i}.attn_ln.weight": get(f"{p}/self_attention/layer_norm/gamma"),
+            f"blocks.{i}.attn_ln.bias": get(f"{p}/self_attention/layer_norm/beta"),
+            f"blocks.{i}.mlp.0.weight": get(f"{p}/ffn/linear_0/weight"),
+            f"blocks.{i}.mlp.0.bias": get(f"{p}/ffn/linear_0/bias"),
+            f"blocks.{i}.mlp.2.weight": get(f"{p}/ffn/linear_1/weight"),
+            f"blocks.{i}.mlp.2.bias": get(f"{p}/ffn/linear_1/bias"),
+            f"blocks.{i}.mlp_ln.weight": get(f"{p}/ffn/layer_norm/gamma"),
+            f"blocks.{i}.mlp_ln.bias": get(f"{p}/ffn/layer_norm/beta"),
+        })
+    return dims, state
+
+
+_HF_LAYER_RENAMES = {
+    "self_attn.q_proj": "attn.query", "self_attn.k_proj": "attn.key", "self_attn.v_proj": "attn.value",
+    "self_attn.out_proj": "attn.out", "self_attn_layer_norm": "attn_ln",
+    "fc1": "mlp.0", "fc2": "mlp.2", "final_layer_norm": "mlp_ln",
+}
+
+
+def _hf_to_openai(key: str) -> str | None:
+    """``model.encoder.layers.3.fc1.weight`` -> ``blocks.3.mlp.0.weight``; None for non-encoder keys."""
+    head, sep, rest = key.partition("encoder.")
+    if not sep or head not in ("", "model."):
+        return None
+    if rest == "embed_positions.weight":
+        return "positional_embedding"
+    if rest.startswith("layer_norm."):
+        return "ln_post." + rest[len("layer_norm."):]
+    if rest.startswith("layers."):
+        _, index, inner = rest.split(".", 2)
+        module, _, param = inner.rpartition(".")
+        return f"blocks.{index}.{_HF_LAYER_RENAMES.get(module, module)}.{param}"
+    return rest  # conv1.*, conv2.*
+
+
+def _hf_weight_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [folder / s for s in shards]
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / name).is_file():
+            return [folder / name]
+    raise CodecError(f"{folder}: no model.safetensors or pytorch_model.bin in this Hugging Face folder")
+
+
+def state_from_hf(folder: Path) -> tuple[EncoderDims, dict[str, "torch.Tensor"], list[Path]]:
+    """Encoder dims and an openai-named state dict from a Hugging Face Whisper folder."""
+    import torch
+    from safetensors import safe_open
+
+    config = json.loads((folder / "config.json").read_text())
+    if config.get("model_type") != "whisper":
+        raise CodecError(f"{folder}: config.json has model_type {config.get('model_type')!r}, not 'whisper'")
+    dims = EncoderDims(n_mels=config["num_mel_bins"], n_audio_ctx=config["max_source_positions"],
+                       n_audio_state=config["d_model"], n_audio_head=config["encoder_attention_heads"],
+                       n_audio_layer=config["encoder_layers"])
+    files = _hf_weight_files(folder)
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        if file.suffix == ".safetensors":
+            with safe_open(str(file), framework="pt") as f:
+                tensors = {k: f.get_tensor(k) for k in f.keys() if ".encoder." in "." + k}
+        else:
+            tensors = torch.load(file, map_location="cpu", weights_only=True)
+        for key, value in tensors.items():
+            name = _hf_to_openai(key)
+            if name is not None:
+                state[name] = value.float()
+    return dims, state, files
+
+
+def state_from_openai(path: Path) -> tuple[EncoderDims, dict[str, "torch.Tensor"]]:
+    """Encoder dims and state dict from an openai-whisper ``.pt`` (tensors only, no code run)."""
+    import torch
+
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not this format"
+        raise CodecError(f"{path}: not an openai-whisper checkpoint ({type(exc).__name__}: {exc})") from None
+    if not isinstance(checkpoint, dict) or "dims" not in checkpoint or "model_state_dict" not in checkpoint:
+        raise CodecError(f"{path}: expected an openai-whisper checkpoint with 'dims' and 'model_state_dict'")
+    d = checkpoint["dims"]
+    dims = EncoderDims(n_mels=d["n_mels"], n_audio_ctx=d["n_audio_ctx"], n_audio_state=d["n_audio_state"],
+                       n_audio_head=d["n_audio_head"], n_audio_layer=d["n_audio_layer"])
+    state = {k[len("encoder."):]: v.float() for k, v in checkpoint["model_state_dict"].items() if k.startswith("encoder.")}
+    return dims, state
+
+
+def _multi_sha256(files: list[Path]) -> str:
+    """sha256 of one file; for sharded checkpoints, of the shards' digests joined."""
+    import hashlib
+
+    from ..hub import sha256sum
+
+    digests = [sha256sum(f) for f in files]
+    return digests[0] if len(digests) == 1 else hashlib.sha256(" ".join(digests).encode()).hexdigest()
+
+
+def _size_name(dims: EncoderDims) -> str:
+    return _SIZES.get((dims.n_audio_layer, dims.n_audio_state), f"d{dims.n_audio_state}x{dims.n_audio_layer}")
+
+
+def _official(name: str) -> str | None:
+    """``whisper-small`` / ``small`` / ``openai/whisper-small``? -> ``small``; None otherwise."""
+    short = name.removeprefix("whisper-").removeprefix("whisper_")
+    short = ALIASES.get(short, short)
+    return short if short in OPENAI_CHECKPOINTS else None
+
+
+def resolve_checkpoint(name: str, checkpoint: str | None = None, progress=None) -> dict[str, Any]:
+    """Find the weights for ``--features NAME [--checkpoint PATH]``.
+
+    Returns ``{"model", "format", "path", "dims", "state", "sha256"}``. ``checkpoint`` may be
+    an openai ``.pt``, a Hugging Face folder or repo id (``openai/whisper-small``), or a
+    CTranslate2 folder; without it, ``name`` must be an official openai name.
+    """
+    from ..hub import HubFile, fetch, sha256sum
+
+    source = checkpoint
+    if source is None:
+        short = _official(name)
+        if short is None:
+            known = ", ".join("whisper-" + n for n in [*OPENAI_CHECKPOINTS, *ALIASES])
+            raise UsageError(f"--features {name}: unknown Whisper model; known: {known} (or pass --checkpoint PATH)")
+        sha, file = OPENAI_CHECKPOINTS[short]
+        path = fetch(HubFile(_URL.format(sha=sha, file=file), sha, "whisper"), progress=progress)
+        dims, state = state_from_openai(path)
+        return {"model": "whisper-" + short, "format": "openai", "path": str(path), "dims": dims, "state": state, "sha256": sha}
+    path = Path(source).expanduser()
+    if not path.exists():
+        if "/" in source and not source.startswith((".", "/", "~")):
+            path = _hf_snapshot(source)
+        else:
+            raise UsageError(f"--checkpoint {source}: no such file or folder")
+    if path.is_dir() and (path / "model.bin").is_file():
+        dims, state = state_from_ct2(path)
+        fmt, files = "ctranslate2", [path / "model.bin"]
+        model = _ct2_model_name(path, dims)
+    elif path.is_dir() and (path / "config.json").is_file():
+        dims, state, files = state_from_hf(path)
+        fmt = "huggingface"
+        model = "whisper-" + _size_name(dims)
+        hinted = _official(path.name) or _official(Path(source).name)
+        if hinted:
+            model = "whisper-" + hinted
+    elif path.is_file():
+        dims, state = state_from_openai(path)
+        fmt, files = "openai", [path]
+        model = "whisper-" + (_official(path.stem) or _size_name(dims))
+    else:
+        raise CodecError(f"{path}: not an openai .pt file, a Hugging Face folder or a CTranslate2 folder")
+    sha = _multi_sha256(files) if len(files) > 1 else sha256sum(files[0])
+    return {"model": model, "format": fmt, "path": str(path), "dims": dims, "state": state, "sha256": sha}
+
+
+def _ct2_model_name(folder: Path, dims: EncoderDims) -> str:
+    size = _size_name(dims)
+    vocab = folder / "vocabulary.txt"
+    if vocab.is_file() and size in ("tiny", "base", "small", "medium"):
+        with open(vocab, encoding="utf-8") as f:
+            if sum(1 for _ in f) == 51864:  # the English-only vocabulary is one token shorter
+                size += ".en"
+    return "whisper-" + size
+
+
+def _hf_snapshot(repo_id: str) -> Path:
+    """Download (or find in the Hugging Face cache) the files a Whisper encoder needs."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, allow_patterns=["config.json", "*.safetensors", "*.safetensors.index.json"]))
+    except Exception as exc:  # noqa: BLE001 - offline, unknown repo, no hub client: one message
+        raise CodecError(
+            f"--checkpoint {repo_id}: cannot get it from the Hugging Face hub ({type(exc).__name__}); "
+            "download the repository and pass its local folder"
+        ) from None
+
+
+# ---------------------------------------------------------------- the extractor
+
+
+class WhisperFeatures(FeatureExtractor):
+    """Hidden states of a frozen Whisper encoder, 50 frames per second.
+
+    Args:
+        model: display name (``whisper-small``), recorded in the codec.
+        dims, state: encoder shape and openai-named weights (see :func:`resolve_checkpoint`).
+        layer: block output to use (1..depth), ``0`` for the block input or ``"final"``.
+        sha256: digest of the weights file loaded, recorded in the codec.
+        batch_size: 30 s windows per encoder forward.
+    """
+
+    kind = "whisper"
+    modality = "audio"
+    sample_rate = audio.SAMPLE_RATE
+    frame_rate = ENCODER_FRAME_RATE
+
+    def __init__(self, model: str, dims: EncoderDims, state: dict, layer: int | str | None = None, *,
+                 sha256: str = "", checkpoint: str = "", fmt: str = "", dtype: str | None = None,
+                 device: str | None = None, batch_size: int | None = None):
+        import torch
+
+        from ..device import resolve_device
+
+        self.model_name = model
+        self.dims = dims
+        self.layer = _check_layer(layer, dims.n_audio_layer, model)
+        self.sha256 = sha256
+        self.checkpoint = checkpoint
+        self.format = fmt
+        self.dim = dims.n_audio_state
+        self.n_mels = dims.n_mels
+        self.encoder = build_encoder(dims)
+        missing, unexpected = self.encoder.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise CodecError(f"{checkpoint or model}: encoder weights do not fit "
+                             f"(missing {sorted(missing)[:4]}, unexpected {sorted(unexpected)[:4]})")
+        self.encoder.eval().requires_grad_(False)
+        self.dtype_spec = dtype
+        self.batch_size = batch_size
+        self.device = torch.device("cpu")
+        self.to(resolve_device(device or "cpu"))
+
+    # -- construction
+
+    @classmethod
+    def from_name(cls, name: str, layer: int | str | None = None, checkpoint: str | None = None,
+                  dtype: str | None = None, device: str | None = None, batch_size: int | None = None,
+                  **_: Any) -> "WhisperFeatures":
+        found = resolve_checkpoint(name, checkpoint)
+        return cls(found["model"], found["dims"], found["state"], layer, sha256=found["sha256"],
+                   checkpoint=found["path"], fmt=found["format"], dtype=dtype, device=device, batch_size=batch_size)
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], **overrides: Any) -> "WhisperFeatures":
+        """Rebuild from a codec's ``features`` block: the recorded checkpoint (or the official
+        name, or ``checkpoint=`` given), refusing weights whose sha256 differs."""
+        checkpoint = overrides.pop("checkpoint", None)
+        if checkpoint is None and config.get("checkpoint") and Path(config["checkpoint"]).exists() \
+                and _official(config["model"]) is None:
+            checkpoint = config["checkpoint"]
+        extractor = cls.from_name(config["model"], layer=config.get("layer"), checkpoint=checkpoint,
+                                  **{k: v for k, v in overrides.items() if k in ("dtype", "device", "batch_size")})
+        extractor.check_compatible(config, f"whisper features {config['model']}")
+        return extractor
+
+    def config(self) -> dict[str, Any]:
+        return {"kind": "whisper", "model": self.model_name, "checkpoint": self.checkpoint, "format": self.format,
+                "sha256": self.sha256, "layer": self.layer, "dim": self.dim, "n_mels": self.n_mels,
+                "sample_rate": self.sample_rate, "frame_rate": self.frame_rate,
+                "normalisation": "whisper log-mel ((log10 clamp 1e-10, floor max-8) + 4) / 4",
+                "dims": asdict(self.dims)}
+
+    def check_compatible(self, stored: dict[str, Any], where: str) -> None:
+        """Refuse another model, layer, mel size or weights; the checkpoint's location may change."""
+        mine = self.config()
+        for key in ("kind", "model", "layer", "n_mels", "sample_rate", "dim", "sha256"):
+            if key in stored and stored[key] != mine[key]:
+                raise CodecError(f"{where}: codec was fitted on whisper features with {key}={stored[key]!r}, "
+                                 f"but the extractor given has {key}={mine[key]!r}"
+                                 + (" (another checkpoint file)" if key == "sha256" else ""))
+
+    def name_stem(self) -> str:
+        layer = "final" if self.layer == "final" else f"l{self.layer}"
+        return f"{self.model_name}-{layer}"
+
+    def to(self, device) -> "WhisperFeatures":
+        import torch
+
+        self.device = torch.device(device)
+        spec = self.dtype_spec or "auto"
+        if spec == "auto":  # Whisper is trained and usually run in fp16 on GPUs
+            self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        else:
+            from ..device import resolve_dtype
+
+            self.dtype = resolve_dtype(spec, self.device)
+        self.encoder.to(self.device)
+        return self
+
+    # -- extraction
+
+    def windows(self, wave: "torch.Tensor") -> tuple["torch.Tensor", list[int]]:
+        """One clip's mel windows ``[W, n_mels, 3000]`` and the real encoder frames of each."""
+        import torch
+
+        wave = wave.to(self.device, torch.float32)
+        n = wave.shape[-1]
+        mel = audio.log_mel(wave, self.n_mels, padding=audio.N_SAMPLES)
+        n_windows = max(1, math.ceil(n / audio.N_SAMPLES))
+        mel = mel[:, : n_windows * audio.N_FRAMES]
+        if mel.shape[-1] < n_windows * audio.N_FRAMES:  # only when n is not a multiple of 160 near the end
+            mel = _pad_frames(mel, n_windows * audio.N_FRAMES)
+        windows = mel.reshape(self.n_mels, n_windows, audio.N_FRAMES).permute(1, 0, 2)
+        total = math.ceil(n / SAMPLES_PER_FRAME)
+        per = audio.N_FRAMES // 2
+        frames = [min(per, total - i * per) for i in range(n_windows)]
+        return windows, frames
+
+    def encode(self, mel: "torch.Tensor") -> "torch.Tensor":
+        """``[B, n_mels, 3000]`` -> ``[B, 1500, dim]`` at the chosen layer (float32)."""
+        import torch
+
+        layer = None if self.layer == "final" else self.layer
+        with torch.inference_mode():
+            return self.encoder(mel.to(self.device, self.dtype), layer=layer).float()
+
+    def extract(self, waves: "list[torch.Tensor]") -> "list[torch.Tensor]":
+        """Mono 16 kHz waveforms to ``[ceil(len / 320), dim]`` float32 tensors on the device.
+
+        Clips of up to 30 s (one window each) get their log-mels computed together, on rows
+        of 30 s + one FFT of zeros: the frames and the per-clip floor are the same as with
+        Whisper's 30 s of padding, since only all-zero frames are left out. Longer clips take
+        :meth:`windows`. Windows of all clips share encoder batches.
+        """
+        import torch
+
+        for wave in waves:
+            if wave.dim() != 1:
+                raise UsageError(f"whisper features take mono waveforms [samples], got shape {tuple(wave.shape)}")
+        batch = self.batch_size or (16 if self.device.type == "cuda" else 4)
+        outputs: list[list[torch.Tensor]] = [[] for _ in waves]
+        pending: list[torch.Tensor] = []
+        pieces: list[tuple[int, int]] = []  # (clip, real frames) per pending window
+
+        def flush():
+            if pending:
+                hidden = self.encode(torch.cat(pending))
+                for h, (clip, frames) in zip(hidden, pieces):
+                    outputs[clip].append(h[:frames])
+                pending.clear()
+                pieces.clear()
+
+        singles = [i for i, w in enumerate(waves) if w.shape[0] <= audio.N_SAMPLES]
+        for start in range(0, len(singles), batch):
+            group = singles[start : start + batch]
+            rows = torch.zeros(len(group), audio.N_SAMPLES + audio.N_FFT, device=self.device)
+            for row, clip in enumerate(group):
+                rows[row, : waves[clip].shape[0]] = waves[clip].to(self.device, torch.float32)
+            pending.append(audio.log_mel(rows, self.n_mels)[..., : audio.N_FRAMES])
+            pieces.extend((clip, math.ceil(waves[clip].shape[0] / SAMPLES_PER_FRAME)) for clip in group)
+            flush()
+        for clip, wave in enumerate(waves):
+            if wave.shape[0] <= audio.N_SAMPLES:
+                continue
+            windows, frames = self.windows(wave)
+            for window, count in zip(windows, frames):
+                pending.append(window[None])
+                pieces.append((clip, count))
+                if len(pending) == batch:
+                    flush()
+        flush()
+        return [torch.cat(parts) if parts else torch.zeros(0, self.dim, device=self.device) for parts in outputs]
+
+
+def _pad_frames(mel: "torch.Tensor", frames: int) -> "torch.Tensor":
+    import torch
+
+    return torch.nn.functional.pad(mel, (0, frames - mel.shape[-1]))
+
+
+def _check_layer(layer: int | str | None, depth: int, model: str) -> int | str:
+    """Validate ``--layer`` against the encoder's depth; None picks depth - 1 (paper: 11 of 12)."""
+    if layer is None:
+        return max(depth - 1, 1)
+    if isinstance(layer, str):
+        if layer.strip().lower() == "final":
+            return "final"
+        try:
+            layer = int(layer)
+        except ValueError:
+            raise UsageError(f"--layer {layer}: expected a block number 0..{depth} or 'final'") from None
+    if not 0 <= layer <= depth:
+        raise UsageError(f"--layer {layer}: {model} has {depth} encoder blocks; expected 0..{depth} "
+                         "(N = output of block N counted from 1) or 'final' (after ln_post)")
+    return layer

@@ -1,0 +1,90 @@
+"""teal cluster end to end: learned audio features through the CLI, the feature cache over a
+k sweep, streaming fits beyond the memory budget, and provenance checks on load."""
+
+import json
+from pathlib import Path
+
+import pytest
+import soundfile as sf
+import torch
+
+from teal_cli.cluster import ClusterOptions, fit_codec
+from teal_cli.codecs import load_codec
+from teal_cli.codecs.kmeans_codec import load_codec_dir
+from teal_cli.errors import CodecError
+from teal_cli.features import extractor_for
+
+
+@pytest.fixture
+def tiny_whisper_pt(tmp_path):
+    """A random 2-block Whisper encoder saved in openai's .pt format (teal's own module
+    builds it; tests/test_whisper.py checks that format against openai-whisper itself)."""
+    from teal_cli.features.whisper import EncoderDims, build_encoder
+
+    dims = EncoderDims(n_mels=80, n_audio_ctx=1500, n_audio_state=32, n_audio_head=2, n_audio_layer=2)
+    torch.manual_seed(0)
+    encoder = build_encoder(dims)
+    with torch.no_grad():
+        for p in encoder.parameters():
+            p.normal_(0, 0.2)
+        encoder.positional_embedding.normal_(0, 0.2)
+    state = {f"encoder.{k}": v for k, v in encoder.state_dict().items()}
+    text_dims = {"n_vocab": 10, "n_text_ctx": 4, "n_text_state": 32, "n_text_head": 2, "n_text_layer": 1}
+    path = tmp_path / "tiny-random.pt"
+    torch.save({"dims": {**dims.__dict__, **text_dims}, "model_state_dict": state}, path)
+    return path
+
+
+@pytest.fixture
+def clips(tmp_path, speechlike_wave):
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    for i in range(3):
+        sf.write(folder / f"c{i}.wav", speechlike_wave.roll(i * 3000).numpy(), 16000)
+    return folder
+
+
+def test_whisper_cluster_k_sweep_reuses_cache_then_tokenizes(cli, tiny_whisper_pt, clips, monkeypatch):
+    import teal_cli.cluster as cluster
+
+    loads = []
+    real_load = cluster._load
+    monkeypatch.setattr(cluster, "_load", lambda *a: loads.append(a[1]) or real_load(*a))
+    common = ["--features", "whisper-tiny", "--checkpoint", tiny_whisper_pt, "--layer", "1",
+              "--features-cache", "feats", "--iters", "5", "-q"]
+    r = cli("cluster", clips, "--k", "8", *common)
+    assert r.exit_code == 0, r.stderr
+    assert len(loads) == 3
+    r = cli("cluster", clips, "--k", "4", *common)
+    assert r.exit_code == 0, r.stderr
+    assert len(loads) == 3, "the second k of the sweep must extract nothing"
+    directory = Path(r.stdout.strip())
+    assert directory.name == "whisper-d32x2-l1-k4"
+    config = json.loads((directory / "config.json").read_text())
+    assert config["features"]["layer"] == 1 and config["k"] == 4 and config["fit"]["vectors"] == 3 * 75
+
+    tok = cli("tokenize", clips / "c0.wav", "--codec", directory, "--dedup", "-q")
+    assert tok.exit_code == 0, tok.stderr
+    seg = json.loads(tok.stdout)["segments"][0]
+    assert seg["codec"] == "whisper-d32x2-l1-k4" and seg["frame_rate"] == 50
+    assert sum(seg["durations"]) == 75 and max(seg["tokens"]) < 4
+    out = cli("detokenize", "-o", "x.wav", input=tok.stdout)
+    assert out.exit_code == 1 and "unit vocoder" in out.stderr
+    assert not Path("x.wav").exists()
+
+    # The same codec used with features from another layer is refused.
+    other = extractor_for("whisper-tiny", checkpoint=str(tiny_whisper_pt), layer=2)
+    with pytest.raises(CodecError, match="layer"):
+        load_codec_dir(directory, features=other)
+
+
+def test_streaming_fit_matches_in_memory(photo):
+    items = [("photo", str(photo))] * 3
+    extractor = extractor_for("patch", patch_size=4, image_size=64)
+    small = fit_codec(items, extractor, "mem", ClusterOptions(k=16, iters=15))
+    streamed = fit_codec(items, extractor, "stream", ClusterOptions(k=16, iters=15, memory_budget=1))
+    assert streamed.streaming and not small.streaming
+    assert streamed.rows == small.rows == 3 * 256 and streamed.files == 3
+    # The streaming fit sees the same data (via a sample, then full passes): close inertia.
+    assert streamed.result.inertia <= small.result.inertia * 1.10
+    assert load_codec("stream").vocab_size == 16
