@@ -148,6 +148,20 @@ def iter_features(items: Iterable[tuple[str, str]], extractor: FeatureExtractor,
             yield from finish(pending)
 
 
+def import_codec(km_path: str | Path, extractor: FeatureExtractor, output: str | Path | None) -> Path:
+    """Make a codec directory from a fairseq/GSLM ``km.bin`` (sklearn KMeans pickle) fitted on
+    ``extractor``'s features. The file is read without executing pickled code."""
+    from .codecs.kmeans_codec import codec_name, save_codec_dir
+    from .gslm import read_centroids
+
+    centroids = read_centroids(km_path)
+    if centroids.ndim != 2 or centroids.shape[1] != extractor.dim:
+        raise DataError(f"{km_path}: centroids of shape {list(centroids.shape)} do not fit {extractor.kind} "
+                        f"features of dim {extractor.dim} (wrong --features or --layer?)")
+    out = Path(output) if output else Path("codecs") / codec_name(extractor, int(centroids.shape[0]))
+    return save_codec_dir(out, extractor, centroids, {"fit": {"imported_from": str(km_path)}})
+
+
 def fit_codec(items: list[tuple[str, str]], extractor: FeatureExtractor, output: str | Path | None,
               options: ClusterOptions, *, device: Any = "cpu", cache=None,
               warn: Callable[[str], None] | None = None,

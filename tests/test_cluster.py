@@ -88,3 +88,15 @@ def test_streaming_fit_matches_in_memory(photo):
     # The streaming fit sees the same data (via a sample, then full passes): close inertia.
     assert streamed.result.inertia <= small.result.inertia * 1.10
     assert load_codec("stream").vocab_size == 16
+
+
+def test_km_bin_export_import_round_trip(cli, wav_file):
+    r = cli("cluster", wav_file, "--features", "mel", "--k", "8", "--iters", "3", "--export-km", "mel.km.bin", "-q")
+    assert r.exit_code == 0, r.stderr
+    fitted = load_codec("mel-80-k8").centroids
+    r = cli("cluster", "--import-km", "mel.km.bin", "--features", "mel", "-o", "codecs/imported-mel-80-k8", "-q")
+    assert r.exit_code == 0, r.stderr
+    assert torch.equal(load_codec("imported-mel-80-k8").centroids, fitted)
+    # Centroids of the wrong width for the features asked are refused, naming the file.
+    r = cli("cluster", "--import-km", "mel.km.bin", "--features", "patch", "--patch-size", "2")
+    assert r.exit_code == 1 and "mel.km.bin" in r.stderr and "dim 12" in r.stderr

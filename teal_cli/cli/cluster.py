@@ -19,6 +19,8 @@ Examples:
   teal cluster digits/ --features patch --patch-size 2 --k 64 -o codecs/digits-patch-p2-k64
   teal cluster speech/ --features mel --k 256 --iters 30
   teal cluster speech/*.flac --features whisper-small --layer 11 --k 2048 --features-cache feats/
+  teal cluster --import-km km.bin --features hubert-base-ls960 --layer 6     # a GSLM/fairseq k-means
+  teal cluster speech/ --features mel --k 256 --export-km mel-k256.km.bin
 """
 
 
@@ -36,6 +38,8 @@ def cluster(
     checkpoint: Annotated[Optional[str], typer.Option("--checkpoint", help="speech models: local checkpoint file or folder.")] = None,
     features_cache: Annotated[Optional[str], typer.Option("--features-cache", help="Folder caching extracted features, reused across k sweeps.")] = None,
     backend: Annotated[str, typer.Option("--backend", help="k-means backend: torch, faiss (if installed) or auto.")] = "torch",
+    import_km: Annotated[Optional[str], typer.Option("--import-km", help="Make the codec from a GSLM/fairseq km.bin (sklearn KMeans) instead of fitting.")] = None,
+    export_km: Annotated[Optional[str], typer.Option("--export-km", help="Also write the centroids as a GSLM/fairseq km.bin.")] = None,
     output: Annotated[Optional[str], typer.Option("-o", "--output", help="Codec directory to write (default codecs/<name>).")] = None,
     on_error: OnErrorOpt = "fail",
     device: DeviceOpt = "auto",
@@ -45,17 +49,28 @@ def cluster(
     verbose: VerboseOpt = False,
 ) -> None:
     from ..cluster import ClusterOptions, fit_codec
+    from ..errors import UsageError
     from ..features import extractor_for
     from ..inputs import iter_media_paths, stdin_or_usage_error
 
     log = Log(quiet, verbose)
     check_choice(on_error, ("fail", "skip"), "--on-error")
     check_choice(backend, ("torch", "faiss", "auto"), "--backend")
-    sources = stdin_or_usage_error(inputs or [])
     dev, dt = setup_torch(device, dtype, seed)
     options = {"patch_size": patch_size, "image_size": image_size, "n_mels": n_mels, "layer": layer,
                "checkpoint": checkpoint, "dtype": dt, "device": dev}
     extractor = extractor_for(features, **{key: v for key, v in options.items() if v is not None})
+    if import_km:
+        from ..cluster import import_codec
+
+        if inputs:
+            raise UsageError("--import-km takes no media inputs: the centroids come from the file")
+        directory = import_codec(import_km, extractor, output)
+        _export(export_km, directory)
+        log.info(f"imported {import_km} as {directory}")
+        print(directory)
+        return
+    sources = stdin_or_usage_error(inputs or [])
     items = list(iter_media_paths(sources, extractor.modality))
     cache = None
     if features_cache:
@@ -74,6 +89,15 @@ def cluster(
              f"wrote {report.directory}")
     if cache is not None:
         log.debug(f"feature cache: {cache.hits} hit(s), {cache.misses} miss(es)")
+    _export(export_km, report.directory)
     print(report.directory)
     if report.skipped:
         raise typer.Exit(1)
+
+
+def _export(path: Optional[str], directory) -> None:
+    if path:
+        from ..codecs.kmeans_codec import load_codec_dir
+        from ..gslm import write_km
+
+        write_km(path, load_codec_dir(directory).centroids)
