@@ -85,3 +85,26 @@ def iter_media_paths(inputs: Iterable[str], modality: str, stdin: IO[str] | None
             if seg.modality == modality and seg.path is not None:
                 key = record.id if len(record.segments) == 1 else f"{record.id}#{i}"
                 yield key, seg.path
+
+
+def parse_shard(spec: str | None) -> tuple[int, int]:
+    """``I/N`` (0-based shard I of N) or ``auto`` (RANK/WORLD_SIZE set by torchrun or
+    accelerate; 0/1 when unset) to ``(index, count)``."""
+    if spec is None:
+        return 0, 1
+    if spec == "auto":
+        rank = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))
+        world = os.environ.get("WORLD_SIZE", "1")
+        spec = f"{rank}/{world}"
+    index, sep, count = spec.partition("/")
+    if not (sep and index.isdigit() and count.isdigit()) or int(count) < 1 or int(index) >= int(count):
+        raise UsageError(f"--shard {spec}: expected I/N with 0 <= I < N (e.g. 0/4), or auto")
+    return int(index), int(count)
+
+
+def shard_records(records: Iterable[Record], index: int, count: int) -> Iterator[Record]:
+    """Every ``count``-th record starting at ``index``: shards partition the input, and
+    concatenating the shards' outputs gives every record exactly once."""
+    for i, record in enumerate(records):
+        if i % count == index:
+            yield record

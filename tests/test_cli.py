@@ -89,9 +89,10 @@ def test_malformed_jsonl_and_out_of_range_ids(patch_codec, cli):
 
 
 def test_unknown_codec_and_usage_errors(photo, cli):
-    r = cli("tokenize", photo, "--codec", "nope-k3")
+    r = cli("tokenize", photo, "--codec", "nope-k3", "-o", "never.jsonl")
     assert r.exit_code == 1
     one_line_error(r, "unknown codec 'nope-k3'")
+    assert not Path("never.jsonl").exists()
     r = cli("tokenize", photo)
     assert r.exit_code == 2
     one_line_error(r, "--codec is required")
@@ -174,3 +175,17 @@ def test_codecs_lists_local_directories(patch_codec, cli):
     assert r.exit_code == 0
     names = [json.loads(l)["name"] for l in r.stdout.splitlines()]
     assert "patch-p4-k64" in names
+
+
+def test_shards_partition_the_input(photo, patch_codec, cli, tmp_path):
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps({"id": f"r{i}", "image": photo.name}) + "\n" for i in range(5)))
+    ids = []
+    for i in range(2):
+        r = cli("tokenize", manifest, "-c", patch_codec, "--image-size", "8", "--shard", f"{i}/2", "-o", "t.{shard}.jsonl", "-q")
+        assert r.exit_code == 0, r.stderr
+        ids += [json.loads(l)["id"] for l in Path(f"t.{i}.jsonl").read_text().splitlines()]
+    assert sorted(ids) == [f"r{i}" for i in range(5)]
+    r = cli("tokenize", manifest, "-c", patch_codec, "--shard", "2/2")
+    assert r.exit_code == 2
+    one_line_error(r, "--shard 2/2")

@@ -57,6 +57,13 @@ def test_audio_downmix_resample_and_errors(tmp_path):
         load_audio(tmp_path / "junk.wav", 16000)
 
 
+def test_mp3_reads(tmp_path):
+    t = np.arange(8000) / 8000
+    sf.write(tmp_path / "a.mp3", (0.5 * np.sin(2 * np.pi * 300 * t)).astype(np.float32), 8000, format="MP3")
+    wave = load_audio(tmp_path / "a.mp3", 16000)
+    assert abs(len(wave) - 16000) < 2000 and float(wave.abs().max()) > 0.3
+
+
 def test_atomic_output_leaves_nothing_on_failure(tmp_path):
     target = tmp_path / "o.txt"
     with pytest.raises(RuntimeError):

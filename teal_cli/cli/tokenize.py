@@ -20,6 +20,7 @@ Examples:
   teal tokenize photos/ --codec codecs/patch-p4-k512 --batch-size 64 -o photos.tok.jsonl
   teal tokenize pairs.jsonl --codec vqgan-f16-16384 --codec codecs/mel-80-k256
   teal tokenize speech/ --codec codecs/mel-80-k256 --dedup --on-error skip
+  torchrun --nproc-per-node 8 -m teal_cli tokenize data.jsonl -c beit2 --shard auto -o 'tok.{shard}.jsonl'
 """
 
 
@@ -33,6 +34,7 @@ def tokenize(
     dedup: Annotated[bool, typer.Option("--dedup", help="Collapse runs of equal audio ids; run lengths go to 'durations'.")] = False,
     checkpoint: Annotated[Optional[str], typer.Option("--checkpoint", help="Local checkpoint file for a named codec.")] = None,
     config: Annotated[Optional[str], typer.Option("--config", help="Local model config for a named codec (VQGAN's model.yaml).")] = None,
+    shard: Annotated[Optional[str], typer.Option("--shard", help="Tokenize only shard I/N of the records (auto: from torchrun's RANK/WORLD_SIZE); {shard} in -o becomes I.")] = None,
     workers: Annotated[int, typer.Option("--workers", help="Threads decoding media ahead of the encoder.", min=1)] = 4,
     on_error: OnErrorOpt = "fail",
     device: DeviceOpt = "auto",
@@ -43,7 +45,7 @@ def tokenize(
 ) -> None:
     from ..codecs.registry import load_codec
     from ..errors import UsageError
-    from ..inputs import iter_input_records, stdin_or_usage_error
+    from ..inputs import iter_input_records, parse_shard, shard_records, stdin_or_usage_error
     from ..records import RecordWriter
     from ..tokenize import TokenizeOptions, TokenizeStats, check_codecs, tokenize_records
 
@@ -54,6 +56,9 @@ def tokenize(
     if (checkpoint or config) and len(codec) > 1:
         raise UsageError("--checkpoint/--config apply to a single --codec")
     sources = stdin_or_usage_error(inputs or [])
+    shard_index, shard_count = parse_shard(shard)
+    if output and "{shard}" in output:
+        output = output.replace("{shard}", str(shard_index))
     dev, dt = setup_torch(device, dtype, seed)
     extra = {k: v for k, v in {"checkpoint": checkpoint, "config": config}.items() if v}
     codecs = [load_codec(name, device=dev, dtype=dt, **extra) for name in codec]
@@ -63,7 +68,7 @@ def tokenize(
     stats = TokenizeStats()
     with output_stream(output) as stream, log.progress("tokenize") as advance:
         writer = RecordWriter(stream)
-        for record in tokenize_records(iter_input_records(sources), codecs, options, warn=log.warn, stats=stats):
+        for record in tokenize_records(shard_records(iter_input_records(sources), shard_index, shard_count), codecs, options, warn=log.warn, stats=stats):
             writer.write(record)
             advance()
     log.info(f"tokenized {stats.records} record(s)" + (f", skipped {stats.skipped}" if stats.skipped else ""))
