@@ -43,7 +43,7 @@ complete -c teal -n '__fish_seen_subcommand_from tokenize' -l shard -r -d 'Token
 complete -c teal -n '__fish_seen_subcommand_from tokenize' -l workers -r -d 'Threads decoding media ahead of the encoder'
 complete -c teal -n '__fish_seen_subcommand_from tokenize' -l on-error -r -a 'fail skip' -d 'fail: stop at the first bad item'
 complete -c teal -n '__fish_seen_subcommand_from tokenize' -l device -r -a 'auto cpu cuda' -d 'auto (CUDA when available), cpu, cuda or cuda:N'
-complete -c teal -n '__fish_seen_subcommand_from tokenize' -l dtype -r -a 'auto float32 bfloat16 float16' -d 'auto, float32, bfloat16 or float16 (auto: bf16 on GPU, fp32 on CPU)'
+complete -c teal -n '__fish_seen_subcommand_from tokenize' -l dtype -r -a 'auto float32 bfloat16 float16' -d 'auto (= float32: ids as the reference code gives them), bfloat16 or float16 (faster on GPU, some near-tie ids change)'
 complete -c teal -n '__fish_seen_subcommand_from tokenize' -l seed -r -d 'Random seed'
 complete -c teal -n '__fish_seen_subcommand_from tokenize' -s q -l quiet -d 'No progress or info on stderr; errors only'
 complete -c teal -n '__fish_seen_subcommand_from tokenize' -s v -l verbose -d 'More detail on stderr'

@@ -1,0 +1,225 @@
+"""Images per second of teal's image tokenize path against the bare encoder, same run.
+
+    python benchmarks/tokenize_image.py --codec vqgan            # VQGAN f16-16384 architecture
+    python benchmarks/tokenize_image.py --codec dalle --images 256 --batch-size 64
+    python benchmarks/tokenize_image.py --codec beit2 --checkpoint vqkd.pth --device cuda --dtype bfloat16
+
+Arms, on the same images, batch size, device and dtype:
+
+- ``tokenize``: JPEG files on disk -> ``teal_cli.tokenize.tokenize_records`` (decode, the
+  codec's preprocessing, batching, encode) -> JSONL written to a file. Loading runs in the
+  library's thread pool (``--workers``) one window ahead of the encoder.
+- ``bare``: ``codec.encode`` on pre-made, preprocessed tensors already on the device: the
+  forward pass and codebook lookup alone.
+
+The ratio tokenize / bare is printed; the goal on a GPU is >= 0.9 at batch >= 64. Then,
+single-threaded, where the time of one image goes: decode, preprocess, encode (batched,
+per image), JSON. Without ``--checkpoint`` the codec has random weights in the official
+architecture (speed does not depend on the values).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from teal_cli.codecs import beit2, dalle, vqgan  # noqa: E402
+from teal_cli.device import resolve_device, resolve_dtype  # noqa: E402
+
+VQGAN_F16_16384 = {
+    "ddconfig": {"double_z": False, "z_channels": 256, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+                 "ch_mult": [1, 1, 2, 2, 4], "num_res_blocks": 2, "attn_resolutions": [16], "dropout": 0.0},
+    "n_embed": 16384,
+    "embed_dim": 256,
+}
+
+
+def _randomise(model: torch.nn.Module) -> torch.nn.Module:
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim > 1:
+                p.copy_(torch.randn(p.shape, generator=g) / max(1.0, p[0].numel()) ** 0.5)
+            else:
+                p.copy_(torch.ones(p.shape) if "norm" in name and "weight" in name else torch.zeros(p.shape))
+    return model.eval().requires_grad_(False)
+
+
+def build_codec(name: str, checkpoint: str | None, dtype: torch.dtype):
+    if checkpoint:
+        loader = {"vqgan": vqgan.load, "dalle": dalle.load, "beit2": beit2.load}[name]
+        return loader(None, checkpoint=checkpoint, dtype=dtype)
+    if name == "vqgan":
+        model = _randomise(vqgan.VQModel(**VQGAN_F16_16384))
+        return vqgan.VQGANCodec(model, "vqgan-f16-16384", dtype=dtype)
+    if name == "dalle":
+        return dalle.DalleCodec(_randomise(dalle.Encoder()), _randomise(dalle.Decoder()), dtype=dtype)
+    encoder = beit2.ViTEncoder(patch=16, grid=14, dim=768, depth=12, heads=12, hidden=3072)
+    model = _randomise(beit2.VQKD(encoder, 8192, 32))
+    with torch.no_grad():
+        model.quantize.embedding.weight.copy_(torch.nn.functional.normalize(model.quantize.embedding.weight, dim=-1))
+    return beit2.Beit2Codec(model, dtype=dtype)
+
+
+def write_images(folder: Path, count: int) -> list[Path]:
+    """JPEGs of assorted sizes around ImageNet's typical 500 x 375, with some structure."""
+    rng = np.random.default_rng(0)
+    sizes = [(500, 375), (640, 480), (375, 500), (333, 500), (512, 512)]
+    paths = []
+    for i in range(count):
+        w, h = sizes[i % len(sizes)]
+        coarse = rng.integers(0, 256, size=(h // 16, w // 16, 3), dtype=np.uint8)
+        array = np.asarray(Image.fromarray(coarse).resize((w, h), Image.BICUBIC)).astype(np.int16)
+        array = np.clip(array + rng.integers(-20, 20, size=array.shape), 0, 255).astype(np.uint8)
+        path = folder / f"img{i:05d}.jpg"
+        Image.fromarray(array).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_tokenize(codec, folder: Path, out: Path, batch_size: int, workers: int) -> tuple[float, int]:
+    from teal_cli.inputs import iter_input_records
+    from teal_cli.records import RecordWriter
+    from teal_cli.tokenize import TokenizeOptions, tokenize_records
+
+    options = TokenizeOptions(batch_size=batch_size, workers=workers)
+    start = time.perf_counter()
+    with open(out, "w") as f:
+        count = RecordWriter(f).write_all(tokenize_records(iter_input_records([str(folder)]), [codec], options))
+    _sync(codec.device)
+    return time.perf_counter() - start, count
+
+
+def run_bare(codec, batches: list[torch.Tensor]) -> float:
+    _sync(codec.device)
+    start = time.perf_counter()
+    for batch in batches:
+        ids = codec.encode(batch)
+    ids.cpu()
+    _sync(codec.device)
+    return time.perf_counter() - start
+
+
+def _shell(codec):
+    """The codec without its weights: enough to preprocess, cheap to send to a process."""
+    shell = object.__new__(type(codec))
+    shell.__dict__.update({k: v for k, v in codec.__dict__.items() if k not in ("model", "encoder", "decoder", "device")})
+    return shell
+
+
+def _load_in_process(shell, path: str):
+    from teal_cli.media import load_image
+
+    return shell.preprocess(load_image(path)).numpy()
+
+
+def run_process_pool(codec, paths: list[Path], out: Path, batch_size: int, pool) -> float:
+    """The tokenize pipeline with loader *processes* instead of threads (not teal's code):
+    one window of ``batch_size`` images loads while the previous one encodes."""
+    import json
+
+    shell = _shell(codec)
+    windows = [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
+    start = time.perf_counter()
+    with open(out, "w") as f:
+        ahead = [pool.submit(_load_in_process, shell, str(p)) for p in windows[0]]
+        for w in range(len(windows)):
+            current, ahead = ahead, ([pool.submit(_load_in_process, shell, str(p)) for p in windows[w + 1]] if w + 1 < len(windows) else [])
+            batch = torch.from_numpy(np.stack([fut.result() for fut in current]))
+            ids = codec.encode(batch).cpu()
+            for p, grid in zip(windows[w], ids):
+                f.write(json.dumps({"v": 1, "id": str(p), "segments": [{"modality": "image", "codec": codec.name,
+                                    "shape": list(grid.shape), "tokens": grid.flatten().tolist()}]}) + "\n")
+    _sync(codec.device)
+    return time.perf_counter() - start
+
+
+def breakdown(codec, paths: list[Path], batch_size: int) -> dict[str, float]:
+    """Seconds per image of each stage, run one after the other on one thread."""
+    import json
+
+    from teal_cli.media import load_image
+
+    n = min(len(paths), batch_size)
+    t0 = time.perf_counter()
+    images = [load_image(p) for p in paths[:n]]
+    t1 = time.perf_counter()
+    tensors = [codec.preprocess(im) for im in images]
+    t2 = time.perf_counter()
+    ids = codec.encode(torch.stack(tensors))
+    _sync(codec.device)
+    t3 = time.perf_counter()
+    lines = [json.dumps({"v": 1, "id": str(p), "segments": [{"modality": "image", "codec": codec.name,
+                         "shape": list(g.shape), "tokens": g.flatten().tolist()}]}) for p, g in zip(paths, ids.cpu())]
+    t4 = time.perf_counter()
+    assert len(lines) == n
+    return {"decode": (t1 - t0) / n, "preprocess": (t2 - t1) / n, "encode": (t3 - t2) / n, "json": (t4 - t3) / n}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--codec", choices=["vqgan", "dalle", "beit2"], default="vqgan")
+    parser.add_argument("--checkpoint", help="real weights (default: random weights, official architecture)")
+    parser.add_argument("--images", type=int, default=None, help="images per arm (default: 4 batches on GPU, 2 on CPU)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 4))
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--processes", type=int, default=0,
+                        help="also time the same pipeline with this many loader processes (spawned; not teal's code path)")
+    args = parser.parse_args()
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    torch.manual_seed(0)
+    codec = build_codec(args.codec, args.checkpoint, dtype).to(device)
+    count = args.images or args.batch_size * (4 if device.type == "cuda" else 2)
+    print(f"codec {codec.name} ({args.codec}), device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
+          f"dtype {str(dtype).replace('torch.', '')}, batch {args.batch_size}, {count} images, {args.workers} loader threads", flush=True)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "images"
+        folder.mkdir()
+        paths = write_images(folder, count)
+        made = torch.stack([codec.preprocess(Image.open(p).convert("RGB")) for p in paths[: args.batch_size]])
+        batches = [made.to(device) for _ in range(count // args.batch_size)]
+        codec.encode(batches[0])  # warm-up: kernels, allocator
+        bare = run_bare(codec, batches)
+        seconds, written = run_tokenize(codec, folder, Path(tmp) / "out.jsonl", args.batch_size, args.workers)
+        bare2 = run_bare(codec, batches)  # again after, to see drift (clocks, other load)
+        assert written == count, (written, count)
+        bare_ips = len(batches) * args.batch_size / min(bare, bare2)
+        tok_ips = count / seconds
+        print(f"bare encoder forward : {bare_ips:9.1f} images/s  (runs: {len(batches) * args.batch_size / bare:.1f}, {len(batches) * args.batch_size / bare2:.1f})")
+        print(f"teal tokenize        : {tok_ips:9.1f} images/s  (decode + preprocess + encode + JSONL write)")
+        print(f"ratio                : {tok_ips / bare_ips:9.3f}")
+        if args.processes:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            with ProcessPoolExecutor(args.processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+                list(pool.map(_load_in_process, [_shell(codec)] * args.processes, [str(p) for p in paths[: args.processes]]))  # start them
+                proc = run_process_pool(codec, paths, Path(tmp) / "out2.jsonl", args.batch_size, pool)
+            print(f"same, {args.processes} loader processes: {count / proc:9.1f} images/s, ratio {count / proc / bare_ips:.3f}")
+        parts = breakdown(codec, paths, args.batch_size)
+        total = sum(parts.values())
+        print("one thread, per image: " + ", ".join(f"{k} {v * 1000:.2f} ms ({v / total:.0%})" for k, v in parts.items()))
+
+
+if __name__ == "__main__":
+    main()
