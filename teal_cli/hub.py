@@ -21,6 +21,8 @@ from .errors import DownloadError
 # progress(done_bytes, total_bytes_or_None)
 Progress = Callable[[int, "int | None"], None]
 _CHUNK = 1 << 20
+# Used when fetch() gets no progress callback; the CLI installs a progress bar here.
+default_progress: Progress | None = None
 
 
 @dataclass(frozen=True)
@@ -108,7 +110,7 @@ def fetch(file: HubFile, *, progress: Progress | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     part = path.with_name(path.name + ".part")
     try:
-        _download(file.url, part, progress)
+        _download(file.url, part, progress or default_progress)
     except (urllib.error.URLError, OSError, TimeoutError) as exc:
         reason = getattr(exc, "reason", exc)
         raise DownloadError(

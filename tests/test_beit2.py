@@ -233,3 +233,16 @@ def test_cuda_gives_the_cpu_ids(official):
     for dtype in (torch.bfloat16, torch.float16):
         half = beit2.load(None, checkpoint=path, dtype=dtype).to("cuda")
         assert (half.encode(x).cpu() == cpu).float().mean() > 0.8
+
+
+def test_detokenize_explains_there_is_no_pixel_decoder(official, cli, photo):
+    from pathlib import Path
+
+    ckpt = official[1]
+    tok = cli("tokenize", photo, "--codec", "beit2", "--checkpoint", ckpt, "-q")
+    assert tok.exit_code == 0, tok.stderr
+    out = cli("detokenize", "-o", "b.png", "--checkpoint", ckpt, input=tok.stdout)
+    assert out.exit_code == 1
+    assert "no pixel decoder" in out.stderr or "no decoder" in out.stderr
+    assert "vqgan" in out.stderr and "dalle" in out.stderr
+    assert not Path("b.png").exists()

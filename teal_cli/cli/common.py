@@ -34,6 +34,10 @@ class Log:
         self.quiet = quiet
         self.verbose = verbose
         self.interactive = sys.stderr.isatty() and not quiet
+        if self.interactive:
+            from .. import hub
+
+            hub.default_progress = DownloadBar()
 
     def info(self, message: str) -> None:
         if not self.quiet:
@@ -65,6 +69,28 @@ class Log:
                 bar.advance(task, n)
 
             yield advance
+
+
+class DownloadBar:
+    """A rich progress bar for checkpoint downloads, shown on a terminal only."""
+
+    def __init__(self) -> None:
+        self._bar = None
+        self._task = None
+
+    def __call__(self, done: int, total: int | None) -> None:
+        if self._bar is None:
+            from rich.console import Console
+            from rich.progress import DownloadColumn, Progress, TransferSpeedColumn
+
+            self._bar = Progress(*Progress.get_default_columns(), DownloadColumn(), TransferSpeedColumn(),
+                                 console=Console(stderr=True), transient=True)
+            self._bar.start()
+            self._task = self._bar.add_task("download", total=total)
+        self._bar.update(self._task, completed=done, total=total)
+        if total is not None and done >= total:
+            self._bar.stop()
+            self._bar = None
 
 
 def handle_errors(fn: Callable) -> Callable:

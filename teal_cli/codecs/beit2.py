@@ -327,11 +327,14 @@ class Beit2Codec(ImageCodec):
         grid = self.model.encoder.grid
         return ids.view(-1, grid, grid)
 
-    def decode(self, ids: torch.Tensor) -> torch.Tensor:
-        raise CodecError(
+    def no_decoder_error(self) -> CodecError:
+        return CodecError(
             f"codec '{self.name}' (BEiT-v2 VQ-KD) has no pixel decoder: its tokens are for understanding only; "
             "tokenize with vqgan-f16-16384 (or dalle) to get images back"
         )
+
+    def decode(self, ids: torch.Tensor) -> torch.Tensor:
+        raise self.no_decoder_error()
 
 
 def load(
