@@ -10,9 +10,10 @@ import torch
 
 from teal_cli.errors import CodecError
 from teal_cli.gslm import read_centroids, read_estimator, write_km
+from helpers import require
 
-sklearn_cluster = pytest.importorskip("sklearn.cluster")
-joblib = pytest.importorskip("joblib")
+sklearn_cluster = require("sklearn.cluster")
+joblib = require("joblib")
 
 
 @pytest.fixture(scope="module")

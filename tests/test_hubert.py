@@ -12,8 +12,9 @@ from teal_cli.errors import CodecError, UsageError
 from teal_cli.features import build_extractor, extractor_for
 from teal_cli.features import hubert as hubert_module
 from teal_cli.features.hubert import HubertFeatures
+from helpers import require
 
-transformers = pytest.importorskip("transformers")
+transformers = require("transformers")
 DEPTH = 3
 
 

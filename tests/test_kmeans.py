@@ -12,6 +12,7 @@ import torch
 from teal_cli import kmeans as km
 from teal_cli.errors import DataError, UsageError
 from teal_cli.kmeans import KMeansResult, assign, kmeans, kmeans_plusplus, kmeans_streaming
+from helpers import require
 
 
 def blobs(n: int = 2000, d: int = 16, centers: int = 12, spread: float = 1.0, seed: int = 0) -> torch.Tensor:
@@ -37,7 +38,7 @@ def true_inertia(x: torch.Tensor, c: torch.Tensor) -> float:
 
 
 def test_matches_scikit_learn_from_same_init():
-    sklearn = pytest.importorskip("sklearn.cluster")
+    sklearn = require("sklearn.cluster")
     x = blobs()
     init = kmeans_plusplus(x, 20, generator=torch.Generator().manual_seed(1))
     ours = kmeans(x, 20, iters=15, init=init)
@@ -75,7 +76,7 @@ def test_assign_equals_brute_force_and_is_chunk_invariant():
 
 
 def test_tol_stops_early_with_exact_inertia():
-    x = blobs(seed=3)
+    x = blobs(spread=2.5, seed=3)
     full = kmeans(x, 10, iters=40, seed=1)
     early = kmeans(x, 10, iters=40, tol=1e-2, seed=1)
     assert early.iterations < full.iterations
@@ -84,7 +85,7 @@ def test_tol_stops_early_with_exact_inertia():
 
 
 def test_stops_at_a_fixed_point_of_lloyd():
-    x = blobs(seed=3)
+    x = blobs(spread=2.5, seed=3)
     r = kmeans(x, 10, iters=40, seed=1)
     assert r.iterations < 40 and len(r.history) == r.iterations + 1
     # A fixed point: one more Lloyd update would give back the same centroids.
@@ -99,7 +100,7 @@ def test_incremental_sums_match_a_full_recount():
     x = blobs(n=3000, spread=2.5, seed=12)
     init = kmeans_plusplus(x, 30, generator=torch.Generator().manual_seed(0))
     r = kmeans(x, 30, iters=25, init=init)
-    sklearn = pytest.importorskip("sklearn.cluster")
+    sklearn = require("sklearn.cluster")
     ref = sklearn.KMeans(30, init=init.numpy(), n_init=1, max_iter=25, tol=0, algorithm="lloyd").fit(x.numpy())
     assert abs(r.inertia - ref.inertia_) <= 1e-4 * ref.inertia_
     assert torch.allclose(r.centroids, torch.from_numpy(ref.cluster_centers_), atol=1e-4)
@@ -118,7 +119,8 @@ def _data_with_unreachable_centroid():
     """Three tight blobs, one outlier, and an init whose 4th centroid no point is nearest to."""
     g = torch.Generator().manual_seed(0)
     centers = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
-    x = torch.cat([centers.repeat_interleave(50, 0) + 0.3 * torch.randn(150, 2, generator=g), torch.tensor([[30.0, 30.0]])])
+    blobs3 = centers.repeat_interleave(50, 0) + 0.3 * torch.randn(150, 2, generator=g)
+    x = torch.cat([blobs3, torch.tensor([[30.0, 30.0]])])
     init = torch.cat([centers, torch.tensor([[1000.0, -1000.0]])])
     return x, init
 
@@ -136,7 +138,7 @@ def test_empty_reseed_moves_to_farthest_point_like_scikit_learn():
     # The outlier is the point farthest from its centroid, so it becomes a cluster of its own.
     assert torch.equal(r.centroids[3], x[-1])
     assert r.inertia < kmeans(x, 4, iters=5, init=init, empty="keep").inertia
-    sklearn = pytest.importorskip("sklearn.cluster")
+    sklearn = require("sklearn.cluster")
     for iters in (1, 5):  # after one update the moved point must also have left its old cluster
         ours = kmeans(x, 4, iters=iters, init=init, empty="reseed")
         ref = sklearn.KMeans(4, init=init.numpy(), n_init=1, max_iter=iters, tol=0, algorithm="lloyd").fit(x.numpy())
@@ -301,7 +303,7 @@ def test_faiss_missing_says_how_to_install(monkeypatch):
 
 
 def test_faiss_backend_agrees_with_torch():
-    pytest.importorskip("faiss")
+    require("faiss")
     x = blobs(n=3000, seed=10)
     init = kmeans_plusplus(x, 12, generator=torch.Generator().manual_seed(0))
     ours = kmeans(x, 12, iters=10, init=init)

