@@ -47,8 +47,13 @@ class Codec:
         return ""
 
     def to(self, device: "torch.device | str") -> "Codec":
-        """Move weights to ``device``; returns self."""
-        self.device = device
+        """Move the weights (every ``torch.nn.Module`` attribute) to ``device``; returns self."""
+        import torch
+
+        self.device = torch.device(device)
+        for value in vars(self).values():
+            if isinstance(value, torch.nn.Module):
+                value.to(self.device)
         return self
 
     def no_decoder_error(self) -> CodecError:

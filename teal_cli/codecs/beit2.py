@@ -291,11 +291,6 @@ class Beit2Codec(ImageCodec):
         """The l2-normalised ``[8192, 32]`` codebook (``quantize.embedding.weight``)."""
         return self.model.quantize.embedding.weight.detach().float().cpu()
 
-    def to(self, device: Any) -> "Beit2Codec":
-        self.device = torch.device(device)
-        self.model.to(self.device)
-        return self
-
     def preprocess(self, image: Any, image_size: int | None = None) -> torch.Tensor:
         from PIL import Image
 

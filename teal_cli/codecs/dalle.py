@@ -249,13 +249,6 @@ class DalleCodec(ImageCodec):
             "(the vector each id contributes to the decoder input), transposed to [8192, 128]"
         )
 
-    def to(self, device: Any) -> "DalleCodec":
-        self.device = torch.device(device)
-        self.encoder.to(self.device)
-        if self.decoder is not None:
-            self.decoder.to(self.device)
-        return self
-
     def preprocess(self, image: Any, image_size: int | None = None) -> torch.Tensor:
         from PIL import Image
 

@@ -35,9 +35,15 @@ CENTROIDS_NAME = "centroids.safetensors"
 
 
 class _KMeansMixin:
-    extractor: FeatureExtractor
-    centroids: "torch.Tensor"
-    config: dict[str, Any]
+    """What image and audio k-means codecs share: extractor, centroids, assignment."""
+
+    def __init__(self, name: str, extractor: FeatureExtractor, centroids: "torch.Tensor", config: dict[str, Any]):
+        self.name = name
+        self.extractor = extractor
+        self.centroids = centroids
+        self.config = config
+        self.vocab_size = int(centroids.shape[0])
+        self.has_decoder = extractor.invertible
 
     @property
     def codebook(self) -> "torch.Tensor":
@@ -61,12 +67,7 @@ class KMeansImageCodec(_KMeansMixin, ImageCodec):
     """Image codec over patch-like features; decodes by centroid lookup when invertible."""
 
     def __init__(self, name: str, extractor: FeatureExtractor, centroids: "torch.Tensor", config: dict[str, Any]):
-        self.name = name
-        self.extractor = extractor
-        self.centroids = centroids
-        self.config = config
-        self.vocab_size = int(centroids.shape[0])
-        self.has_decoder = extractor.invertible
+        super().__init__(name, extractor, centroids, config)
         self.image_size = getattr(extractor, "image_size", None)
         self.downsample = getattr(extractor, "patch_size", 1)
 
@@ -93,12 +94,7 @@ class KMeansAudioCodec(_KMeansMixin, AudioCodec):
     """Audio codec over frame features (mel, Whisper, HuBERT)."""
 
     def __init__(self, name: str, extractor: FeatureExtractor, centroids: "torch.Tensor", config: dict[str, Any]):
-        self.name = name
-        self.extractor = extractor
-        self.centroids = centroids
-        self.config = config
-        self.vocab_size = int(centroids.shape[0])
-        self.has_decoder = extractor.invertible
+        super().__init__(name, extractor, centroids, config)
         self.sample_rate = extractor.sample_rate
         self.frame_rate = extractor.frame_rate
 

@@ -375,11 +375,6 @@ class VQGANCodec(ImageCodec):
         """``quantize.embedding.weight``: ``[n_embed, embed_dim]``."""
         return self.model.quantize.embedding.weight.detach().float().cpu()
 
-    def to(self, device: Any) -> "VQGANCodec":
-        self.device = torch.device(device)
-        self.model.to(self.device)
-        return self
-
     def preprocess(self, image: Any, image_size: int | None = None) -> torch.Tensor:
         from PIL import Image
 

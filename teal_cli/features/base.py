@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ..errors import CodecError
+from ..errors import CodecError, UsageError
 
 if TYPE_CHECKING:
     import torch
@@ -69,3 +69,24 @@ class FeatureExtractor:
                     f"{where}: codec was fitted on {self.kind} features with {key}={value!r}, "
                     f"but the extractor given has {key}={mine[key]!r}"
                 )
+
+
+def check_layer(layer: "int | str | None", depth: int, model: str, *, default: int, unit: str, final_note: str = "") -> "int | str":
+    """Validate ``--layer`` against a model's depth.
+
+    ``N`` is the output of ``unit`` N counted from 1 (0: its input); ``final`` is the model's
+    last output (after its final norm); None gives ``default``.
+    """
+    if layer is None:
+        return default
+    if isinstance(layer, str):
+        if layer.strip().lower() == "final":
+            return "final"
+        try:
+            layer = int(layer)
+        except ValueError:
+            raise UsageError(f"--layer {layer}: expected a {unit} number 0..{depth} or 'final'") from None
+    if not 0 <= layer <= depth:
+        raise UsageError(f"--layer {layer}: {model} has {depth} {unit}s; expected 0..{depth} "
+                         f"(N = output of {unit} N counted from 1) or 'final'{final_note}")
+    return layer

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CodecError, UsageError
-from .base import FeatureExtractor
+from .base import FeatureExtractor, check_layer
 
 if TYPE_CHECKING:
     import torch
@@ -219,17 +219,6 @@ def _display_name(folder: Path, source: str) -> str:
 
 
 def _check_layer(layer: int | str | None, depth: int, model: str) -> int | str:
-    """Validate ``--layer``; None picks 9 for 12-layer models (textlesslib's units), else 2/3 of depth."""
-    if layer is None:
-        return 9 if depth == 12 else max(1, round(depth * 2 / 3))
-    if isinstance(layer, str):
-        if layer.strip().lower() == "final":
-            return "final"
-        try:
-            layer = int(layer)
-        except ValueError:
-            raise UsageError(f"--layer {layer}: expected a layer number 0..{depth} or 'final'") from None
-    if not 0 <= layer <= depth:
-        raise UsageError(f"--layer {layer}: {model} has {depth} transformer layers; expected 0..{depth} "
-                         "(N = output of layer N counted from 1) or 'final'")
-    return layer
+    """``--layer`` for HuBERT; None picks 9 for 12-layer models (textlesslib's units), else 2/3 of depth."""
+    return check_layer(layer, depth, model, default=9 if depth == 12 else max(1, round(depth * 2 / 3)),
+                       unit="transformer layer")

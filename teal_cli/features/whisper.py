@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import audio
 from ..errors import CodecError, UsageError
-from .base import FeatureExtractor
+from .base import FeatureExtractor, check_layer
 
 if TYPE_CHECKING:
     import torch
@@ -555,17 +555,6 @@ def _pad_frames(mel: "torch.Tensor", frames: int) -> "torch.Tensor":
 
 
 def _check_layer(layer: int | str | None, depth: int, model: str) -> int | str:
-    """Validate ``--layer`` against the encoder's depth; None picks depth - 1 (paper: 11 of 12)."""
-    if layer is None:
-        return max(depth - 1, 1)
-    if isinstance(layer, str):
-        if layer.strip().lower() == "final":
-            return "final"
-        try:
-            layer = int(layer)
-        except ValueError:
-            raise UsageError(f"--layer {layer}: expected a block number 0..{depth} or 'final'") from None
-    if not 0 <= layer <= depth:
-        raise UsageError(f"--layer {layer}: {model} has {depth} encoder blocks; expected 0..{depth} "
-                         "(N = output of block N counted from 1) or 'final' (after ln_post)")
-    return layer
+    """``--layer`` for Whisper: blocks counted from 1; None picks depth - 1 (the paper's 11 of 12)."""
+    return check_layer(layer, depth, model, default=max(depth - 1, 1), unit="encoder block",
+                       final_note=" (after ln_post)")
