@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job, offline: fit a patch codec on a photo, tokenize it, decode it, print PSNR.
-# Usage: bash scripts/demo.sh [IMAGE]   (default: scikit-learn's bundled photo china.jpg)
+# Usage: bash examples/demo.sh [IMAGE]   (default: scikit-learn's bundled photo china.jpg)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/scripts/env.sh" dev
