@@ -20,7 +20,6 @@ from PIL import Image
 
 INSTALL_HINT = "install the reference packages: pip install --no-deps -r requirements-test-image.txt"
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def reference(module: str) -> types.ModuleType:

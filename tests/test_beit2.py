@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest_image import requires_cuda, smooth_image, to_tensor_reference, torchvision_center_crop
+from conftest_image import smooth_image, to_tensor_reference, torchvision_center_crop
 from teal_cli.codecs import beit2
 from teal_cli.codecs.registry import find_spec, load_codec
 from teal_cli.errors import CodecError, DownloadError, UsageError
@@ -222,7 +222,6 @@ def test_named_variants_and_hash_prefix(tmp_path, monkeypatch):
         beit2.verify_hash_prefix(good, "00000000" if not digest.startswith("00000000") else "11111111")
 
 
-@requires_cuda
 @pytest.mark.requires_cuda
 def test_cuda_gives_the_cpu_ids(official):
     _, path = official

@@ -13,7 +13,6 @@ from conftest_image import (
     malicious_pickle,
     malicious_torch_file,
     reference,
-    requires_cuda,
     smooth_image,
     to_tensor_reference,
     torchvision_center_crop,
@@ -197,7 +196,6 @@ def test_named_codec_points_at_openai(tmp_path, monkeypatch):
         load_codec("dalle")
 
 
-@requires_cuda
 @pytest.mark.requires_cuda
 def test_cuda_gives_the_cpu_ids(official):
     _, _, folder = official

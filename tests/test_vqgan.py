@@ -17,7 +17,6 @@ from conftest_image import (
     fake_lightning_callback_class,
     malicious_torch_file,
     reference,
-    requires_cuda,
     smooth_image,
     torchvision_center_crop,
 )
@@ -213,7 +212,6 @@ def test_named_codecs_point_at_official_files(tmp_path, monkeypatch):
         load_codec("vqgan-f16-16384")
 
 
-@requires_cuda
 @pytest.mark.requires_cuda
 def test_cuda_gives_the_cpu_ids(official):
     _, ckpt, config = official
