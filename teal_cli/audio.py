@@ -77,9 +77,14 @@ def log_mel(wave: "torch.Tensor", n_mels: int = N_MELS, padding: int = 0) -> "to
 
     if padding:
         wave = torch.nn.functional.pad(wave, (0, padding))
+    frames = wave.shape[-1] // HOP_LENGTH
+    if wave.shape[-1] <= N_FFT // 2:
+        # stft's reflect padding needs more than half a window; zeros past the end of a
+        # clip this short only touch frames that are trimmed off below.
+        wave = torch.nn.functional.pad(wave, (0, N_FFT // 2 + 1 - wave.shape[-1]))
     window = torch.hann_window(N_FFT, device=wave.device)
     stft = torch.stft(wave.float(), N_FFT, HOP_LENGTH, window=window, return_complex=True)
-    power = stft[..., :-1].abs() ** 2
+    power = stft[..., :frames].abs() ** 2
     mel = mel_filters(n_mels, device=wave.device) @ power
     logm = mel.clamp(min=1e-10).log10()
     floor = logm.amax(dim=(-2, -1), keepdim=True) - 8.0

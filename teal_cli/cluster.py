@@ -52,11 +52,13 @@ class ClusterReport:
 
 
 def _load(extractor: FeatureExtractor, path: str, options: ClusterOptions) -> "torch.Tensor":
-    from .media import load_audio, load_image
+    from .media import check_duration, load_audio, load_image
 
     if extractor.modality == "image":
         return extractor.prepare(load_image(path), options.image_size)  # type: ignore[attr-defined]
-    return load_audio(path, extractor.sample_rate)
+    wave = load_audio(path, extractor.sample_rate)
+    check_duration(wave, extractor.sample_rate, extractor.frame_rate, path, f"{extractor.kind} features")
+    return wave
 
 
 def _extract_batch(extractor: FeatureExtractor, media: "list[torch.Tensor]") -> "list[torch.Tensor]":

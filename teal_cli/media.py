@@ -8,6 +8,7 @@ Writers are atomic: a temp file in the target folder, renamed into place on succ
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import tempfile
 import warnings
@@ -150,6 +151,14 @@ def load_audio(path: str | Path, sample_rate: int) -> "torch.Tensor":
         raise DataError(f"{path}: audio contains NaN or infinite samples")
     wave = data.mean(axis=1)
     return torch.from_numpy(resample(wave, rate, sample_rate))
+
+
+def check_duration(wave: "torch.Tensor", sample_rate: int, frame_rate: float, path: str | Path, what: str) -> None:
+    """Refuse audio shorter than one frame of ``what`` (it would give no tokens at all)."""
+    need = math.ceil(sample_rate / frame_rate)
+    if wave.shape[-1] < need:
+        raise DataError(f"{path}: audio is {wave.shape[-1]} samples at {sample_rate} Hz, shorter than one "
+                        f"{frame_rate:g} Hz frame of {what} ({need} samples)")
 
 
 def resample(wave: "np.ndarray", rate: int, target: int) -> "np.ndarray":

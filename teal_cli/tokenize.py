@@ -77,14 +77,16 @@ class _Item:
 
 
 def _load(item: _Item, path: str, image_size: int | None) -> "torch.Tensor":
-    from .media import load_audio, load_image
+    from .media import check_duration, load_audio, load_image
 
     if isinstance(item.codec, ImageCodec):
         image = load_image(path)
         item.size = item.codec.content_size(image, image_size)
         return item.codec.preprocess(image, image_size)
     assert isinstance(item.codec, AudioCodec)
-    return load_audio(path, item.codec.sample_rate)
+    wave = load_audio(path, item.codec.sample_rate)
+    check_duration(wave, item.codec.sample_rate, item.codec.frame_rate, path, f"codec '{item.codec.name}'")
+    return wave
 
 
 def _windows(records: Iterable[Record], size: int) -> Iterator[list[Record]]:

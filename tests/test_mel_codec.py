@@ -54,3 +54,16 @@ def test_mel_to_wave_restores_spectrum(speechlike_wave):
     n = min(back.shape[1], logm.shape[1])
     err = (back[:, :n] - logm[:, :n]).abs().mean().item()
     assert err < 0.08, err  # in Whisper's scaled units (1.0 = 4 decades)
+
+
+def test_very_short_clips(wav_file, cli, tmp_path):
+    cli("cluster", wav_file, "--features", "mel", "--k", "8", "--iters", "3", "-q")
+    rng = np.random.default_rng(0)
+    sf.write(tmp_path / "short.wav", (0.1 * rng.standard_normal(300)).astype(np.float32), 16000)
+    sf.write(tmp_path / "tiny.wav", (0.1 * rng.standard_normal(100)).astype(np.float32), 16000)
+    r = cli("tokenize", tmp_path / "short.wav", "--codec", "mel-80-k8", "-q")
+    assert r.exit_code == 0, r.stderr
+    assert len(json.loads(r.stdout)["segments"][0]["tokens"]) == 1  # 300 samples = one 10 ms frame
+    r = cli("tokenize", tmp_path / "tiny.wav", "--codec", "mel-80-k8")
+    assert r.exit_code == 1
+    assert r.stderr.startswith("Error: ") and "tiny.wav" in r.stderr and "shorter than one 100 Hz frame" in r.stderr
