@@ -55,7 +55,8 @@ def iter_input_records(inputs: Iterable[str], stdin: IO[str] | None = None) -> I
     """Expand positional inputs to records, lazily and in order."""
     for item in inputs:
         if item == "-":
-            yield from read_records(stdin if stdin is not None else sys.stdin, "<stdin>")
+            stream = stdin if stdin is not None else sys.stdin
+            yield from read_records(getattr(stream, "buffer", stream), "<stdin>")
             continue
         path = Path(item)
         if path.is_dir():
@@ -67,7 +68,7 @@ def iter_input_records(inputs: Iterable[str], stdin: IO[str] | None = None) -> I
                 raise DataError(f"{item}: folder holds no image or audio files")
         elif path.is_file():
             if path.suffix.lower() in JSONL_EXTENSIONS:
-                with open(path, encoding="utf-8") as f:
+                with open(path, "rb") as f:
                     for record in read_records(f, item):
                         yield _resolve_paths(record, path.parent)
             elif modality_of(path):

@@ -195,12 +195,20 @@ def manifest_segments(obj: dict[str, Any], where: str) -> list[Segment]:
 # --------------------------------------------------------------------------- streaming I/O
 
 
-def read_records(stream: IO[str], name: str = "<stdin>") -> Iterator[Record]:
-    """Yield records from a JSONL stream one line at a time. Blank lines are skipped.
+def read_records(stream: IO[str] | IO[bytes], name: str = "<stdin>") -> Iterator[Record]:
+    """Yield records from a JSONL stream (text or binary) one line at a time. Blank lines are skipped.
 
     Errors are :class:`DataError` naming ``name:line``.
     """
     for lineno, line in enumerate(stream, 1):
+        if isinstance(line, bytes):
+            # Binary streams are decoded line by line so that an error names its line.
+            try:
+                line = line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise _fail(f"{name}:{lineno}", f"not UTF-8 text ({exc.reason} at byte {exc.start} of the line)") from None
+        if lineno == 1:
+            line = line.lstrip("\ufeff")  # a byte-order mark some editors write
         if not line.strip():
             continue
         where = f"{name}:{lineno}"

@@ -83,3 +83,12 @@ def test_blank_lines_skipped_and_bool_tokens_rejected():
     assert _read("\n\n") == []
     with pytest.raises(DataError, match="expected an integer, got true"):
         parse_record({"id": "a", "segments": [{"modality": "image", "codec": "c", "tokens": [True]}]}, "x")
+
+
+def test_byte_order_mark_and_non_utf8(tmp_path):
+    (record,) = _read('\ufeff{"v": 1, "id": "a", "segments": []}\n')
+    assert record.id == "a"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"v": 1, "id": "a", "segments": []}\n{"id": "\xff\xfe"}\n')
+    with open(bad, "rb") as f, pytest.raises(DataError, match=r"bad.jsonl:2: not UTF-8 text"):
+        list(read_records(f, "bad.jsonl"))
