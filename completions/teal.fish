@@ -33,7 +33,7 @@ complete -c teal -n '__fish_seen_subcommand_from detokenize' -s q -l quiet -d 'N
 complete -c teal -n '__fish_seen_subcommand_from detokenize' -s v -l verbose -d 'More detail on stderr'
 complete -c teal -n '__fish_seen_subcommand_from detokenize' -s h -l help -d 'Show help'
 complete -c teal -n '__fish_seen_subcommand_from tokenize' -l codec -s c -r -d 'Codec name or codec directory; once per modality'
-complete -c teal -n '__fish_seen_subcommand_from tokenize' -s o -l output -r -d 'Write JSONL here (atomically) instead of stdout'
+complete -c teal -n '__fish_seen_subcommand_from tokenize' -s o -l output -r -d 'Write JSONL to this file (atomically) instead of stdout; a folder or a pattern with {id} writes one file per record'
 complete -c teal -n '__fish_seen_subcommand_from tokenize' -l batch-size -s b -r -d 'Media items encoded together'
 complete -c teal -n '__fish_seen_subcommand_from tokenize' -l image-size -r -d 'Tokenize images at this size instead of the codec\'s native one'
 complete -c teal -n '__fish_seen_subcommand_from tokenize' -l dedup -d 'Collapse runs of equal audio ids; run lengths go to \'durations\''

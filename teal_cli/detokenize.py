@@ -11,8 +11,6 @@ Every file is written atomically.
 
 from __future__ import annotations
 
-import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator
@@ -20,62 +18,12 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 from .codecs.base import AudioCodec, ImageCodec
 from .codecs.registry import CodecCache
 from .errors import DataError, TealError, UsageError
-from .media import AUDIO_EXTENSIONS, IMAGE_EXTENSIONS, modality_of
+from .media import modality_of
+from .outputs import OutputTarget
 from .records import Record, Segment
 
 if TYPE_CHECKING:
     import torch
-
-DEFAULT_EXTENSION = {"image": ".png", "audio": ".wav"}
-
-
-def safe_id(record_id: str) -> str:
-    """A record id as a file name: media extension dropped, separators and oddities replaced."""
-    stem = record_id
-    root, ext = os.path.splitext(stem)
-    if ext.lower() in IMAGE_EXTENSIONS | AUDIO_EXTENSIONS:
-        stem = root
-    stem = re.sub(r"[^\w.\-]+", "_", stem).strip("._") or "record"
-    return stem
-
-
-@dataclass
-class OutputTarget:
-    """Where decoded media go (see module docstring)."""
-
-    spec: str
-    kind: str = field(init=False)
-
-    def __post_init__(self) -> None:
-        if not self.spec:
-            raise UsageError("-o/--output is empty")
-        if "{id}" in self.spec:
-            self.kind = "pattern"
-        elif self.spec.endswith(("/", os.sep)) or Path(self.spec).is_dir():
-            self.kind = "folder"
-        else:
-            self.kind = "file"
-            if modality_of(self.spec) is None:
-                raise UsageError(f"-o {self.spec}: expected a .png/.wav (or other image/audio) file, a folder, or a pattern with {{id}}")
-
-    def path_for(self, record_id: str, n: int, multi: bool, modality: str) -> Path:
-        ext = DEFAULT_EXTENSION[modality]
-        if self.kind == "folder":
-            name = safe_id(record_id) + (f"-{n}" if multi else "") + ext
-            return Path(self.spec) / name
-        if self.kind == "pattern":
-            try:
-                text = self.spec.format(id=safe_id(record_id), n=n, modality=modality)
-            except (KeyError, IndexError, ValueError) as exc:
-                raise UsageError(f"-o {self.spec}: bad pattern ({exc}); use {{id}}, {{n}} and {{modality}}") from None
-            path = Path(text)
-            if multi and "{n}" not in self.spec:
-                path = path.with_name(f"{path.stem}-{n}{path.suffix}")
-            if not path.suffix:
-                path = path.with_suffix(ext)
-            return path
-        return Path(self.spec)
-
 
 @dataclass
 class DetokenizeStats:

@@ -189,3 +189,16 @@ def test_shards_partition_the_input(photo, patch_codec, cli, tmp_path):
     r = cli("tokenize", manifest, "-c", patch_codec, "--shard", "2/2")
     assert r.exit_code == 2
     one_line_error(r, "--shard 2/2")
+
+
+def test_tokenize_output_folder_and_pattern(photo, patch_codec, cli, tmp_path):
+    (tmp_path / "pics").mkdir()
+    (tmp_path / "pics" / "a.jpg").write_bytes(photo.read_bytes())
+    (tmp_path / "pics" / "b.jpg").write_bytes(photo.read_bytes())
+    r = cli("tokenize", "pics", "-c", patch_codec, "--image-size", "8", "-o", "toks/", "-q")
+    assert r.exit_code == 0, r.stderr
+    assert sorted(p.name for p in Path("toks").iterdir()) == ["pics_a.jsonl", "pics_b.jsonl"]
+    r = cli("tokenize", "pics", "-c", patch_codec, "--image-size", "8", "-o", "one/{id}.tok.jsonl", "-q")
+    assert r.exit_code == 0, r.stderr
+    (line,) = Path("one/pics_a.tok.jsonl").read_text().splitlines()
+    assert json.loads(line)["id"] == "pics/a.jpg"

@@ -28,7 +28,7 @@ Examples:
 def tokenize(
     inputs: Annotated[Optional[list[str]], typer.Argument(help="Media files, folders, .jsonl manifests, or - for stdin.", show_default=False)] = None,
     codec: Annotated[list[str], typer.Option("--codec", "-c", help="Codec name or codec directory; once per modality.")] = [],
-    output: Annotated[Optional[str], typer.Option("-o", "--output", help="Write JSONL here (atomically) instead of stdout.")] = None,
+    output: Annotated[Optional[str], typer.Option("-o", "--output", help="Write JSONL to this file (atomically) instead of stdout; a folder or a pattern with {id} writes one file per record.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Media items encoded together.", min=1)] = 16,
     image_size: Annotated[Optional[int], typer.Option("--image-size", help="Tokenize images at this size instead of the codec's native one.", min=1)] = None,
     dedup: Annotated[bool, typer.Option("--dedup", help="Collapse runs of equal audio ids; run lengths go to 'durations'.")] = False,
@@ -46,6 +46,7 @@ def tokenize(
     from ..codecs.registry import load_codec
     from ..errors import UsageError
     from ..inputs import iter_input_records, parse_shard, shard_records, stdin_or_usage_error
+    from ..outputs import OutputTarget
     from ..records import RecordWriter
     from ..tokenize import TokenizeOptions, TokenizeStats, check_codecs, tokenize_records
 
@@ -72,11 +73,21 @@ def tokenize(
     log.debug("codecs: " + ", ".join(f"{c.name} ({c.modality}, {c.vocab_size} ids) on {dev}" for c in codecs))
     options = TokenizeOptions(batch_size=batch_size, image_size=image_size, dedup=dedup, on_error=on_error, workers=workers)
     stats = TokenizeStats()
-    with output_stream(output) as stream, log.progress("tokenize") as advance:
-        writer = RecordWriter(stream)
-        for record in tokenize_records(shard_records(iter_input_records(sources), shard_index, shard_count), codecs, options, warn=log.warn, stats=stats):
-            writer.write(record)
-            advance()
+    records = tokenize_records(shard_records(iter_input_records(sources), shard_index, shard_count), codecs, options,
+                               warn=log.warn, stats=stats)
+    target = OutputTarget(output, extension=".jsonl") if output and output != "-" else None
+    with log.progress("tokenize") as advance:
+        if target is None or target.kind == "file":
+            with output_stream(output) as stream:
+                writer = RecordWriter(stream)
+                for record in records:
+                    writer.write(record)
+                    advance()
+        else:
+            for record in records:  # one JSONL file per record, each written atomically
+                with output_stream(str(target.path_for(record.id, 0, False, "records"))) as stream:
+                    RecordWriter(stream).write(record)
+                advance()
     log.info(f"tokenized {stats.records} record(s)" + (f", skipped {stats.skipped}" if stats.skipped else ""))
     if stats.skipped:
         raise typer.Exit(1)
