@@ -31,7 +31,8 @@ class HubFile:
 
     Attributes:
         url: the official download address.
-        sha256: expected hex digest; empty means "not pinned" (verified against nothing).
+        sha256: expected hex digest, or a prefix of it (torch.hub's convention of naming files
+            with the first 8+ hex digits); empty means "not pinned" (verified against nothing).
         subdir: cache sub-folder, e.g. ``"vqgan-f16-16384"``.
         filename: name in the cache; defaults to the URL's last path component.
     """
@@ -86,11 +87,15 @@ def _verify(path: Path, file: HubFile) -> None:
     if marker.is_file() and marker.read_text().strip() == stamp:
         return
     actual = sha256sum(path)
-    if actual != file.sha256:
+    if not actual.startswith(file.sha256):
         raise DownloadError(
-            f"{path}: sha256 is {actual}, expected {file.sha256} for {file.url}; delete the file and download it again"
+            f"{path}: sha256 is {actual}, expected {_expected(file)} for {file.url}; delete the file and download it again"
         )
     marker.write_text(stamp + "\n")
+
+
+def _expected(file: HubFile) -> str:
+    return file.sha256 if len(file.sha256) == 64 else f"one starting with {file.sha256}"
 
 
 def fetch(file: HubFile, *, progress: Progress | None = None) -> Path:
@@ -119,9 +124,9 @@ def fetch(file: HubFile, *, progress: Progress | None = None) -> Path:
         ) from None
     if file.sha256:
         actual = sha256sum(part)
-        if actual != file.sha256:
+        if not actual.startswith(file.sha256):
             part.unlink()
-            raise DownloadError(f"{file.url}: downloaded file has sha256 {actual}, expected {file.sha256}; not kept")
+            raise DownloadError(f"{file.url}: downloaded file has sha256 {actual}, expected {_expected(file)}; not kept")
     os.replace(part, path)
     _verify(path, file)
     return path

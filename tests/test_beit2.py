@@ -209,17 +209,25 @@ def test_named_variants_and_hash_prefix(tmp_path, monkeypatch):
         spec = find_spec(name)
         hub = spec.options["checkpoint_file"]
         assert hub.url == f"https://github.com/addf400/files/releases/download/BEiT-v2/{filename}"
-        assert filename.endswith(f"-{spec.options['sha256_prefix']}.pth") and hub.subdir == "beit2"
+        assert filename.endswith(f"-{hub.sha256}.pth") and len(hub.sha256) == 8 and hub.subdir == "beit2"
     monkeypatch.setenv("TEAL_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("TEAL_OFFLINE", "1")
     with pytest.raises(DownloadError, match=rf"place it at {tmp_path}/beit2/vqkd_encoder_base_decoder_3x768x12_clip-d5036aa7\.pth"):
         load_codec("beit2-3x768x12-clip")
-    good = tmp_path / "file.pth"
-    good.write_bytes(b"teal")
+    # The prefix is what fetch() verifies for a cached file.
+    from teal_cli import hub as teal_hub
+
     digest = hashlib.sha256(b"teal").hexdigest()
-    beit2.verify_hash_prefix(good, digest[:8])
-    with pytest.raises(DownloadError, match="does not start with"):
-        beit2.verify_hash_prefix(good, "00000000" if not digest.startswith("00000000") else "11111111")
+    for prefix, ok in ((digest[:8], True), ("00000000" if not digest.startswith("00000000") else "11111111", False)):
+        f = teal_hub.HubFile(f"https://example.invalid/{prefix}/w.pth", prefix, f"prefix-{prefix}")
+        path = teal_hub.cached_path(f)
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"teal")
+        if ok:
+            assert teal_hub.fetch(f) == path
+        else:
+            with pytest.raises(DownloadError, match="expected one starting with"):
+                teal_hub.fetch(f)
 
 
 @pytest.mark.requires_cuda

@@ -251,24 +251,6 @@ def build_model(checkpoint: str | Path, num_heads: int | None = None) -> VQKD:
     return model.eval().requires_grad_(False)
 
 
-def verify_hash_prefix(path: Path, prefix: str) -> None:
-    """torch.hub's check: the file's sha256 starts with the hex in its official name."""
-    from ..errors import DownloadError
-    from ..hub import sha256sum
-
-    if not prefix:
-        return
-    marker = path.with_name(path.name + ".sha256-prefix")
-    stat = path.stat()
-    stamp = f"{prefix} {stat.st_size} {int(stat.st_mtime)}"
-    if marker.is_file() and marker.read_text().strip() == stamp:
-        return
-    digest = sha256sum(path)
-    if not digest.startswith(prefix):
-        raise DownloadError(f"{path}: sha256 {digest} does not start with {prefix} as the official file name says; delete it and download again")
-    marker.write_text(stamp + "\n")
-
-
 # ---------------------------------------------------------------- codec
 
 
@@ -336,7 +318,6 @@ def load(
     spec: Any = None,
     *,
     checkpoint_file: Any = None,
-    sha256_prefix: str = "",
     checkpoint: str | Path | None = None,
     num_heads: int | None = None,
     dtype: torch.dtype | None = None,
@@ -350,8 +331,7 @@ def load(
             raise UsageError(f"codec '{name}' needs --checkpoint PATH (a vqkd_encoder_*.pth)")
         from ..hub import fetch
 
-        checkpoint = fetch(checkpoint_file, progress=progress)
-        verify_hash_prefix(Path(checkpoint), sha256_prefix)
+        checkpoint = fetch(checkpoint_file, progress=progress)  # checks the sha256 prefix in the file name
     elif not Path(checkpoint).is_file():
         raise UsageError(f"--checkpoint {checkpoint}: no such file")
     return Beit2Codec(build_model(checkpoint, num_heads), name=name, dtype=dtype)

@@ -4,7 +4,7 @@ Official download addresses. Digests: OpenAI and the taming authors publish none
 these files, so their ``sha256`` is empty and a download is verified against nothing
 (see :class:`~teal_cli.hub.HubFile`). BEiT-v2's file names carry the first 8 hex digits of
 their sha256 (torch.hub's convention, checked by the original loader with
-``check_hash=True``); teal checks that prefix after download.
+``check_hash=True``); their HubFile pins that prefix, which :func:`~teal_cli.hub.fetch` checks.
 """
 
 from __future__ import annotations
@@ -38,10 +38,7 @@ def _beit2(name: str, official: str, prefix: str, note: str) -> CodecSpec:
         loader="teal_cli.codecs.beit2:load",
         modality="image",
         description=f"BEiT-v2 VQ-KD tokenizer {official} ({note}): 224px -> 14x14, 8192 codes (no decoder)",
-        options={
-            "checkpoint_file": HubFile(f"{_BEIT2}/{official}-{prefix}.pth", "", "beit2"),
-            "sha256_prefix": prefix,
-        },
+        options={"checkpoint_file": HubFile(f"{_BEIT2}/{official}-{prefix}.pth", prefix, "beit2")},
     )
 
 
