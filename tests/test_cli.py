@@ -6,9 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
-from teal_cli.cli import app
 
 
 def one_line_error(result, *fragments):
