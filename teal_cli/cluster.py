@@ -90,15 +90,7 @@ def iter_features(items: Iterable[tuple[str, str]], extractor: FeatureExtractor,
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    def batches() -> Iterator[list[tuple[str, str]]]:
-        chunk: list[tuple[str, str]] = []
-        for item in items:
-            chunk.append(item)
-            if len(chunk) == options.batch_size:
-                yield chunk
-                chunk = []
-        if chunk:
-            yield chunk
+    from .prefetch import batched, one_ahead
 
     def start(pool, chunk):
         jobs = []
@@ -140,14 +132,7 @@ def iter_features(items: Iterable[tuple[str, str]], extractor: FeatureExtractor,
             yield feats
 
     with ThreadPoolExecutor(max_workers=4, thread_name_prefix="teal-load") as pool:
-        pending = None
-        for chunk in batches():
-            ahead = start(pool, chunk)
-            if pending is not None:
-                yield from finish(pending)
-            pending = ahead
-        if pending is not None:
-            yield from finish(pending)
+        yield from one_ahead(batched(items, options.batch_size), lambda chunk: start(pool, chunk), finish)
 
 
 def import_codec(km_path: str | Path, extractor: FeatureExtractor, output: str | Path | None) -> Path:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 from .codecs.base import AudioCodec, Codec, ImageCodec
 from .errors import TealError, UsageError
+from .prefetch import one_ahead
 from .records import Record, Segment
 
 if TYPE_CHECKING:
@@ -143,14 +144,8 @@ def tokenize_records(
                     items.append(item)
             return window, items, failed
 
-        pending = None
-        for window in _windows(records, options.batch_size):
-            ahead = submit(window)
-            if pending is not None:
-                yield from _finish(*pending, options, stats, warn)
-            pending = ahead
-        if pending is not None:
-            yield from _finish(*pending, options, stats, warn)
+        yield from one_ahead(_windows(records, options.batch_size), submit,
+                             lambda started: _finish(*started, options, stats, warn))
 
 
 def _finish(window: list[Record], items: list[_Item], failed: dict[int, str], options: TokenizeOptions,
