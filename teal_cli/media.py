@@ -52,15 +52,21 @@ def load_image(path: str | Path) -> "Image.Image":
     from PIL import Image, ImageOps
 
     limit = int(os.environ.get("TEAL_MAX_IMAGE_PIXELS", DEFAULT_MAX_IMAGE_PIXELS))
+    # Pillow errors only above twice its limit and warns below that; teal checks the size
+    # itself (below), so Pillow's guard sits at 2x and its warning is silenced once, not
+    # through catch_warnings, which is not thread-safe and loaders run in threads.
     Image.MAX_IMAGE_PIXELS = limit
+    _silence_bomb_warning()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                im = ImageOps.exif_transpose(im)
-                im.load()
-                return to_rgb(im)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        with Image.open(path) as im:
+            if im.width * im.height > limit:
+                raise DataError(f"{path}: image too large ({im.width}x{im.height} = {im.width * im.height} pixels, "
+                                f"limit {limit}); refused as a possible decompression bomb "
+                                "(raise TEAL_MAX_IMAGE_PIXELS if it is genuine)")
+            im = ImageOps.exif_transpose(im)
+            im.load()
+            return to_rgb(im)
+    except Image.DecompressionBombError as exc:
         raise DataError(f"{path}: image too large ({exc}); refused as a possible decompression bomb "
                         "(raise TEAL_MAX_IMAGE_PIXELS if it is genuine)") from None
     except FileNotFoundError:
@@ -70,6 +76,18 @@ def load_image(path: str | Path) -> "Image.Image":
     except (OSError, SyntaxError, ValueError) as exc:
         # Pillow reports unknown formats and truncated data as OSError/SyntaxError.
         raise DataError(f"{path}: cannot read image ({exc})") from None
+
+
+_bomb_warning_silenced = False
+
+
+def _silence_bomb_warning() -> None:
+    global _bomb_warning_silenced
+    if not _bomb_warning_silenced:
+        from PIL import Image
+
+        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+        _bomb_warning_silenced = True
 
 
 def to_rgb(im: "Image.Image") -> "Image.Image":
