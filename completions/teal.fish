@@ -11,6 +11,7 @@ complete -c teal -n '__fish_seen_subcommand_from cluster' -l layer -r -d 'speech
 complete -c teal -n '__fish_seen_subcommand_from cluster' -l checkpoint -r -d 'speech models: local checkpoint file or folder'
 complete -c teal -n '__fish_seen_subcommand_from cluster' -l features-cache -r -d 'Folder caching extracted features, reused across k sweeps'
 complete -c teal -n '__fish_seen_subcommand_from cluster' -l backend -r -a 'torch faiss auto' -d 'k-means backend: torch, faiss (if installed) or auto'
+complete -c teal -n '__fish_seen_subcommand_from cluster' -l tf32 -d 'CUDA k-means distances in TF32 (~5x faster; inertia still reported in fp32) or full fp32'
 complete -c teal -n '__fish_seen_subcommand_from cluster' -l import-km -r -d 'Make the codec from a GSLM/fairseq km'
 complete -c teal -n '__fish_seen_subcommand_from cluster' -l export-km -r -d 'Also write the centroids as a GSLM/fairseq km'
 complete -c teal -n '__fish_seen_subcommand_from cluster' -s o -l output -r -d 'Codec directory to write (default codecs/<name>)'

@@ -60,7 +60,15 @@ def _mel_filters_np(n_mels: int, n_fft: int, sample_rate: int):
 
 
 def mel_filters(n_mels: int = N_MELS, n_fft: int = N_FFT, sample_rate: int = SAMPLE_RATE, device=None) -> "torch.Tensor":
-    """``[n_mels, n_fft // 2 + 1]`` Slaney mel filterbank (float32)."""
+    """``[n_mels, n_fft // 2 + 1]`` Slaney mel filterbank (float32), kept per device: a fresh
+    host-to-GPU copy on every call would synchronise the stream once per batch."""
+    import torch
+
+    return _mel_filters_on(n_mels, n_fft, sample_rate, torch.device(device or "cpu"))
+
+
+@lru_cache(maxsize=16)
+def _mel_filters_on(n_mels: int, n_fft: int, sample_rate: int, device) -> "torch.Tensor":
     import torch
 
     return torch.from_numpy(_mel_filters_np(n_mels, n_fft, sample_rate)).to(device)

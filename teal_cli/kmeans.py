@@ -587,6 +587,7 @@ def kmeans_streaming(
     device: torch.device | str | None = None,
     chunk_size: int | None = None,
     progress: Callable[[int, float], None] | None = None,
+    allow_tf32: bool = False,
 ) -> KMeansResult:
     """k-means on data too large for memory, given as a re-iterable stream of [n_i, d] chunks.
 
@@ -596,6 +597,7 @@ def kmeans_streaming(
     ``passes`` streaming Lloyd passes (per-cluster sums and counts accumulated chunk by
     chunk; empty clusters keep their centroid), then one pass to measure the inertia of the
     returned centroids over all the data. Memory holds the sample plus one chunk.
+    ``allow_tf32`` is as for :func:`kmeans`; the final inertia pass is always full fp32.
 
     ``history`` is the full-data inertia at the start of each streaming pass, then the
     final one (``progress(p, inertia)`` sees each); ``iterations`` counts the Lloyd
@@ -612,7 +614,7 @@ def kmeans_streaming(
     with torch.no_grad():
         pool, n = _reservoir(batches, size, generator, device)
         _check_k(k, n)
-        fit = kmeans(pool, k, iters=iters, generator=generator, chunk_size=chunk_size)
+        fit = kmeans(pool, k, iters=iters, generator=generator, chunk_size=chunk_size, allow_tf32=allow_tf32)
         centroids, device = fit.centroids, fit.centroids.device
         del pool
         history: list[float] = []
@@ -623,7 +625,8 @@ def kmeans_streaming(
             total = torch.zeros((), dtype=torch.float64, device=device)
             for b, b_sq in _batches_on(batches, device, centroids.shape[1]):
                 chunk = chunk_size or auto_chunk_size(b.shape[0], k, device)
-                ids, dist = _nearest(b, centroids, b_sq, chunk, None if last else sums)
+                with _cuda_tf32(allow_tf32 and not last, torch.device(device)):
+                    ids, dist = _nearest(b, centroids, b_sq, chunk, None if last else sums)
                 counts += torch.bincount(ids, minlength=k)
                 total += dist.sum(dtype=torch.float64)
             history.append(float(total))

@@ -100,3 +100,34 @@ def test_km_bin_export_import_round_trip(cli, wav_file):
     # Centroids of the wrong width for the features asked are refused, naming the file.
     r = cli("cluster", "--import-km", "mel.km.bin", "--features", "patch", "--patch-size", "2")
     assert r.exit_code == 1 and "mel.km.bin" in r.stderr and "dim 12" in r.stderr
+
+
+def test_iter_features_keeps_order_across_batches_and_names_a_nan_input(clips, tiny_whisper_pt):
+    """Extraction is pipelined (batch N-1 is checked and handed out after batch N is launched):
+    outputs must still come in input order, equal to one-at-a-time extraction, and a NaN
+    feature must stop the run with the id of the input that produced it."""
+    from teal_cli.cluster import ClusterReport, iter_features
+
+    extractor = extractor_for("whisper-tiny-random", checkpoint=str(tiny_whisper_pt), layer="1")
+    paths = sorted(clips.iterdir())
+    items = [(f"clip{i}", str(paths[i % len(paths)])) for i in range(7)]
+    report = ClusterReport()
+    got = list(iter_features(items, extractor, ClusterOptions(batch_size=2), report))
+    assert report.files == 7 and len(got) == 7
+    for (key, path), feats in zip(items, got):
+        from teal_cli.cluster import _extract_batch, _load
+
+        alone = _extract_batch(extractor, [_load(extractor, path, ClusterOptions())])[0]
+        torch.testing.assert_close(feats, alone, rtol=1e-5, atol=1e-5, msg=key)
+
+    real_extract = extractor.extract
+
+    def poisoned(waves):
+        out = real_extract(waves)
+        if len(waves) == 1:  # the last, short batch: item 'clip6'
+            out[0][3, 0] = float("nan")
+        return out
+
+    extractor.extract = poisoned
+    with pytest.raises(Exception, match="clip6: whisper features contain NaN"):
+        list(iter_features(items, extractor, ClusterOptions(batch_size=2), ClusterReport()))

@@ -173,7 +173,7 @@ class HubertFeatures(FeatureExtractor):
 
         mask = None
         if len(lengths) > 1 and min(lengths) != max(lengths):
-            mask = (torch.arange(waves.shape[1], device=self.device)[None] < torch.tensor(lengths, device=self.device)[:, None]).long()
+            mask = (torch.arange(waves.shape[1], device=self.device)[None] < torch.tensor(lengths).to(self.device, non_blocking=True)[:, None]).long()
         with torch.inference_mode():
             out = self.model(waves.to(self.device, self.dtype), attention_mask=mask)
         return out.last_hidden_state.float()
@@ -186,7 +186,7 @@ class HubertFeatures(FeatureExtractor):
         for clip, wave in enumerate(waves):
             if wave.dim() != 1:
                 raise UsageError(f"hubert features take mono waveforms [samples], got shape {tuple(wave.shape)}")
-            wave = wave.to(self.device, torch.float32)
+            wave = wave.to(self.device, torch.float32, non_blocking=True)
             if self.normalize:
                 wave = (wave - wave.mean()) / torch.sqrt(wave.var(unbiased=False) + _EPS)
             for start in range(0, max(len(wave), 1), MAX_CHUNK):

@@ -479,7 +479,7 @@ class WhisperFeatures(FeatureExtractor):
         """One clip's mel windows ``[W, n_mels, 3000]`` and the real encoder frames of each."""
         import torch
 
-        wave = wave.to(self.device, torch.float32)
+        wave = wave.to(self.device, torch.float32, non_blocking=True)
         n = wave.shape[-1]
         mel = audio.log_mel(wave, self.n_mels, padding=audio.N_SAMPLES)
         n_windows = max(1, math.ceil(n / audio.N_SAMPLES))
@@ -531,7 +531,9 @@ class WhisperFeatures(FeatureExtractor):
             group = singles[start : start + batch]
             rows = torch.zeros(len(group), audio.N_SAMPLES + audio.N_FFT, device=self.device)
             for row, clip in enumerate(group):
-                rows[row, : waves[clip].shape[0]] = waves[clip].to(self.device, torch.float32)
+                # non_blocking: a blocking host-to-GPU copy would wait for the previous batch's
+                # encoder, leaving the GPU idle while this batch is prepared.
+                rows[row, : waves[clip].shape[0]] = waves[clip].to(self.device, torch.float32, non_blocking=True)
             pending.append(audio.log_mel(rows, self.n_mels)[..., : audio.N_FRAMES])
             pieces.extend((clip, math.ceil(waves[clip].shape[0] / SAMPLES_PER_FRAME)) for clip in group)
             flush()
