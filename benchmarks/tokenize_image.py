@@ -6,15 +6,17 @@
 
 Arms, on the same images, batch size, device and dtype:
 
-- ``tokenize``: JPEG files on disk -> ``teal_cli.tokenize.tokenize_records`` (decode, the
-  codec's preprocessing, batching, encode) -> JSONL written to a file. Loading runs in the
-  library's thread pool (``--workers``) one window ahead of the encoder.
+- ``tokenize``: JPEG files on disk -> ``teal_cli.tokenize.tokenize_records`` (decode and
+  resize in the loaders, value mapping and encode on the device) -> JSONL written to a file.
 - ``bare``: ``codec.encode`` on pre-made, preprocessed tensors already on the device: the
   forward pass and codebook lookup alone.
+- ``loaders``: the same loader pool (``--workers``, ``--loader``) decoding and resizing every
+  image to uint8 with no encoder: the most images per second this host's CPUs can feed.
 
-The ratio tokenize / bare is printed; the goal on a GPU is >= 0.9 at batch >= 64. Then,
-single-threaded, where the time of one image goes: decode, preprocess, encode (batched,
-per image), JSON. Without ``--checkpoint`` the codec has random weights in the official
+Printed: tokenize / bare (the goal on a GPU is >= 0.9 at batch >= 64) and tokenize /
+min(bare, loaders), how close teal gets to whichever of the two limits binds. Then,
+single-threaded, where the time of one image goes: decode, geometry (resize, crop),
+value mapping + encode (batched, per image), JSON. Without ``--checkpoint`` the codec has random weights in the official
 architecture (speed does not depend on the values).
 """
 
@@ -35,6 +37,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from teal_cli.codecs import beit2, dalle, vqgan  # noqa: E402
 from teal_cli.device import resolve_device, resolve_dtype  # noqa: E402
+from teal_cli.loaders import Loaders, default_workers, resolve_loader  # noqa: E402
 
 VQGAN_F16_16384 = {
     "ddconfig": {"double_z": False, "z_channels": 256, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
@@ -92,15 +95,16 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_tokenize(codec, folder: Path, out: Path, batch_size: int, workers: int) -> tuple[float, int]:
+def run_tokenize(codec, paths: list[Path], out: Path, batch_size: int, loaders) -> tuple[float, int]:
     from teal_cli.inputs import iter_input_records
     from teal_cli.records import RecordWriter
     from teal_cli.tokenize import TokenizeOptions, tokenize_records
 
-    options = TokenizeOptions(batch_size=batch_size, workers=workers)
+    options = TokenizeOptions(batch_size=batch_size)
     start = time.perf_counter()
     with open(out, "w") as f:
-        count = RecordWriter(f).write_all(tokenize_records(iter_input_records([str(folder)]), [codec], options))
+        count = RecordWriter(f).write_all(tokenize_records(iter_input_records([str(p) for p in paths]), [codec], options,
+                                                                   loaders=loaders))
     _sync(codec.device)
     return time.perf_counter() - start, count
 
@@ -115,37 +119,13 @@ def run_bare(codec, batches: list[torch.Tensor]) -> float:
     return time.perf_counter() - start
 
 
-def _shell(codec):
-    """The codec without its weights: enough to preprocess, cheap to send to a process."""
-    shell = object.__new__(type(codec))
-    shell.__dict__.update({k: v for k, v in codec.__dict__.items() if k not in ("model", "encoder", "decoder", "device")})
-    return shell
+def run_loaders(codec, paths: list[Path], loaders) -> float:
+    """Seconds for the loader pool alone to decode and resize every image (no encoder)."""
+    from teal_cli.pixels import load_pixels
 
-
-def _load_in_process(shell, path: str):
-    from teal_cli.media import load_image
-
-    return shell.preprocess(load_image(path)).numpy()
-
-
-def run_process_pool(codec, paths: list[Path], out: Path, batch_size: int, pool) -> float:
-    """The tokenize pipeline with loader *processes* instead of threads (not teal's code):
-    one window of ``batch_size`` images loads while the previous one encodes."""
-    import json
-
-    shell = _shell(codec)
-    windows = [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
+    prep = codec.pixel_prep()
     start = time.perf_counter()
-    with open(out, "w") as f:
-        ahead = [pool.submit(_load_in_process, shell, str(p)) for p in windows[0]]
-        for w in range(len(windows)):
-            current, ahead = ahead, ([pool.submit(_load_in_process, shell, str(p)) for p in windows[w + 1]] if w + 1 < len(windows) else [])
-            batch = torch.from_numpy(np.stack([fut.result() for fut in current]))
-            ids = codec.encode(batch).cpu()
-            for p, grid in zip(windows[w], ids):
-                f.write(json.dumps({"v": 1, "id": str(p), "segments": [{"modality": "image", "codec": codec.name,
-                                    "shape": list(grid.shape), "tokens": grid.flatten().tolist()}]}) + "\n")
-    _sync(codec.device)
+    [f.result() for f in [loaders.submit_image(load_pixels, prep, str(p)) for p in paths]]
     return time.perf_counter() - start
 
 
@@ -159,16 +139,16 @@ def breakdown(codec, paths: list[Path], batch_size: int) -> dict[str, float]:
     t0 = time.perf_counter()
     images = [load_image(p) for p in paths[:n]]
     t1 = time.perf_counter()
-    tensors = [codec.preprocess(im) for im in images]
+    arrays = [codec.pixel_prep().apply(im)[0] for im in images]
     t2 = time.perf_counter()
-    ids = codec.encode(torch.stack(tensors))
+    ids = codec.encode(codec.normalize(torch.from_numpy(np.stack(arrays)).to(codec.device)))
     _sync(codec.device)
     t3 = time.perf_counter()
     lines = [json.dumps({"v": 1, "id": str(p), "segments": [{"modality": "image", "codec": codec.name,
                          "shape": list(g.shape), "tokens": g.flatten().tolist()}]}) for p, g in zip(paths, ids.cpu())]
     t4 = time.perf_counter()
     assert len(lines) == n
-    return {"decode": (t1 - t0) / n, "preprocess": (t2 - t1) / n, "encode": (t3 - t2) / n, "json": (t4 - t3) / n}
+    return {"decode": (t1 - t0) / n, "geometry": (t2 - t1) / n, "map + encode": (t3 - t2) / n, "json": (t4 - t3) / n}
 
 
 def main() -> None:
@@ -177,11 +157,11 @@ def main() -> None:
     parser.add_argument("--checkpoint", help="real weights (default: random weights, official architecture)")
     parser.add_argument("--images", type=int, default=None, help="images per arm (default: 4 batches on GPU, 2 on CPU)")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 4))
+    parser.add_argument("--workers", type=int, default=default_workers())
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--processes", type=int, default=0,
-                        help="also time the same pipeline with this many loader processes (spawned; not teal's code path)")
+    parser.add_argument("--loader", default="auto", choices=["auto", "threads", "processes"])
+    parser.add_argument("--image-dir", help="write the test JPEGs here and reuse them on later runs (default: a temp dir)")
     args = parser.parse_args()
 
     device = resolve_device(args.device)
@@ -190,32 +170,36 @@ def main() -> None:
     codec = build_codec(args.codec, args.checkpoint, dtype).to(device)
     count = args.images or args.batch_size * (4 if device.type == "cuda" else 2)
     print(f"codec {codec.name} ({args.codec}), device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
-          f"dtype {str(dtype).replace('torch.', '')}, batch {args.batch_size}, {count} images, {args.workers} loader threads", flush=True)
+          f"dtype {str(dtype).replace('torch.', '')}, batch {args.batch_size}, {count} images, {args.workers} loaders ({resolve_loader(args.loader, args.workers)})", flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "images"
-        folder.mkdir()
-        paths = write_images(folder, count)
+        folder = Path(args.image_dir or Path(tmp) / "images")
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = sorted(folder.glob("img*.jpg"))[:count]
+        if len(paths) < count:
+            paths = write_images(folder, count)
         made = torch.stack([codec.preprocess(Image.open(p).convert("RGB")) for p in paths[: args.batch_size]])
         batches = [made.to(device) for _ in range(count // args.batch_size)]
         codec.encode(batches[0])  # warm-up: kernels, allocator
         bare = run_bare(codec, batches)
-        seconds, written = run_tokenize(codec, folder, Path(tmp) / "out.jsonl", args.batch_size, args.workers)
+        loaders = Loaders(args.workers, args.loader)
+        t0 = time.perf_counter()
+        loaders.start()
+        started = time.perf_counter() - t0
+        seconds, written = run_tokenize(codec, paths, Path(tmp) / "out.jsonl", args.batch_size, loaders)
         bare2 = run_bare(codec, batches)  # again after, to see drift (clocks, other load)
         assert written == count, (written, count)
         bare_ips = len(batches) * args.batch_size / min(bare, bare2)
         tok_ips = count / seconds
         print(f"bare encoder forward : {bare_ips:9.1f} images/s  (runs: {len(batches) * args.batch_size / bare:.1f}, {len(batches) * args.batch_size / bare2:.1f})")
-        print(f"teal tokenize        : {tok_ips:9.1f} images/s  (decode + preprocess + encode + JSONL write)")
-        print(f"ratio                : {tok_ips / bare_ips:9.3f}")
-        if args.processes:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
-
-            with ProcessPoolExecutor(args.processes, mp_context=multiprocessing.get_context("spawn")) as pool:
-                list(pool.map(_load_in_process, [_shell(codec)] * args.processes, [str(p) for p in paths[: args.processes]]))  # start them
-                proc = run_process_pool(codec, paths, Path(tmp) / "out2.jsonl", args.batch_size, pool)
-            print(f"same, {args.processes} loader processes: {count / proc:9.1f} images/s, ratio {count / proc / bare_ips:.3f}")
+        print(f"teal tokenize        : {tok_ips:9.1f} images/s  (decode + resize + map + encode + JSONL write)")
+        load_ips = count / run_loaders(codec, paths, loaders)
+        loaders.close()
+        print(f"loader start         : {started:9.3f} s once per run (not in the rates; {loaders.kind})")
+        print(f"loaders alone        : {load_ips:9.1f} images/s  (decode + resize to uint8, no encoder)")
+        print(f"ratio                : {tok_ips / bare_ips:9.3f}  (tokenize / bare)")
+        print(f"ratio to the limit   : {tok_ips / min(bare_ips, load_ips):9.3f}  (tokenize / min(bare, loaders): "
+              f"{'encoder' if bare_ips <= load_ips else 'loaders'}-bound)")
         parts = breakdown(codec, paths, args.batch_size)
         total = sum(parts.values())
         print("one thread, per image: " + ", ".join(f"{k} {v * 1000:.2f} ms ({v / total:.0%})" for k, v in parts.items()))

@@ -96,7 +96,7 @@ def iter_features(items: Iterable[tuple[str, str]], extractor: FeatureExtractor,
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from .prefetch import batched, one_ahead
+    from .prefetch import batched, pipeline
 
     def start(pool, chunk):
         jobs = []
@@ -142,39 +142,19 @@ def iter_features(items: Iterable[tuple[str, str]], extractor: FeatureExtractor,
             yield feats
 
     with ThreadPoolExecutor(max_workers=4, thread_name_prefix="teal-load") as pool:
-        previous = None
-        for jobs in one_ahead(batched(items, options.batch_size), lambda chunk: start(pool, chunk), lambda j: (j,)):
-            state = launch(jobs)
-            if previous is not None:
-                yield from emit(previous)
-            previous = state
-        if previous is not None:
-            yield from emit(previous)
+        yield from pipeline(batched(items, options.batch_size), lambda chunk: start(pool, chunk), launch, emit)
 
 
 def _finite_flags(feats: "list[torch.Tensor]") -> Callable[[], list[bool]]:
-    """Whether each tensor is all finite, read later without stalling the device.
-
-    On CUDA the flags are copied into pinned memory behind an event, so reading them waits for
-    this batch only, not for work queued after it (a plain ``.tolist()`` would wait for both).
-    """
+    """Whether each tensor is all finite, read later without stalling the device."""
     import torch
+
+    from .device import host_copy_later
 
     if not feats:
         return list
-    flags = torch.stack([f.isfinite().all() for f in feats])
-    if flags.device.type != "cuda":
-        return flags.tolist
-    host = torch.empty(flags.shape, dtype=torch.bool, pin_memory=True)
-    host.copy_(flags, non_blocking=True)
-    done = torch.cuda.Event()
-    done.record()
-
-    def read() -> list[bool]:
-        done.synchronize()
-        return host.tolist()
-
-    return read
+    flags = host_copy_later(torch.stack([f.isfinite().all() for f in feats]))
+    return lambda: flags().tolist()
 
 
 def import_codec(km_path: str | Path, extractor: FeatureExtractor, output: str | Path | None) -> Path:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from .errors import UsageError
 
@@ -62,6 +62,29 @@ def autocast(device: "torch.device", dtype: "torch.dtype"):
     if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
         return torch.autocast(device_type="cuda", dtype=dtype)
     return contextlib.nullcontext()
+
+
+def host_copy_later(tensor: "torch.Tensor") -> "Callable[[], torch.Tensor]":
+    """Start copying ``tensor`` to the host; the returned function waits for it and returns it.
+
+    On CUDA the copy goes to pinned memory behind an event, so waiting covers the work queued
+    before this call only: the host can read batch N's results while batch N+1 runs, where a
+    plain ``.cpu()`` would also wait for batch N+1. Elsewhere the tensor itself is returned.
+    """
+    import torch
+
+    if tensor.device.type != "cuda":
+        return lambda: tensor
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record(torch.cuda.current_stream(tensor.device))
+
+    def wait() -> "torch.Tensor":
+        done.synchronize()
+        return host
+
+    return wait
 
 
 def seed_everything(seed: int | None) -> None:

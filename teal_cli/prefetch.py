@@ -1,4 +1,4 @@
-"""Run the I/O of the next chunk while the current one is computed (tokenize, cluster)."""
+"""Overlap the stages of a batched job (tokenize, cluster): I/O, device work, output."""
 
 from __future__ import annotations
 
@@ -6,20 +6,37 @@ from typing import Callable, Iterable, Iterator, TypeVar
 
 C = TypeVar("C")
 S = TypeVar("S")
+L = TypeVar("L")
 R = TypeVar("R")
 
+_NONE = object()  # "no chunk yet" (None may be a real state)
 
-def one_ahead(chunks: Iterable[C], start: Callable[[C], S], finish: Callable[[S], Iterable[R]]) -> Iterator[R]:
-    """``start`` chunk N+1 (e.g. submit its loads to a pool) before ``finish``-ing chunk N,
-    so decoding overlaps encoding; results come out in input order."""
-    pending = None
+
+def pipeline(chunks: Iterable[C], start: Callable[[C], S], launch: Callable[[S], L],
+             emit: Callable[[L], Iterable[R]]) -> Iterator[R]:
+    """Three overlapped stages, results in input order.
+
+    ``start`` chunk N+1 (submit its loads to a pool) before ``launch``-ing chunk N (wait for
+    its loads, queue its device work), and ``emit`` chunk N-1 (wait for its results, yield
+    them) only after chunk N is launched: the loaders, the device and the host's output work
+    run at the same time.
+    """
+    started = launched = _NONE
     for chunk in chunks:
         ahead = start(chunk)
-        if pending is not None:
-            yield from finish(pending)
-        pending = ahead
-    if pending is not None:
-        yield from finish(pending)
+        if started is not _NONE:
+            now = launch(started)
+            if launched is not _NONE:
+                yield from emit(launched)
+            launched = now
+        started = ahead
+    if started is not _NONE:
+        now = launch(started)
+        if launched is not _NONE:
+            yield from emit(launched)
+        launched = now
+    if launched is not _NONE:
+        yield from emit(launched)
 
 
 def batched(items: Iterable[C], size: int) -> Iterator[list[C]]:

@@ -1,20 +1,25 @@
 """Tokenize records: replace every media path by the token segment of its codec.
 
-Work is streamed in windows of about ``batch_size`` media items. Decoding and
-preprocessing run in a thread pool one window ahead of encoding (Pillow, soundfile and soxr
-release the GIL), so the encoder, on CPU or GPU, is not left waiting for files. Output order
-equals input order.
+Work is streamed in windows of about ``batch_size`` media items, in three overlapped stages
+(:func:`teal_cli.prefetch.pipeline`): the loaders decode window N+1 while window N is
+encoded and window N-1's ids are written out. Images are decoded and resized to uint8
+pixels by the loaders (spawned processes on many-core machines, see
+:mod:`teal_cli.loaders`); the codec's value mapping and the encoder run on its device.
+Output order equals input order.
 """
 
 from __future__ import annotations
 
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 from .codecs.base import AudioCodec, Codec, ImageCodec
-from .errors import TealError, UsageError
-from .prefetch import one_ahead
+from .errors import DataError, TealError, UsageError
+from .loaders import Loaders
+from .pixels import load_pixels
+from .prefetch import pipeline
 from .records import Record, Segment
 
 if TYPE_CHECKING:
@@ -30,14 +35,16 @@ class TokenizeOptions:
         image_size: override of image codecs' native size (fully convolutional codecs only).
         dedup: collapse runs of equal audio ids, keeping run lengths in ``durations``.
         on_error: ``fail`` stops at the first bad item; ``skip`` reports it and goes on.
-        workers: threads decoding media ahead of the encoder.
+        workers: loaders decoding media ahead of the encoder (None: one per core, at most 16).
+        loader: ``auto``, ``threads`` or ``processes`` for images (see :mod:`teal_cli.loaders`).
     """
 
     batch_size: int = 16
     image_size: int | None = None
     dedup: bool = False
     on_error: str = "fail"
-    workers: int = 4
+    workers: int | None = None
+    loader: str = "auto"
 
 
 @dataclass
@@ -72,21 +79,16 @@ class _Item:
     segment: int
     codec: Codec
     where: str
-    data: "Future | torch.Tensor | None" = None
-    segment_out: Segment | None = None
+    data: "Future | object | None" = None
     size: "tuple[int, int] | None" = None  # content size when the codec padded the image
+    segment_out: Segment | None = None
 
 
-def _load(item: _Item, path: str, image_size: int | None) -> "torch.Tensor":
-    from .media import check_duration, load_audio, load_image
+def _load_audio(codec: AudioCodec, path: str) -> "torch.Tensor":
+    from .media import check_duration, load_audio
 
-    if isinstance(item.codec, ImageCodec):
-        image = load_image(path)
-        item.size = item.codec.content_size(image, image_size)
-        return item.codec.preprocess(image, image_size)
-    assert isinstance(item.codec, AudioCodec)
-    wave = load_audio(path, item.codec.sample_rate)
-    check_duration(wave, item.codec.sample_rate, item.codec.frame_rate, path, f"codec '{item.codec.name}'")
+    wave = load_audio(path, codec.sample_rate)
+    check_duration(wave, codec.sample_rate, codec.frame_rate, path, f"codec '{codec.name}'")
     return wave
 
 
@@ -110,22 +112,30 @@ def tokenize_records(
     *,
     warn: Callable[[str], None] | None = None,
     stats: TokenizeStats | None = None,
+    loaders: Loaders | None = None,
 ) -> Iterator[Record]:
     """Yield each record with its media segments tokenized.
 
     Segments that already hold tokens, and text, pass through unchanged. With
     ``on_error="skip"`` a record with a bad item is reported through ``warn`` and dropped;
-    otherwise the first error is raised.
+    otherwise the first error is raised. ``loaders`` lets a long-lived caller keep one
+    loader pool across calls (it is then left open); by default one is made from
+    ``options.workers`` and ``options.loader`` and closed at the end.
     """
     options = options or TokenizeOptions()
     stats = stats if stats is not None else TokenizeStats()
     check_codecs(codecs)
     if options.on_error not in ("fail", "skip"):
         raise UsageError(f"--on-error {options.on_error}: expected fail or skip")
+    # Geometry per image codec, checked once (a bad --image-size is a usage error, not a bad file).
+    preps = {id(c): c.pixel_prep(options.image_size) for c in codecs if isinstance(c, ImageCodec)}
 
-    with ThreadPoolExecutor(max_workers=max(1, options.workers), thread_name_prefix="teal-load") as pool:
+    own = loaders is None
+    if loaders is None:
+        loaders = Loaders(options.workers, options.loader)
+    try:
 
-        def submit(window: list[Record]) -> tuple[list[Record], list[_Item], dict[int, str]]:
+        def start(window: list[Record]) -> tuple[list[Record], list[_Item], dict[int, str]]:
             items: list[_Item] = []
             failed: dict[int, str] = {}
             for r, record in enumerate(window):
@@ -140,62 +150,117 @@ def tokenize_records(
                             raise
                         failed.setdefault(r, str(exc))
                         continue
-                    item.data = pool.submit(_load, item, seg.path, options.image_size)
+                    if isinstance(item.codec, ImageCodec):
+                        item.data = loaders.submit_image(load_pixels, preps[id(item.codec)], seg.path)
+                    else:
+                        item.data = loaders.submit(_load_audio, item.codec, seg.path)
                     items.append(item)
             return window, items, failed
 
-        yield from one_ahead(_windows(records, options.batch_size), submit,
-                             lambda started: _finish(*started, options, stats, warn))
+        def launch(started):
+            window, items, failed = started
+            ready: list[_Item] = []
+            for item in items:
+                try:
+                    item.data = item.data.result()  # type: ignore[union-attr]
+                except BrokenProcessPool:
+                    raise DataError(f"{item.where}: an image loader process died (a crash in the image decoder?); "
+                                    "rerun with --loader threads to see which file fails") from None
+                except TealError as exc:
+                    if options.on_error == "fail":
+                        raise
+                    failed.setdefault(item.record, str(exc))
+                    continue
+                if isinstance(item.codec, ImageCodec):
+                    item.data, item.size = item.data
+                ready.append(item)
+            return window, items, failed, _encode(ready, options)
+
+        def emit(launched) -> Iterator[Record]:
+            window, items, failed, complete = launched
+            complete()
+            for r, record in enumerate(window):
+                if r in failed:
+                    stats.skipped += 1
+                    stats.errors.append(failed[r])
+                    if warn is not None:
+                        warn(f"skipped: {failed[r]}")
+                    continue
+                stats.records += 1
+                yield record
+
+        yield from pipeline(_windows(records, options.batch_size), start, launch, emit)
+    finally:
+        if own:
+            loaders.close()
 
 
-def _finish(window: list[Record], items: list[_Item], failed: dict[int, str], options: TokenizeOptions,
-            stats: TokenizeStats, warn: Callable[[str], None] | None) -> Iterator[Record]:
-    ready: list[_Item] = []
-    for item in items:
-        try:
-            item.data = item.data.result()  # type: ignore[union-attr]
-            ready.append(item)
-        except TealError as exc:
-            if options.on_error == "fail":
-                raise
-            failed.setdefault(item.record, str(exc))
-    _encode(ready, options)
-    for r, record in enumerate(window):
-        if r in failed:
-            stats.skipped += 1
-            stats.errors.append(failed[r])
-            if warn is not None:
-                warn(f"skipped: {failed[r]}")
-            continue
-        stats.records += 1
-        yield record
-
-
-def _encode(items: list[_Item], options: TokenizeOptions) -> None:
-    """Encode loaded items in place: images grouped by codec and size, audio by codec."""
+def _encode(items: list[_Item], options: TokenizeOptions) -> Callable[[], None]:
+    """Queue the encoding of loaded items (images grouped by codec and size, audio by codec);
+    the returned function waits for the ids and puts the new segments in place."""
     import torch
 
     groups: dict[tuple, list[_Item]] = {}
     for item in items:
-        key = (id(item.codec), tuple(item.data.shape) if isinstance(item.codec, ImageCodec) else None)
+        key = (id(item.codec), item.data.shape if isinstance(item.codec, ImageCodec) else None)
         groups.setdefault(key, []).append(item)
+    finishers: list[Callable[[], None]] = []
     with torch.inference_mode():
         for group in groups.values():
             codec = group[0].codec
             if isinstance(codec, ImageCodec):
-                ids = codec.encode(torch.stack([i.data for i in group]))
-                for item, grid in zip(group, ids.cpu()):
-                    item.segment_out = Segment(modality="image", codec=codec.name, shape=list(grid.shape),
-                                               tokens=grid.flatten().tolist())
-                    if item.size is not None:
-                        item.segment_out.extra["size"] = list(item.size)
+                finishers.append(_encode_images(codec, group))
             else:
-                for item, seq in zip(group, codec.encode([i.data for i in group])):
-                    item.segment_out = _audio_segment(codec, seq.cpu(), options.dedup)
-    # Segments are replaced after all encodes succeeded, so a failing batch leaves records untouched.
-    for item in items:
-        item.target.segments[item.segment] = item.segment_out
-        item.data = None
+                finishers.append(_encode_audio(codec, group, options.dedup))
+
+    def complete() -> None:
+        for finish in finishers:
+            finish()
+        # Segments are replaced after all encodes succeeded, so a failing batch leaves records untouched.
+        for item in items:
+            item.target.segments[item.segment] = item.segment_out
+            item.data = None
+
+    return complete
+
+
+def _encode_images(codec: ImageCodec, group: list[_Item]) -> Callable[[], None]:
+    import numpy as np
+    import torch
+
+    from .device import host_copy_later
+
+    device = torch.device(codec.device)
+    shape = (len(group), *group[0].data.shape)
+    # Stacked straight into pinned memory on CUDA, so the upload is one asynchronous copy.
+    pixels = torch.empty(shape, dtype=torch.uint8, pin_memory=device.type == "cuda")
+    np.stack([i.data for i in group], out=pixels.numpy())
+    ids = host_copy_later(codec.encode(codec.normalize(pixels.to(device, non_blocking=True))))
+
+    def finish() -> None:
+        for item, grid in zip(group, ids()):
+            item.segment_out = Segment(modality="image", codec=codec.name, shape=list(grid.shape),
+                                       tokens=grid.flatten().tolist())
+            if item.size is not None:
+                item.segment_out.extra["size"] = list(item.size)
+
+    return finish
+
+
+def _encode_audio(codec: Codec, group: list[_Item], dedup: bool) -> Callable[[], None]:
+    import torch
+
+    from .device import host_copy_later
+
+    seqs = codec.encode([i.data for i in group])
+    lengths = [int(s.shape[0]) for s in seqs]
+    ids = host_copy_later(torch.cat([s.reshape(-1) for s in seqs]))
+
+    def finish() -> None:
+        for item, seq in zip(group, ids().split(lengths)):
+            item.segment_out = _audio_segment(codec, seq, dedup)
+
+    return finish
 
 
 def _audio_segment(codec: Codec, ids: "torch.Tensor", dedup: bool) -> Segment:

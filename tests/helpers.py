@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import types
 
@@ -17,3 +18,14 @@ def require(module: str, reason: str = "") -> types.ModuleType:
         return importlib.import_module(module)
     except ImportError as exc:
         pytest.fail(f"test dependency {module!r} missing ({exc}); {reason or HINT}", pytrace=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class CrashingPrep:
+    """A pixel geometry whose loader process dies (as a decoder crash would): importable by
+    spawned loader processes, which get the test's sys.path."""
+
+    def apply(self, image):
+        import os
+
+        os._exit(3)

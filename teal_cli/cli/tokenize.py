@@ -35,7 +35,8 @@ def tokenize(
     checkpoint: Annotated[Optional[str], typer.Option("--checkpoint", help="Local checkpoint file for a named codec.")] = None,
     config: Annotated[Optional[str], typer.Option("--config", help="Local model config for a named codec (VQGAN's model.yaml).")] = None,
     shard: Annotated[Optional[str], typer.Option("--shard", help="Tokenize only shard I/N of the records (auto: from torchrun's RANK/WORLD_SIZE); {shard} in -o becomes I.")] = None,
-    workers: Annotated[int, typer.Option("--workers", help="Threads decoding media ahead of the encoder.", min=1)] = 4,
+    workers: Annotated[Optional[int], typer.Option("--workers", help="Loaders decoding media ahead of the encoder [default: one per core, at most 16].", min=1, show_default=False)] = None,
+    loader: Annotated[str, typer.Option("--loader", help="Image loaders: threads, processes, or auto (processes from 8 workers up).")] = "auto",
     on_error: OnErrorOpt = "fail",
     device: DeviceOpt = "auto",
     dtype: Annotated[str, typer.Option("--dtype", help="auto (= float32: ids as the reference code gives them), bfloat16 or float16 (faster on GPU, some near-tie ids change).")] = "auto",
@@ -52,6 +53,7 @@ def tokenize(
 
     log = Log(quiet, verbose)
     check_choice(on_error, ("fail", "skip"), "--on-error")
+    check_choice(loader, ("auto", "threads", "processes"), "--loader")
     if not codec:
         raise UsageError("--codec is required (a codec name, e.g. beit2, or a directory made by 'teal cluster')")
     if (checkpoint or config) and len(codec) > 1:
@@ -71,7 +73,8 @@ def tokenize(
     codecs = [load_codec(name, device=dev, dtype=dt, **extra) for name in codec]
     check_codecs(codecs)
     log.debug("codecs: " + ", ".join(f"{c.name} ({c.modality}, {c.vocab_size} ids) on {dev}" for c in codecs))
-    options = TokenizeOptions(batch_size=batch_size, image_size=image_size, dedup=dedup, on_error=on_error, workers=workers)
+    options = TokenizeOptions(batch_size=batch_size, image_size=image_size, dedup=dedup, on_error=on_error,
+                              workers=workers, loader=loader)
     stats = TokenizeStats()
     records = tokenize_records(shard_records(iter_input_records(sources), shard_index, shard_count), codecs, options,
                                warn=log.warn, stats=stats)

@@ -16,8 +16,11 @@ from typing import TYPE_CHECKING, Any
 from ..errors import CodecError
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
     from PIL import Image
+
+    from ..pixels import PixelPrep
 
 
 class Codec:
@@ -86,19 +89,44 @@ class ImageCodec(Codec):
     image_size: int | None = None
     downsample: int = 1
 
-    def preprocess(self, image: "Image.Image", image_size: int | None = None) -> "torch.Tensor":
-        """An RGB PIL image to the ``[3, H, W]`` float tensor :meth:`encode` expects.
+    def pixel_prep(self, image_size: int | None = None) -> "PixelPrep":
+        """The codec's geometry (resize, crop, pad) from a PIL image to uint8 pixels.
 
-        ``image_size`` overrides :attr:`image_size` for codecs that allow it.
+        ``image_size`` overrides :attr:`image_size` for codecs that allow it (others raise
+        a UsageError). The result is picklable and torch-free: loader processes run it.
         """
         raise NotImplementedError
 
-    def content_size(self, image: "Image.Image", image_size: int | None = None) -> "tuple[int, int] | None":
-        """``(H, W)`` of the real content when :meth:`preprocess` pads the image, else None.
+    def pixel_table(self) -> "np.ndarray":
+        """The encoder input value of each uint8 pixel value: float32 ``[256]`` (all
+        channels alike) or ``[3, 256]``, computed with the original's float32 operations."""
+        raise NotImplementedError
 
-        Tokenize records it as the segment's ``size`` so decoding can crop the padding off.
-        """
-        return None
+    def normalize(self, pixels: "torch.Tensor") -> "torch.Tensor":
+        """``[B, H, W, 3]`` uint8 pixels to the ``[B, 3, H, W]`` float32 input of :meth:`encode`,
+        on the device of ``pixels``, by lookup in :meth:`pixel_table`: exact, and the same
+        values on every device (arithmetic on a GPU may round differently)."""
+        import torch
+
+        if pixels.dtype != torch.uint8 or pixels.dim() != 4 or pixels.shape[-1] != 3:
+            raise ValueError(f"normalize expects [B, H, W, 3] uint8 pixels, got {pixels.dtype} {list(pixels.shape)}")
+        tables = self.__dict__.setdefault("_pixel_tables", {})
+        table = tables.get(pixels.device)
+        if table is None:
+            values = torch.from_numpy(self.pixel_table()).float()
+            values = values.expand(3, 256) if values.dim() == 1 else values
+            table = tables[pixels.device] = values.reshape(-1).contiguous().to(pixels.device)
+        offsets = torch.arange(0, 3 * 256, 256, device=pixels.device)
+        index = pixels.permute(0, 3, 1, 2).long() + offsets[None, :, None, None]
+        return table[index]
+
+    def preprocess(self, image: "Image.Image", image_size: int | None = None) -> "torch.Tensor":
+        """An RGB PIL image to the ``[3, H, W]`` float tensor :meth:`encode` expects:
+        :meth:`pixel_prep`, then :meth:`normalize`."""
+        import torch
+
+        pixels, _ = self.pixel_prep(image_size).apply(image)
+        return self.normalize(torch.from_numpy(pixels.copy())[None])[0]
 
     def encode(self, pixels: "torch.Tensor") -> "torch.Tensor":
         """``[B, 3, H, W]`` preprocessed pixels to ``[B, h, w]`` int64 ids."""

@@ -40,7 +40,8 @@ from torch import nn
 
 from ..errors import CodecError, UsageError
 from .base import ImageCodec
-from .image_prep import as_rgb, center_crop, chw_tensor, is_half, precision, resize_shorter, rgb_array, unit_range
+from ..pixels import PixelPrep
+from .image_prep import is_half, precision, unit_range
 
 RESIZE = 256
 IMAGE_SIZE = 224
@@ -273,7 +274,7 @@ class Beit2Codec(ImageCodec):
         """The l2-normalised ``[8192, 32]`` codebook (``quantize.embedding.weight``)."""
         return self.model.quantize.embedding.weight.detach().float().cpu()
 
-    def preprocess(self, image: Any, image_size: int | None = None) -> torch.Tensor:
+    def pixel_prep(self, image_size: int | None = None) -> PixelPrep:
         from PIL import Image
 
         if image_size and image_size != self.image_size:
@@ -281,10 +282,14 @@ class Beit2Codec(ImageCodec):
                 f"codec '{self.name}' works at {self.image_size} px only (its position embeddings are fixed); drop --image-size"
             )
         resize = round(self.image_size * RESIZE / IMAGE_SIZE)
-        image = center_crop(resize_shorter(as_rgb(image), resize, Image.BICUBIC), self.image_size)
-        # ToTensor, then VQKD.pre_process (a [0, 1] batch is scaled by 255, then / 127.5 - 1),
-        # in numpy: the same float32 operations as the torch original.
-        return chw_tensor(unit_range(rgb_array(image)) * 255.0 / 127.5 - 1.0)
+        return PixelPrep("shorter", resize, Image.BICUBIC, crop=self.image_size)
+
+    def pixel_table(self) -> "numpy.ndarray":  # noqa: F821
+        import numpy as np
+
+        # ToTensor, then VQKD.pre_process (a [0, 1] batch is scaled by 255, then / 127.5 - 1):
+        # the same float32 operations as the torch original.
+        return unit_range(np.arange(256, dtype=np.uint8)) * 255.0 / 127.5 - 1.0
 
     @torch.inference_mode()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -38,16 +38,8 @@ from torch import nn
 
 from ..errors import CodecError, UsageError
 from .base import ImageCodec
-from .image_prep import (
-    as_rgb,
-    center_crop,
-    check_size,
-    chw_tensor,
-    precision,
-    resize_shorter_rounded,
-    rgb_array,
-    unit_range,
-)
+from ..pixels import PixelPrep
+from .image_prep import check_size, precision, unit_range
 
 LOGIT_LAPLACE_EPS = 0.1
 IMAGE_SIZE = 256
@@ -249,13 +241,17 @@ class DalleCodec(ImageCodec):
             "(the vector each id contributes to the decoder input), transposed to [8192, 128]"
         )
 
-    def preprocess(self, image: Any, image_size: int | None = None) -> torch.Tensor:
+    def pixel_prep(self, image_size: int | None = None) -> PixelPrep:
         from PIL import Image
 
         size = check_size(self.name, image_size, DOWNSAMPLE) if image_size else IMAGE_SIZE
-        image = center_crop(resize_shorter_rounded(as_rgb(image), size, Image.LANCZOS), size)
-        # ToTensor then map_pixels, in numpy (same float32 operations as the torch original).
-        return chw_tensor(map_pixels(unit_range(rgb_array(image))))
+        return PixelPrep("shorter_rounded", size, Image.LANCZOS, crop=size)
+
+    def pixel_table(self) -> "numpy.ndarray":  # noqa: F821
+        import numpy as np
+
+        # ToTensor then map_pixels: the same float32 operations as the torch original.
+        return map_pixels(unit_range(np.arange(256, dtype=np.uint8)))
 
     @torch.inference_mode()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:

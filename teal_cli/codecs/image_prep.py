@@ -23,60 +23,13 @@ from __future__ import annotations
 import contextlib
 from typing import TYPE_CHECKING, Iterator
 
+# The PIL geometry lives in teal_cli.pixels (torch-free, so loader processes can run it).
+from ..pixels import as_rgb, center_crop, resize_shorter, resize_shorter_rounded, rgb_array  # noqa: F401
+
 if TYPE_CHECKING:
     import numpy as np
     import torch
     from PIL import Image
-
-
-def as_rgb(image: "Image.Image") -> "Image.Image":
-    """The image itself when it is RGB already (``convert`` would copy it), else converted."""
-    return image if image.mode == "RGB" else image.convert("RGB")
-
-
-def resize_shorter(image: "Image.Image", size: int, resample: int) -> "Image.Image":
-    """``torchvision.transforms.Resize(size, interpolation=resample)`` for a PIL image."""
-    w, h = image.size
-    short, long = (w, h) if w <= h else (h, w)
-    if short == size:
-        return image
-    new_short, new_long = size, int(size * long / short)
-    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
-    return image.resize((new_w, new_h), resample)
-
-
-def resize_shorter_rounded(image: "Image.Image", size: int, resample: int) -> "Image.Image":
-    """The DALL-E usage notebook's resize: both sides scaled by ``size / min(w, h)``, rounded."""
-    w, h = image.size
-    r = size / min(w, h)
-    new_h, new_w = round(r * h), round(r * w)
-    if (new_w, new_h) == (w, h):
-        return image
-    return image.resize((new_w, new_h), resample)
-
-
-def center_crop(image: "Image.Image", size: int) -> "Image.Image":
-    """``torchvision.transforms.CenterCrop(size)`` for a PIL image."""
-    w, h = image.size
-    if w < size or h < size:
-        from PIL import Image as PILImage
-
-        left, top = (size - w) // 2 if size > w else 0, (size - h) // 2 if size > h else 0
-        padded = PILImage.new(image.mode, (max(w, size), max(h, size)))
-        padded.paste(image, (left, top))
-        image, (w, h) = padded, padded.size
-        if w == size and h == size:
-            return image
-    top = int(round((h - size) / 2.0))
-    left = int(round((w - size) / 2.0))
-    return image.crop((left, top, left + size, top + size))
-
-
-def rgb_array(image: "Image.Image") -> "np.ndarray":
-    """An image as an ``[H, W, 3]`` uint8 array (RGB)."""
-    import numpy as np
-
-    return np.asarray(as_rgb(image), dtype=np.uint8)
 
 
 def chw_tensor(array: "np.ndarray") -> "torch.Tensor":

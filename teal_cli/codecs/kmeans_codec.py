@@ -25,8 +25,10 @@ from ..features.base import FeatureExtractor
 from .base import AudioCodec, ImageCodec
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
-    from PIL import Image
+
+    from ..pixels import PixelPrep
 
 FORMAT = "teal-kmeans-codec"
 FORMAT_VERSION = 1
@@ -71,14 +73,11 @@ class KMeansImageCodec(_KMeansMixin, ImageCodec):
         self.image_size = getattr(extractor, "image_size", None)
         self.downsample = getattr(extractor, "patch_size", 1)
 
-    def preprocess(self, image: "Image.Image", image_size: int | None = None) -> "torch.Tensor":
-        return self.extractor.prepare(image, image_size)
+    def pixel_prep(self, image_size: int | None = None) -> "PixelPrep":
+        return self.extractor.pixel_prep(image_size)
 
-    def content_size(self, image: "Image.Image", image_size: int | None = None) -> "tuple[int, int] | None":
-        if image_size or self.image_size:
-            return None
-        w, h = image.size
-        return (h, w) if (h % self.downsample or w % self.downsample) else None
+    def pixel_table(self) -> "np.ndarray":
+        return self.extractor.pixel_table()
 
     def encode(self, pixels: "torch.Tensor") -> "torch.Tensor":
         return self._assign(self.extractor.extract(pixels.to(self.device)))

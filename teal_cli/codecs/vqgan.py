@@ -38,7 +38,8 @@ from torch import nn
 
 from ..errors import CodecError, UsageError
 from .base import ImageCodec
-from .image_prep import as_rgb, center_crop, check_size, chw_tensor, precision, resize_shorter_rounded, rgb_array
+from ..pixels import PixelPrep
+from .image_prep import check_size, precision
 
 if TYPE_CHECKING:
     import numpy as np
@@ -375,12 +376,16 @@ class VQGANCodec(ImageCodec):
         """``quantize.embedding.weight``: ``[n_embed, embed_dim]``."""
         return self.model.quantize.embedding.weight.detach().float().cpu()
 
-    def preprocess(self, image: Any, image_size: int | None = None) -> torch.Tensor:
+    def pixel_prep(self, image_size: int | None = None) -> PixelPrep:
         from PIL import Image
 
         size = check_size(self.name, image_size, self.downsample) if image_size else self.image_size
-        image = center_crop(resize_shorter_rounded(as_rgb(image), size, Image.LANCZOS), size)
-        return chw_tensor(from_uint8(rgb_array(image)))
+        return PixelPrep("shorter_rounded", size, Image.LANCZOS, crop=size)
+
+    def pixel_table(self) -> "np.ndarray":
+        import numpy as np
+
+        return from_uint8(np.arange(256, dtype=np.uint8))
 
     def _check_pixels(self, pixels: torch.Tensor) -> None:
         if pixels.ndim != 4 or pixels.shape[1] != 3:

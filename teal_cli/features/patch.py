@@ -8,8 +8,11 @@ from ..errors import UsageError
 from .base import FeatureExtractor
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
     from PIL import Image
+
+    from ..pixels import PixelPrep
 
 
 class PatchFeatures(FeatureExtractor):
@@ -46,25 +49,34 @@ class PatchFeatures(FeatureExtractor):
     def name_stem(self) -> str:
         return f"patch-p{self.patch_size}"
 
-    def prepare(self, image: "Image.Image", image_size: int | None = None) -> "torch.Tensor":
-        """An RGB image to ``[3, H, W]`` in [0, 1]: resized to ``image_size`` (bicubic) when set,
-        then right/bottom edges padded by replication up to a multiple of the patch size."""
-        import torch.nn.functional as F
+    def pixel_prep(self, image_size: int | None = None) -> "PixelPrep":
+        """Resized to ``image_size`` (bicubic) when set, else right/bottom edges replicated up
+        to a multiple of the patch size."""
         from PIL import Image
 
-        from ..media import image_to_tensor
+        from ..pixels import PixelPrep
 
         size = image_size or self.image_size
         p = self.patch_size
+        if size and size % p:
+            raise UsageError(f"--image-size {size} is not a multiple of the patch size {p}")
         if size:
-            if size % p:
-                raise UsageError(f"--image-size {size} is not a multiple of the patch size {p}")
-            image = image.resize((size, size), Image.Resampling.BICUBIC)
-        x = image_to_tensor(image)
-        pad_h, pad_w = (-x.shape[1]) % p, (-x.shape[2]) % p
-        if pad_h or pad_w:
-            x = F.pad(x[None], (0, pad_w, 0, pad_h), mode="replicate")[0]
-        return x
+            return PixelPrep("square", size, Image.Resampling.BICUBIC)
+        return PixelPrep(pad_multiple=p)
+
+    def pixel_table(self) -> "np.ndarray":
+        """``uint8 / 255`` in float32."""
+        import numpy as np
+
+        return np.arange(256, dtype=np.float32) / np.float32(255)
+
+    def prepare(self, image: "Image.Image", image_size: int | None = None) -> "torch.Tensor":
+        """An RGB image to ``[3, H, W]`` in [0, 1] (:meth:`pixel_prep`, then ``/ 255``)."""
+        import torch
+
+        pixels, _ = self.pixel_prep(image_size).apply(image)
+        table = torch.from_numpy(self.pixel_table())
+        return table[torch.from_numpy(pixels.copy()).permute(2, 0, 1).long()]
 
     def extract(self, pixels: "torch.Tensor") -> "torch.Tensor":
         """``[B, 3, H, W]`` (H, W multiples of P) to ``[B, H/P, W/P, 3*P*P]``."""

@@ -1,0 +1,110 @@
+"""The tokenize pipeline: loader threads and processes give the same records, the value
+mapping by table is exact on every device, and a dying loader process is a clear error."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from teal_cli.cluster import ClusterOptions, fit_codec
+from teal_cli.codecs import load_codec
+from teal_cli.errors import DataError, UsageError
+from teal_cli.features import extractor_for
+from teal_cli.inputs import iter_input_records
+from teal_cli.loaders import Loaders, resolve_loader
+from teal_cli.tokenize import TokenizeOptions, tokenize_records
+
+
+@pytest.fixture
+def images(tmp_path, photo_path):
+    """The photo, a crop of it whose sides are not multiples of 4 (padded: a 'size' field),
+    and an RGBA PNG, in a folder."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    photo = Image.open(photo_path).convert("RGB")
+    photo.resize((96, 64)).save(folder / "a.jpg", quality=95)
+    photo.crop((10, 10, 77, 51)).save(folder / "b.png")
+    rgba = photo.resize((40, 40)).convert("RGBA")
+    rgba.putalpha(128)
+    rgba.save(folder / "c.png")
+    return folder
+
+
+@pytest.fixture
+def patch_codec(tmp_path, images):
+    items = [(p.name, str(p)) for p in sorted(images.iterdir())]
+    fit_codec(items, extractor_for("patch", patch_size=4), tmp_path / "patch-p4-k32", ClusterOptions(k=32, iters=5))
+    return load_codec(str(tmp_path / "patch-p4-k32"))
+
+
+def _records(folder, codec, **options):
+    out = tokenize_records(iter_input_records([str(folder)]), [codec], TokenizeOptions(**options))
+    return [r.to_json() for r in out]
+
+
+def test_process_loaders_give_the_thread_records(images, patch_codec):
+    threads = _records(images, patch_codec, loader="threads", workers=2, batch_size=2)
+    processes = _records(images, patch_codec, loader="processes", workers=2, batch_size=2)
+    assert processes == threads
+    assert len(threads) == 3
+    padded = [r for r in threads if r["segments"][0].get("size")]
+    assert [r["segments"][0]["size"] for r in padded] == [[41, 67]]  # b.png, cropped 67 x 41
+    assert padded[0]["segments"][0]["shape"] == [11, 17]
+
+
+def test_a_dying_loader_process_is_a_clear_error(images, patch_codec, monkeypatch):
+    from helpers import CrashingPrep
+
+    monkeypatch.setattr(type(patch_codec), "pixel_prep", lambda self, size=None: CrashingPrep())
+    with pytest.raises(DataError, match="an image loader process died"):
+        _records(images, patch_codec, loader="processes", workers=2)
+
+
+def test_loader_choice():
+    assert resolve_loader("auto", 16) == "processes" and resolve_loader("auto", 4) == "threads"
+    assert resolve_loader("threads", 16) == "threads"
+    with pytest.raises(UsageError, match="--loader forks"):
+        resolve_loader("forks", 4)
+    with pytest.raises(UsageError, match="--workers 0"):
+        Loaders(0)
+
+
+def test_bad_image_size_fails_before_reading_files(images, patch_codec):
+    with pytest.raises(UsageError, match="not a multiple of the patch size"):
+        _records(images, patch_codec, image_size=30)
+
+
+def _table_codecs():
+    """Every image codec's value table, without weights (pixel_table needs none)."""
+    from teal_cli.codecs.beit2 import Beit2Codec
+    from teal_cli.codecs.dalle import DalleCodec
+    from teal_cli.codecs.vqgan import VQGANCodec
+
+    return [object.__new__(cls) for cls in (VQGANCodec, DalleCodec, Beit2Codec)]
+
+
+@pytest.mark.parametrize("index", range(3))
+def test_normalize_is_the_table_in_channel_first_layout(index):
+    codec = _table_codecs()[index]
+    pixels = torch.randint(0, 256, (2, 5, 7, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(index))
+    out = codec.normalize(pixels)
+    table = torch.from_numpy(codec.pixel_table())
+    assert out.shape == (2, 3, 5, 7) and out.dtype == torch.float32
+    assert torch.equal(out, table[pixels.permute(0, 3, 1, 2).long()])
+    with pytest.raises(ValueError, match="uint8"):
+        codec.normalize(pixels.float())
+
+
+@pytest.mark.requires_cuda
+def test_normalize_on_cuda_equals_cpu():
+    pixels = torch.arange(256, dtype=torch.uint8).repeat(3 * 4).reshape(4, 16, 16, 3)
+    for codec in _table_codecs():
+        assert torch.equal(codec.normalize(pixels.cuda()).cpu(), codec.normalize(pixels)), type(codec).__name__
+
+
+@pytest.mark.requires_cuda
+def test_tokenize_on_cuda_gives_the_cpu_records(images, patch_codec):
+    cpu = _records(images, patch_codec, loader="processes", workers=2)
+    gpu = _records(images, patch_codec.to("cuda"), loader="processes", workers=2)
+    assert gpu == cpu
