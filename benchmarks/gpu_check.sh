@@ -5,6 +5,7 @@
 # openai-whisper, more-itertools, taming-transformers-rom1504, DALL-E; see the device README).
 # Usage on the device: bash benchmarks/gpu_check.sh [OUT_DIR] [--no-kmeans]
 set -uo pipefail
+ARGS=" $* "
 OUT="${1:-${OUT:-/tmp/teal-gpu}}"
 mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -24,6 +25,6 @@ for run in "beit2 bfloat16" "beit2 float32" "vqgan float32" "dalle float32" "vqg
   timeout 90 python3 benchmarks/tokenize_image.py --codec "$1" --device cuda --dtype "$2" --images 2048 --batch-size 64 \
     --image-dir /tmp/teal-bench-images 2>&1 | tee -a "$OUT/tokenize_image_gpu.log" | grep -E "^codec|images/s|ratio|start|one thread"
 done
-if [[ " $* " != *" --no-kmeans "* ]]; then
+if [[ "$ARGS" != *" --no-kmeans "* ]]; then
   timeout 90 python3 benchmarks/kmeans.py --gpu-case --repeat 1 2>&1 | tee "$OUT/kmeans_gpu.log" | tail -10
 fi
