@@ -91,8 +91,8 @@ def iter_features(items: Iterable[tuple[str, str]], extractor: FeatureExtractor,
     """Features of each ``(id, path)`` in order, from the cache when it has them.
 
     Three stages overlap: files of batch N+1 are decoded in a thread pool while batch N is
-    extracted, and batch N-1 is checked (NaN/inf) and handed out only once batch N has been
-    launched, so a GPU extractor is never left idle waiting for the host.
+    extracted, and batch N-1 (N-2 on a GPU) is checked (NaN/inf) and handed out only once
+    batch N has been launched, so a GPU extractor is not left idle waiting for the host.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -142,7 +142,9 @@ def iter_features(items: Iterable[tuple[str, str]], extractor: FeatureExtractor,
             yield feats
 
     with ThreadPoolExecutor(max_workers=4, thread_name_prefix="teal-load") as pool:
-        yield from pipeline(batched(items, options.batch_size), lambda chunk: start(pool, chunk), launch, emit)
+        # Two batches in flight on a GPU: host jitter (file reads, Python) then does not idle it.
+        depth = 2 if getattr(extractor.device, "type", "cpu") == "cuda" else 1
+        yield from pipeline(batched(items, options.batch_size), lambda chunk: start(pool, chunk), launch, emit, depth)
 
 
 def _finite_flags(feats: "list[torch.Tensor]") -> Callable[[], list[bool]]:

@@ -108,3 +108,22 @@ def test_tokenize_on_cuda_gives_the_cpu_records(images, patch_codec):
     cpu = _records(images, patch_codec, loader="processes", workers=2)
     gpu = _records(images, patch_codec.to("cuda"), loader="processes", workers=2)
     assert gpu == cpu
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_pipeline_stage_order(depth):
+    """start(N+1) precedes launch(N), emit(N-depth) follows launch(N), results keep input order."""
+    from teal_cli.prefetch import pipeline
+
+    log = []
+    out = list(pipeline(range(5), lambda c: log.append(("start", c)) or c, lambda c: log.append(("launch", c)) or c,
+                        lambda c: log.append(("emit", c)) or [c * 10], depth))
+    assert out == [0, 10, 20, 30, 40]
+    for n in range(5):
+        if n + 1 < 5:
+            assert log.index(("start", n + 1)) < log.index(("launch", n))
+        assert log.index(("launch", n)) < log.index(("emit", n))
+        if n + depth < 5:
+            assert log.index(("launch", n + depth)) < log.index(("emit", n))
+        if n + depth + 1 < 5:
+            assert log.index(("emit", n)) < log.index(("launch", n + depth + 1))
