@@ -15,6 +15,7 @@ float pixels; the value mapping runs afterwards on the encoder's device.
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
 
@@ -24,6 +25,7 @@ LOADERS = ("auto", "threads", "processes")
 PRELOAD = ["numpy", "PIL.Image", "PIL.JpegImagePlugin", "PIL.PngImagePlugin", "teal_cli.media", "teal_cli.pixels"]
 PROCESS_MIN_WORKERS = 8
 MAX_DEFAULT_WORKERS = 16
+PROCESS_AFTER = 128  # image jobs run on threads while the processes start (see Loaders)
 
 
 def usable_cpus() -> int:
@@ -60,8 +62,14 @@ def _quiet_worker() -> None:
 
 class Loaders:
     """A thread pool for audio (and images, with ``threads``) plus, with ``processes``, a pool
-    of loader processes for images, started on first use or by :meth:`start`. Use as a
-    context manager; one instance can serve many ``tokenize_records`` calls."""
+    of loader processes for images. Use as a context manager; one instance can serve many
+    ``tokenize_records`` calls.
+
+    Starting the processes takes from 1 s (2-core laptop) to 5 s (a 16-core GPU host, measured),
+    so they are not started for a handful of images: the first ``PROCESS_AFTER`` image jobs run
+    on the threads while the pool starts in the background, and later jobs go to the
+    processes once every one of them is up. :meth:`start` starts them at once instead.
+    """
 
     def __init__(self, workers: int | None = None, kind: str = "auto"):
         self.workers = default_workers() if workers is None else workers
@@ -70,6 +78,10 @@ class Loaders:
         self.kind = resolve_loader(kind, self.workers)
         self._threads = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="teal-load")
         self._processes = None
+        self._ready = threading.Event()
+        self._starter: threading.Thread | None = None
+        self._start_error: BaseException | None = None
+        self._image_jobs = 0
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
         """Run ``fn(*args)`` on a loader thread."""
@@ -77,29 +89,53 @@ class Loaders:
 
     def submit_image(self, fn: Callable[..., Any], *args: Any) -> Future:
         """Run an image job (a torch-free, picklable module-level ``fn``) on the image pool."""
-        if self.kind == "threads":
-            return self._threads.submit(fn, *args)
-        return self._process_pool().submit(fn, *args)
+        if self.kind == "processes":
+            if self._ready.is_set():
+                return self._processes.submit(fn, *args)
+            self._image_jobs += 1
+            if self._starter is None and self._image_jobs >= PROCESS_AFTER:
+                self._starter = threading.Thread(target=self._start_quietly, name="teal-loader-start", daemon=True)
+                self._starter.start()
+        return self._threads.submit(fn, *args)
+
+    @property
+    def using_processes(self) -> bool:
+        """Whether image jobs now go to the processes."""
+        return self._ready.is_set()
 
     def start(self) -> "Loaders":
-        """Start every loader process now rather than on the first images."""
-        if self.kind == "processes":
-            pool = self._process_pool()
-            for job in [pool.submit(_ready) for _ in range(self.workers)]:
-                job.result()
+        """Start every loader process now (with ``processes``), and wait until they are up."""
+        if self.kind == "processes" and not self._ready.is_set():
+            if self._starter is not None:
+                self._starter.join()
+                if self._start_error is not None:
+                    raise self._start_error
+            else:
+                self._start_processes()
         return self
 
-    def _process_pool(self):
-        if self._processes is None:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
+    def _start_processes(self) -> None:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
 
-            context = multiprocessing.get_context("forkserver")
-            context.set_forkserver_preload(PRELOAD)
-            self._processes = ProcessPoolExecutor(self.workers, mp_context=context, initializer=_quiet_worker)
-        return self._processes
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(PRELOAD)
+        self._processes = ProcessPoolExecutor(self.workers, mp_context=context, initializer=_quiet_worker)
+        for job in [self._processes.submit(_ready) for _ in range(self.workers)]:
+            job.result()
+        self._ready.set()
+
+    def _start_quietly(self) -> None:
+        # In the background: if the processes cannot start (no forkserver on this platform,
+        # resource limits), the images simply stay on the threads.
+        try:
+            self._start_processes()
+        except BaseException as exc:  # noqa: BLE001 (reported through start() when asked)
+            self._start_error = exc
 
     def close(self) -> None:
+        if self._starter is not None:
+            self._starter.join()
         self._threads.shutdown(wait=True, cancel_futures=True)
         if self._processes is not None:
             self._processes.shutdown(wait=True, cancel_futures=True)

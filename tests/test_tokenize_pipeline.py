@@ -38,14 +38,16 @@ def patch_codec(tmp_path, images):
     return load_codec(str(tmp_path / "patch-p4-k32"))
 
 
-def _records(folder, codec, **options):
-    out = tokenize_records(iter_input_records([str(folder)]), [codec], TokenizeOptions(**options))
+def _records(folder, codec, loaders=None, **options):
+    out = tokenize_records(iter_input_records([str(folder)]), [codec], TokenizeOptions(**options), loaders=loaders)
     return [r.to_json() for r in out]
 
 
 def test_process_loaders_give_the_thread_records(images, patch_codec):
     threads = _records(images, patch_codec, loader="threads", workers=2, batch_size=2)
-    processes = _records(images, patch_codec, loader="processes", workers=2, batch_size=2)
+    with Loaders(2, "processes").start() as loaders:
+        assert loaders.using_processes
+        processes = _records(images, patch_codec, loaders, batch_size=2)
     assert processes == threads
     assert len(threads) == 3
     padded = [r for r in threads if r["segments"][0].get("size")]
@@ -53,12 +55,33 @@ def test_process_loaders_give_the_thread_records(images, patch_codec):
     assert padded[0]["segments"][0]["shape"] == [11, 17]
 
 
+def test_processes_take_over_from_threads_once_started(images, patch_codec, monkeypatch):
+    """Small jobs stay on threads; past PROCESS_AFTER image jobs the pool starts in the
+    background and later windows go to it, with the same records either way."""
+    import time
+
+    import teal_cli.loaders as loaders_module
+
+    expected = _records(images, patch_codec, loader="threads", workers=2)
+    with Loaders(2, "processes") as loaders:
+        assert _records(images, patch_codec, loaders) == expected  # 3 jobs: below the threshold
+        assert loaders._starter is None and not loaders.using_processes
+        monkeypatch.setattr(loaders_module, "PROCESS_AFTER", 4)
+        assert _records(images, patch_codec, loaders) == expected  # job 4 starts the pool
+        deadline = time.time() + 60
+        while not loaders.using_processes and time.time() < deadline:
+            time.sleep(0.05)
+        assert loaders.using_processes
+        assert _records(images, patch_codec, loaders) == expected
+
+
 def test_a_dying_loader_process_is_a_clear_error(images, patch_codec, monkeypatch):
     from helpers import CrashingPrep
 
     monkeypatch.setattr(type(patch_codec), "pixel_prep", lambda self, size=None: CrashingPrep())
-    with pytest.raises(DataError, match="an image loader process died"):
-        _records(images, patch_codec, loader="processes", workers=2)
+    with Loaders(2, "processes").start() as loaders:
+        with pytest.raises(DataError, match="an image loader process died"):
+            _records(images, patch_codec, loaders)
 
 
 def test_loader_choice():
@@ -105,8 +128,9 @@ def test_normalize_on_cuda_equals_cpu():
 
 @pytest.mark.requires_cuda
 def test_tokenize_on_cuda_gives_the_cpu_records(images, patch_codec):
-    cpu = _records(images, patch_codec, loader="processes", workers=2)
-    gpu = _records(images, patch_codec.to("cuda"), loader="processes", workers=2)
+    cpu = _records(images, patch_codec, loader="threads", workers=2)
+    with Loaders(2, "processes").start() as loaders:
+        gpu = _records(images, patch_codec.to("cuda"), loaders)
     assert gpu == cpu
 
 
