@@ -29,15 +29,18 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-from PIL import Image
-
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from teal_cli.codecs import beit2, dalle, vqgan  # noqa: E402
-from teal_cli.device import resolve_device, resolve_dtype  # noqa: E402
-from teal_cli.loaders import Loaders, default_workers, resolve_loader  # noqa: E402
+# Loader processes re-import the script that started them (as __mp_main__, multiprocessing's
+# rule); keep that as cheap as the `teal` command's own script, which imports no torch.
+if __name__ != "__mp_main__":
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from teal_cli.codecs import beit2, dalle, vqgan
+    from teal_cli.device import resolve_device, resolve_dtype
+    from teal_cli.loaders import Loaders, default_workers, resolve_loader
 
 VQGAN_F16_16384 = {
     "ddconfig": {"double_z": False, "z_channels": 256, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,

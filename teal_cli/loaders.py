@@ -65,10 +65,12 @@ class Loaders:
     of loader processes for images. Use as a context manager; one instance can serve many
     ``tokenize_records`` calls.
 
-    Starting the processes takes from 1 s (2-core laptop) to 5 s (a 16-core GPU host, measured),
-    so they are not started for a handful of images: the first ``PROCESS_AFTER`` image jobs run
-    on the threads while the pool starts in the background, and later jobs go to the
-    processes once every one of them is up. :meth:`start` starts them at once instead.
+    Starting the processes costs little (8 workers: 0.16 s on a 2-core machine), plus what the
+    calling script costs to import: multiprocessing re-imports it in every worker (as
+    ``__mp_main__``), cheap for the ``teal`` command, seconds for one that imports torch at
+    the top. So they are not started for a handful of images: the first ``PROCESS_AFTER``
+    image jobs run on the threads while the pool starts in the background, and later jobs go
+    to the processes once every one of them is up. :meth:`start` starts them at once instead.
     """
 
     def __init__(self, workers: int | None = None, kind: str = "auto"):
