@@ -25,6 +25,8 @@ from .records import Record, Segment
 if TYPE_CHECKING:
     import torch
 
+    from .vocoder import UnitVocoder
+
 @dataclass
 class DetokenizeStats:
     written: list[Path] = field(default_factory=list)
@@ -46,14 +48,23 @@ def segment_ids(seg: Segment, codec, where: str) -> "torch.Tensor":
     return ids
 
 
-def decode_segment(seg: Segment, codec, where: str):
-    """Decode one segment to a PIL image or ``(waveform, sample_rate)``."""
+def decode_segment(seg: Segment, codec, where: str, vocoder: "UnitVocoder | None" = None):
+    """Decode one segment to a PIL image or ``(waveform, sample_rate)``.
+
+    With a ``vocoder``, audio segments are vocoded from their unit ids (and durations)
+    instead of going through the codec's own decoder.
+    """
     import torch
 
     from .media import tensor_to_image
 
     if seg.modality != codec.modality:
         raise DataError(f"{where}: {seg.modality} segment names {codec.modality} codec '{codec.name}'")
+    if vocoder is not None and isinstance(codec, AudioCodec):
+        vocoder.check_codec(codec)
+        ids = torch.tensor(seg.tokens, dtype=torch.long)
+        codec.check_ids(ids, where)
+        return vocoder.decode(ids, seg.durations).cpu(), vocoder.sample_rate
     if not codec.has_decoder:
         raise codec.no_decoder_error()
     ids = segment_ids(seg, codec, where)
@@ -85,8 +96,11 @@ def _save(media, path: Path, modality: str) -> None:
 
 def detokenize_records(records: Iterable[Record], codecs: CodecCache, target: OutputTarget, *,
                        on_error: str = "fail", warn: Callable[[str], None] | None = None,
-                       stats: DetokenizeStats | None = None) -> DetokenizeStats:
-    """Decode all media token segments of ``records`` into files named by ``target``."""
+                       stats: DetokenizeStats | None = None, vocoder: "UnitVocoder | None" = None) -> DetokenizeStats:
+    """Decode all media token segments of ``records`` into files named by ``target``.
+
+    ``vocoder`` (see :func:`teal_cli.vocoder.load_vocoder`) decodes every audio segment.
+    """
     stats = stats if stats is not None else DetokenizeStats()
     single: tuple | None = None
     for record in records:
@@ -96,7 +110,7 @@ def detokenize_records(records: Iterable[Record], codecs: CodecCache, target: Ou
             for n, (i, seg) in enumerate(media):
                 where = f"record '{record.id}' segment {i}"
                 codec = codecs.get(seg.codec)
-                outputs.append((n, seg.modality, decode_segment(seg, codec, where)))
+                outputs.append((n, seg.modality, decode_segment(seg, codec, where, vocoder)))
         except TealError as exc:
             if on_error == "fail":
                 raise

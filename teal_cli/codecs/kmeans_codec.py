@@ -107,8 +107,9 @@ class KMeansAudioCodec(_KMeansMixin, AudioCodec):
 
     def no_decoder_error(self) -> CodecError:
         return CodecError(
-            f"codec '{self.name}' has no decoder: {self.extractor.kind} units need a unit vocoder to become sound "
-            "(decode a 'mel' codec instead, or vocode the units with a CodeHiFiGAN-style model)"
+            f"codec '{self.name}' has no decoder: {self.extractor.kind} units need a unit vocoder to become sound: "
+            f"give `teal detokenize --vocoder CHECKPOINT` a CodeHiFiGAN vocoder trained on these {self.vocab_size} units "
+            "(fairseq / speech-resynthesis, config.json beside it), or decode a 'mel' codec instead"
         )
 
 
