@@ -53,9 +53,11 @@ def load_image(path: str | Path) -> "Image.Image":
 
     limit = int(os.environ.get("TEAL_MAX_IMAGE_PIXELS", DEFAULT_MAX_IMAGE_PIXELS))
     # Pillow errors only above twice its limit and warns below that; teal checks the size
-    # itself (below), so Pillow's guard sits at 2x and its warning is silenced once, not
-    # through catch_warnings, which is not thread-safe and loaders run in threads.
-    Image.MAX_IMAGE_PIXELS = limit
+    # itself (below) and silences the warning once (not through catch_warnings, which is not
+    # thread-safe, and loaders run in threads). Pillow's process-wide limit is only ever
+    # raised to teal's, never lowered: other code in the process keeps its own guard.
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < limit:
+        Image.MAX_IMAGE_PIXELS = limit
     _silence_bomb_warning()
     try:
         with Image.open(path) as im:

@@ -102,3 +102,25 @@ def patch_codec(photo, cli):
     result = cli("cluster", photo, "--features", "patch", "--patch-size", "4", "--k", "64", "--iters", "10", "-q")
     assert result.exit_code == 0, result.stderr
     return Path("codecs/patch-p4-k64")
+
+
+@pytest.fixture
+def tiny_whisper_pt(tmp_path):
+    """A random 2-block Whisper encoder saved in openai's .pt format (teal's own module
+    builds it; tests/test_whisper.py checks that format against openai-whisper itself)."""
+    import torch
+
+    from teal_cli.features.whisper import EncoderDims, build_encoder
+
+    dims = EncoderDims(n_mels=80, n_audio_ctx=1500, n_audio_state=32, n_audio_head=2, n_audio_layer=2)
+    torch.manual_seed(0)
+    encoder = build_encoder(dims)
+    with torch.no_grad():
+        for p in encoder.parameters():
+            p.normal_(0, 0.2)
+        encoder.positional_embedding.normal_(0, 0.2)
+    state = {f"encoder.{k}": v for k, v in encoder.state_dict().items()}
+    text_dims = {"n_vocab": 10, "n_text_ctx": 4, "n_text_state": 32, "n_text_head": 2, "n_text_layer": 1}
+    path = tmp_path / "tiny-random.pt"
+    torch.save({"dims": {**dims.__dict__, **text_dims}, "model_state_dict": state}, path)
+    return path

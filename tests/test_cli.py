@@ -163,9 +163,12 @@ def test_decompression_bomb_refused(cli, patch_codec, tmp_path, monkeypatch):
 
     Image.new("L", (400, 400)).save(tmp_path / "big.png")
     monkeypatch.setenv("TEAL_MAX_IMAGE_PIXELS", "1000")
-    r = cli("tokenize", tmp_path / "big.png", "--codec", patch_codec)
+    pil_limit = Image.MAX_IMAGE_PIXELS
+    r = cli("tokenize", tmp_path / "big.png", "--codec", patch_codec, "--loader", "threads")
     assert r.exit_code == 1
     one_line_error(r, "big.png", "decompression bomb")
+    # teal's limit is its own: Pillow's process-wide guard is not lowered for other code.
+    assert Image.MAX_IMAGE_PIXELS == pil_limit
 
 
 def test_codecs_lists_local_directories(patch_codec, cli):

@@ -18,7 +18,6 @@ from teal_cli.errors import CodecError, UsageError
 from teal_cli.vocoder import load_vocoder
 
 from conftest_image import malicious_torch_file
-from test_cluster import tiny_whisper_pt  # noqa: F401  (a fixture)
 
 HOP = 320
 BASE_CONFIG = {
@@ -312,7 +311,7 @@ def test_malicious_checkpoint_is_refused_without_running(tmp_path, legacy):
 
 
 @pytest.fixture
-def unit_codec(tiny_whisper_pt):  # noqa: F811
+def unit_codec(tiny_whisper_pt):
     """A Whisper-units codec directory with k=16 (random centroids: only ids matter here)."""
     from teal_cli.codecs.kmeans_codec import save_codec_dir
     from teal_cli.features import extractor_for
