@@ -151,3 +151,17 @@ def test_pipeline_stage_order(depth):
             assert log.index(("launch", n + depth)) < log.index(("emit", n))
         if n + depth + 1 < 5:
             assert log.index(("emit", n)) < log.index(("launch", n + depth + 1))
+
+
+def test_a_bad_file_in_a_loader_process_is_reported_and_skipped(images, patch_codec):
+    """Errors raised in a loader process come back as teal errors naming the file."""
+    (images / "d.png").write_bytes(b"not a png at all")
+    warnings = []
+    with Loaders(2, "processes").start() as loaders:
+        out = tokenize_records(iter_input_records([str(images)]), [patch_codec], TokenizeOptions(on_error="skip"),
+                               warn=warnings.append, loaders=loaders)
+        ids = [r.id for r in out]
+        with pytest.raises(DataError, match=r"d\.png: cannot read image"):
+            list(tokenize_records(iter_input_records([str(images)]), [patch_codec], TokenizeOptions(), loaders=loaders))
+    assert len(ids) == 3 and not any("d.png" in i for i in ids)
+    assert len(warnings) == 1 and "d.png" in warnings[0] and "cannot read image" in warnings[0]
