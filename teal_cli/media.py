@@ -114,15 +114,6 @@ def to_rgb(im: "Image.Image") -> "Image.Image":
     return im.convert("RGB")
 
 
-def image_to_tensor(im: "Image.Image") -> "torch.Tensor":
-    """RGB PIL image to a ``[3, H, W]`` float32 tensor in ``[0, 1]``."""
-    import numpy as np
-    import torch
-
-    arr = np.asarray(im, dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
-
-
 def tensor_to_image(pixels: "torch.Tensor") -> "Image.Image":
     """``[3, H, W]`` float in ``[0, 1]`` to an RGB PIL image (rounded, clipped)."""
     from PIL import Image

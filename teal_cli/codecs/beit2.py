@@ -34,6 +34,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -284,9 +285,7 @@ class Beit2Codec(ImageCodec):
         resize = round(self.image_size * RESIZE / IMAGE_SIZE)
         return PixelPrep("shorter", resize, Image.BICUBIC, crop=self.image_size)
 
-    def pixel_table(self) -> "numpy.ndarray":  # noqa: F821
-        import numpy as np
-
+    def pixel_table(self) -> np.ndarray:
         # ToTensor, then VQKD.pre_process (a [0, 1] batch is scaled by 255, then / 127.5 - 1):
         # the same float32 operations as the torch original.
         return unit_range(np.arange(256, dtype=np.uint8)) * 255.0 / 127.5 - 1.0

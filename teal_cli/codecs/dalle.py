@@ -32,6 +32,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -247,9 +248,7 @@ class DalleCodec(ImageCodec):
         size = check_size(self.name, image_size, DOWNSAMPLE) if image_size else IMAGE_SIZE
         return PixelPrep("shorter_rounded", size, Image.LANCZOS, crop=size)
 
-    def pixel_table(self) -> "numpy.ndarray":  # noqa: F821
-        import numpy as np
-
+    def pixel_table(self) -> np.ndarray:
         # ToTensor then map_pixels: the same float32 operations as the torch original.
         return map_pixels(unit_range(np.arange(256, dtype=np.uint8)))
 

@@ -1,21 +1,12 @@
-"""Pixel preprocessing shared by the image tokenizers, matching torchvision without it.
+"""Value mapping and precision shared by the image tokenizers.
 
-The originals preprocess PIL images with torchvision transforms; torchvision pulls a
-CUDA torch into CPU environments, so teal reproduces the few transforms used, on PIL,
-with the same arithmetic (torchvision applies PIL's own resize to PIL images):
+The geometry (resize, crop: the originals' torchvision transforms reproduced on PIL) lives
+in :mod:`teal_cli.pixels`, torch-free so loader processes can run it. Here:
 
-- :func:`resize_shorter` = ``torchvision.transforms.Resize(size)`` on a PIL image: the
-  shorter side becomes ``size``, the longer ``int(size * long / short)`` (truncated);
-- :func:`resize_shorter_rounded` = the DALL-E / taming notebooks'
-  ``TF.resize(img, (round(r * h), round(r * w)))`` with ``r = size / min(w, h)``;
-- :func:`center_crop` = ``torchvision.transforms.CenterCrop``: offsets
-  ``int(round((dim - crop) / 2))`` (Python's round-half-even), zero padding first when the
-  image is smaller than the crop;
-- :func:`unit_range` / :func:`to_tensor` = ``ToTensor``: ``uint8 -> float32 / 255`` (a
-  division, as torchvision).
-
-Also here: :func:`exact_fp32`, the context the codecs run their fp32 path in, so the same
-checkpoint gives the same ids on CPU and GPU as far as floating point allows.
+- :func:`unit_range` = ``ToTensor``'s values, ``uint8 -> float32 / 255`` (a division, as
+  torchvision); codecs build their 256-entry value tables from it (``pixel_table``);
+- :func:`exact_fp32` / :func:`precision`, the context the codecs run their networks in, so
+  the same checkpoint gives the same ids on CPU and GPU as far as floating point allows.
 """
 
 from __future__ import annotations
@@ -23,39 +14,17 @@ from __future__ import annotations
 import contextlib
 from typing import TYPE_CHECKING, Iterator
 
-# The PIL geometry lives in teal_cli.pixels (torch-free, so loader processes can run it).
-from ..pixels import as_rgb, center_crop, resize_shorter, resize_shorter_rounded, rgb_array  # noqa: F401
-
 if TYPE_CHECKING:
     import numpy as np
     import torch
-    from PIL import Image
-
-
-def chw_tensor(array: "np.ndarray") -> "torch.Tensor":
-    """An ``[H, W, C]`` array to a contiguous ``[C, H, W]`` tensor."""
-    import numpy as np
-    import torch
-
-    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
 
 
 def unit_range(array: "np.ndarray") -> "np.ndarray":
-    """``ToTensor``'s values: ``uint8 -> float32 / 255``.
-
-    The per-pixel arithmetic of the codecs runs in numpy rather than torch on purpose: the
-    values are bit-identical (same IEEE float32 operations, checked for all 256 inputs in
-    the tests), and numpy neither takes the GIL nor starts OpenMP teams, so many loader
-    threads preprocess in parallel.
-    """
+    """``ToTensor``'s values: ``uint8 -> float32 / 255`` (numpy; the same IEEE float32
+    operation as torch's, checked for all 256 inputs in the tests)."""
     import numpy as np
 
     return array.astype(np.float32) / np.float32(255)
-
-
-def to_tensor(image: "Image.Image") -> "torch.Tensor":
-    """``torchvision.transforms.ToTensor``: ``[3, H, W]`` float32 in ``[0, 1]``."""
-    return chw_tensor(unit_range(rgb_array(image)))
 
 
 def check_size(name: str, size: int, multiple: int) -> int:

@@ -68,7 +68,9 @@ class PatchFeatures(FeatureExtractor):
         """``uint8 / 255`` in float32."""
         import numpy as np
 
-        return np.arange(256, dtype=np.float32) / np.float32(255)
+        from ..codecs.image_prep import unit_range
+
+        return unit_range(np.arange(256, dtype=np.uint8))
 
     def prepare(self, image: "Image.Image", image_size: int | None = None) -> "torch.Tensor":
         """An RGB image to ``[3, H, W]`` in [0, 1] (:meth:`pixel_prep`, then ``/ 255``)."""
