@@ -131,7 +131,7 @@ def tokenize_records(
     preps = {id(c): c.pixel_prep(options.image_size) for c in codecs if isinstance(c, ImageCodec)}
 
     own = loaders is None
-    if loaders is None:
+    if own:
         loaders = Loaders(options.workers, options.loader)
     try:
 
