@@ -11,7 +11,11 @@ Rows:
 - ``extract (batched)``: ``WhisperFeatures.extract`` on ``--batch`` waveforms at a time
   (log-mel, windowing, trimming, dtype handling): the goal is >= 90 % of the bare rate on GPU.
 - ``teal cluster path``: ``teal_cli.cluster.iter_features`` over WAV files on disk (decode,
-  resample check, extract), as ``teal cluster`` runs it, when that module is present.
+  resample check, extract), as ``teal cluster`` runs it.
+- ``cluster, in memory``: the same with the file reads replaced by the decoded clips: what
+  the loaders cost the main thread.
+Then one more pass of the cluster path with timers: where the main thread's time goes per
+batch (waiting for the loaders, launching the extractor, waiting for the GPU, the rest).
 Each row gets a warm-up pass, then the fastest of three timed passes counts. Every clip is shorter than 30 s, so each costs one window.
 """
 
@@ -111,31 +115,75 @@ def main() -> None:
             extractor.extract(waves[i : i + batch])
 
     rows = [("bare encoder", rate(bare, total, device)), ("extract (batched)", rate(batched, total, device))]
-    try:
-        from teal_cli.cluster import ClusterOptions, ClusterReport, iter_features
-    except ImportError:
-        iter_features = None
-    if iter_features is not None:
-        import soundfile as sf
+    import soundfile as sf
 
-        with tempfile.TemporaryDirectory() as tmp:
-            items = []
-            for i, w in enumerate(waves):
-                path = os.path.join(tmp, f"clip{i}.wav")
-                sf.write(path, w.numpy(), audio.SAMPLE_RATE, subtype="FLOAT")
-                items.append((path, path))
-            options = ClusterOptions(batch_size=batch)
+    from teal_cli import cluster
 
-            def cluster_path():
-                for _ in iter_features(items, extractor, options, ClusterReport()):
-                    pass
+    with tempfile.TemporaryDirectory() as tmp:
+        items = []
+        for i, w in enumerate(waves):
+            path = os.path.join(tmp, f"clip{i}.wav")
+            sf.write(path, w.numpy(), audio.SAMPLE_RATE, subtype="FLOAT")
+            items.append((path, path))
+        options = cluster.ClusterOptions(batch_size=batch)
 
-            rows.append(("teal cluster path", rate(cluster_path, total, device)))
+        def cluster_path():
+            for _ in cluster.iter_features(items, extractor, options, cluster.ClusterReport()):
+                pass
+
+        rows.append(("teal cluster path", rate(cluster_path, total, device)))
+        in_memory = dict(zip((path for path, _ in items), waves))
+        load = cluster._load
+        cluster._load = lambda extractor, path, options: in_memory[path]
+        try:
+            rows.append(("cluster, in memory", rate(cluster_path, total, device)))
+        finally:
+            cluster._load = load
+        stages = timed_stages(cluster_path, device)
 
     floor = rows[0][1]
     print(f"{'method':<20} {'audio s / s':>12} {'vs bare':>8}")
     for name, value in rows:
         print(f"{name:<20} {value:>12.1f} {value / floor:>8.0%}")
+    n_batches = math.ceil(n_clips / batch)
+    print("cluster path, main thread per batch: " + ", ".join(f"{k} {v / n_batches * 1000:.1f} ms" for k, v in stages.items()))
+
+
+def timed_stages(fn, device: torch.device) -> dict[str, float]:
+    """Seconds of one ``fn()`` pass spent by the main thread in each stage of iter_features."""
+    import threading
+    from concurrent.futures import Future
+
+    from teal_cli import cluster
+
+    spent = {"waiting for loads": 0.0, "launching the extractor": 0.0, "waiting for the GPU": 0.0}
+    main = threading.main_thread()
+    result, extract, finite = Future.result, cluster._extract_batch, cluster._finite_flags
+
+    def timed(key, f):
+        def call(*args, **kwargs):
+            if threading.current_thread() is not main:
+                return f(*args, **kwargs)
+            t = time.perf_counter()
+            try:
+                return f(*args, **kwargs)
+            finally:
+                spent[key] += time.perf_counter() - t
+        return call
+
+    Future.result = timed("waiting for loads", result)
+    cluster._extract_batch = timed("launching the extractor", extract)
+    cluster._finite_flags = lambda feats: timed("waiting for the GPU", finite(feats))
+    try:
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        whole = time.perf_counter() - start
+    finally:
+        Future.result, cluster._extract_batch, cluster._finite_flags = result, extract, finite
+    spent["the rest"] = whole - sum(spent.values())
+    return spent
 
 
 if __name__ == "__main__":

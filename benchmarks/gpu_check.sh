@@ -4,6 +4,7 @@
 # Wheels missing there travel in .whl/ (soundfile, soxr, cffi, pycparser, and the test oracles
 # openai-whisper, more-itertools, taming-transformers-rom1504, DALL-E; see the device README).
 # Usage on the device: bash benchmarks/gpu_check.sh [OUT_DIR] [--no-kmeans]
+#   TEAL_GPU_RUNS="beit2 float32;beit2 float32 --nice 0" picks the tokenize runs.
 set -uo pipefail
 ARGS=" $* "
 OUT="${1:-${OUT:-/tmp/teal-gpu}}"
@@ -17,13 +18,17 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 nproc | tee -a "$OUT/gpu.txt"
 timeout 150 python3 -m pytest -q -m requires_cuda -p no:cacheprovider tests 2>&1 | tee "$OUT/cuda_tests.log" | tail -8
 for dtype in float16 float32; do
-  timeout 60 python3 benchmarks/audio_features.py --device cuda --dtype "$dtype" --clips 512 --seconds 10 --batch 32 \
-    2>&1 | tee -a "$OUT/audio_features_gpu.log" | tail -4
+  timeout 90 python3 benchmarks/audio_features.py --device cuda --dtype "$dtype" --clips 512 --seconds 10 --batch 32 \
+    2>&1 | tee -a "$OUT/audio_features_gpu.log" | tail -7
 done
-for run in "beit2 bfloat16" "beit2 float32" "vqgan float32" "dalle float32" "vqgan bfloat16" "dalle bfloat16"; do
+# Tokenize runs: "codec dtype [extra benchmark options]", separated by ';' (TEAL_GPU_RUNS overrides).
+RUNS="${TEAL_GPU_RUNS:-beit2 bfloat16;beit2 float32;vqgan float32;dalle float32;vqgan bfloat16;dalle bfloat16}"
+IFS=';' read -ra RUN_LIST <<< "$RUNS"
+for run in "${RUN_LIST[@]}"; do
   set -- $run
-  timeout 90 python3 benchmarks/tokenize_image.py --codec "$1" --device cuda --dtype "$2" --images 2048 --batch-size 64 \
-    --image-dir /tmp/teal-bench-images 2>&1 | tee -a "$OUT/tokenize_image_gpu.log" | grep -E "^codec|images/s|ratio|start|one thread"
+  codec="$1" dtype="$2"; shift 2
+  timeout 90 python3 benchmarks/tokenize_image.py --codec "$codec" --device cuda --dtype "$dtype" --images 2048 --batch-size 64 \
+    --image-dir /tmp/teal-bench-images "$@" 2>&1 | tee -a "$OUT/tokenize_image_gpu.log" | grep -E "^codec|images/s|ratio|CPU|one thread|Error"
 done
 if [[ "$ARGS" != *" --no-kmeans "* ]]; then
   timeout 90 python3 benchmarks/kmeans.py --gpu-case --repeat 1 2>&1 | tee "$OUT/kmeans_gpu.log" | tail -10

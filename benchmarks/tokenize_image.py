@@ -122,13 +122,18 @@ def run_bare(codec, batches: list[torch.Tensor]) -> float:
     return time.perf_counter() - start
 
 
-def run_loaders(codec, paths: list[Path], loaders) -> float:
-    """Seconds for the loader pool alone to decode and resize every image (no encoder)."""
-    from teal_cli.pixels import load_pixels
-
+def run_loaders(codec, paths: list[Path], loaders, batch_size: int) -> float:
+    """Seconds for the loader pool alone to decode and resize every image (no encoder), in
+    windows of ``batch_size`` with the next window queued, as tokenize does."""
     prep = codec.pixel_prep()
+    windows = [[str(p) for p in paths[i : i + batch_size]] for i in range(0, len(paths), batch_size)]
     start = time.perf_counter()
-    [f.result() for f in [loaders.submit_image(load_pixels, prep, str(p)) for p in paths]]
+    ahead = loaders.load_images(prep, windows[0])
+    for window in windows[1:] + [None]:
+        current, ahead = ahead, loaders.load_images(prep, window) if window else None
+        for future in current.futures:
+            np.ascontiguousarray(future.result()[0])  # read the pixels, as tokenize copies them
+        current.release()
     return time.perf_counter() - start
 
 
@@ -164,6 +169,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--loader", default="auto", choices=["auto", "threads", "processes"])
+    parser.add_argument("--nice", type=int, default=None, help="loader processes' priority increment (default: teal's)")
     parser.add_argument("--image-dir", help="write the test JPEGs here and reuse them on later runs (default: a temp dir)")
     args = parser.parse_args()
 
@@ -185,21 +191,27 @@ def main() -> None:
         batches = [made.to(device) for _ in range(count // args.batch_size)]
         codec.encode(batches[0])  # warm-up: kernels, allocator
         bare = run_bare(codec, batches)
-        loaders = Loaders(args.workers, args.loader)
+        loaders = Loaders(args.workers, args.loader, **({} if args.nice is None else {"nice": args.nice}))
         t0 = time.perf_counter()
         loaders.start()
         started = time.perf_counter() - t0
+        cpu = time.process_time()
         seconds, written = run_tokenize(codec, paths, Path(tmp) / "out.jsonl", args.batch_size, loaders)
+        tok_cpu = (time.process_time() - cpu) / count
         bare2 = run_bare(codec, batches)  # again after, to see drift (clocks, other load)
         assert written == count, (written, count)
         bare_ips = len(batches) * args.batch_size / min(bare, bare2)
         tok_ips = count / seconds
         print(f"bare encoder forward : {bare_ips:9.1f} images/s  (runs: {len(batches) * args.batch_size / bare:.1f}, {len(batches) * args.batch_size / bare2:.1f})")
         print(f"teal tokenize        : {tok_ips:9.1f} images/s  (decode + resize + map + encode + JSONL write)")
-        load_ips = count / run_loaders(codec, paths, loaders)
+        cpu = time.process_time()
+        load_ips = count / run_loaders(codec, paths, loaders, args.batch_size)
+        load_cpu = (time.process_time() - cpu) / count
         loaders.close()
         print(f"loader start         : {started:9.3f} s once per run (not in the rates; {loaders.kind})")
         print(f"loaders alone        : {load_ips:9.1f} images/s  (decode + resize to uint8, no encoder)")
+        print(f"parent CPU per image : {tok_cpu * 1000:9.3f} ms tokenize, {load_cpu * 1000:.3f} ms loaders alone "
+              "(all threads of this process: receiving images, encoder launches, JSON)")
         print(f"ratio                : {tok_ips / bare_ips:9.3f}  (tokenize / bare)")
         print(f"ratio to the limit   : {tok_ips / min(bare_ips, load_ips):9.3f}  (tokenize / min(bare, loaders): "
               f"{'encoder' if bare_ips <= load_ips else 'loaders'}-bound)")

@@ -64,6 +64,34 @@ def autocast(device: "torch.device", dtype: "torch.dtype"):
     return contextlib.nullcontext()
 
 
+_COPY_STREAMS: dict = {}
+
+
+def upload(host: "torch.Tensor", device: "torch.device") -> "torch.Tensor":
+    """``host`` on ``device``; on CUDA copied on a side stream from pinned memory.
+
+    The copy engine then fills batch N+1 while the current stream still computes batch N (a
+    copy queued on the current stream waits for that work and holds up the next): the
+    current stream waits for the copy on the device, never the host. ``host`` must be
+    pinned (``pin_memory=True``) for the copy to be asynchronous, and left unchanged
+    afterwards.
+    """
+    import torch
+
+    if device.type != "cuda":
+        return host.to(device)
+    device = torch.device(device.type, device.index if device.index is not None else torch.cuda.current_device())
+    stream = _COPY_STREAMS.get(device)
+    if stream is None:
+        stream = _COPY_STREAMS[device] = torch.cuda.Stream(device)
+    current = torch.cuda.current_stream(device)
+    with torch.cuda.stream(stream):
+        out = host.to(device, non_blocking=True)
+    current.wait_stream(stream)
+    out.record_stream(current)  # its memory is not reused before the current stream is done with it
+    return out
+
+
 def host_copy_later(tensor: "torch.Tensor") -> "Callable[[], torch.Tensor]":
     """Start copying ``tensor`` to the host; the returned function waits for it and returns it.
 

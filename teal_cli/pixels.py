@@ -96,6 +96,19 @@ class PixelPrep:
         if self.resize is not None and not self.size:
             raise ValueError("PixelPrep: resize needs a size")
 
+    @property
+    def fixed_shape(self) -> "tuple[int, int, int] | None":
+        """``(H, W, 3)`` of every output when it does not depend on the image (a crop or a
+        square resize), else None."""
+        if self.crop:
+            side = self.crop
+        elif self.resize == "square":
+            side = self.size
+        else:
+            return None
+        side = -(-side // self.pad_multiple) * self.pad_multiple
+        return (side, side, 3)
+
     def apply(self, image: "Image.Image") -> "tuple[np.ndarray, tuple[int, int] | None]":
         """``(pixels [H, W, 3] uint8, content (H, W) when padded else None)``."""
         import numpy as np

@@ -17,8 +17,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 from .codecs.base import AudioCodec, Codec, ImageCodec
 from .errors import DataError, TealError, UsageError
-from .loaders import Loaders
-from .pixels import load_pixels
+from .loaders import ImageLoads, Loaders
 from .prefetch import pipeline
 from .records import Record, Segment
 
@@ -135,9 +134,10 @@ def tokenize_records(
         loaders = Loaders(options.workers, options.loader)
     try:
 
-        def start(window: list[Record]) -> tuple[list[Record], list[_Item], dict[int, str]]:
+        def start(window: list[Record]) -> tuple[list[Record], list[_Item], dict[int, str], list[ImageLoads]]:
             items: list[_Item] = []
             failed: dict[int, str] = {}
+            images: dict[int, list[_Item]] = {}  # by codec: one loader call each
             for r, record in enumerate(window):
                 for s, seg in enumerate(record.segments):
                     if seg.path is None or seg.tokens is not None:
@@ -151,14 +151,26 @@ def tokenize_records(
                         failed.setdefault(r, str(exc))
                         continue
                     if isinstance(item.codec, ImageCodec):
-                        item.data = loaders.submit_image(load_pixels, preps[id(item.codec)], seg.path)
+                        images.setdefault(id(item.codec), []).append(item)
                     else:
                         item.data = loaders.submit(_load_audio, item.codec, seg.path)
                     items.append(item)
-            return window, items, failed
+            loads = []
+            for group in images.values():
+                loads.append(loaders.load_images(preps[id(group[0].codec)], [i.target.segments[i.segment].path for i in group]))
+                for item, future in zip(group, loads[-1].futures):
+                    item.data = future
+            return window, items, failed, loads
 
         def launch(started):
-            window, items, failed = started
+            window, items, failed, loads = started
+            try:
+                return _launch(window, items, failed)
+            finally:  # the pixels were copied out (or the job is failing): their slots are free
+                for load in loads:
+                    load.release()
+
+        def _launch(window, items, failed):
             ready: list[_Item] = []
             for item in items:
                 try:
@@ -228,14 +240,14 @@ def _encode_images(codec: ImageCodec, group: list[_Item]) -> Callable[[], None]:
     import numpy as np
     import torch
 
-    from .device import host_copy_later
+    from .device import host_copy_later, upload
 
     device = torch.device(codec.device)
     shape = (len(group), *group[0].data.shape)
     # Stacked straight into pinned memory on CUDA, so the upload is one asynchronous copy.
     pixels = torch.empty(shape, dtype=torch.uint8, pin_memory=device.type == "cuda")
     np.stack([i.data for i in group], out=pixels.numpy())
-    ids = host_copy_later(codec.encode(codec.normalize(pixels.to(device, non_blocking=True))))
+    ids = host_copy_later(codec.encode(codec.normalize(upload(pixels, device))))
 
     def finish() -> None:
         for item, grid in zip(group, ids()):

@@ -165,3 +165,64 @@ def test_a_bad_file_in_a_loader_process_is_reported_and_skipped(images, patch_co
             list(tokenize_records(iter_input_records([str(images)]), [patch_codec], TokenizeOptions(), loaders=loaders))
     assert len(ids) == 3 and not any("d.png" in i for i in ids)
     assert len(warnings) == 1 and "d.png" in warnings[0] and "cannot read image" in warnings[0]
+
+
+def test_fixed_size_images_come_back_through_shared_memory(images, patch_codec):
+    """A fixed output shape (here a square resize) goes through shared slots; over many
+    windows (two regions, reused) the records equal the threads' ones."""
+    for i in range(6):  # more windows than regions
+        Image.open(images / "a.jpg").rotate(15 * i).save(images / f"r{i}.jpg")
+    threads = _records(images, patch_codec, loader="threads", workers=2, batch_size=2, image_size=16)
+    with Loaders(2, "processes").start() as loaders:
+        shared = _records(images, patch_codec, loaders, batch_size=2, image_size=16)
+        arena = loaders._arenas[(16, 16, 3)]
+        assert arena is not None and sorted(arena.free) == [0, 1]  # every region given back
+    assert shared == threads and len(threads) == 9
+
+
+def test_without_shared_memory_images_are_pickled_back(images, patch_codec, monkeypatch):
+    import teal_cli.loaders as loaders_module
+
+    def no_room(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(loaders_module, "SharedSlots", no_room)
+    threads = _records(images, patch_codec, loader="threads", workers=2, image_size=16)
+    with Loaders(2, "processes").start() as loaders:
+        assert _records(images, patch_codec, loaders, image_size=16) == threads
+        assert loaders._arenas == {(16, 16, 3): None}
+
+
+def test_shared_slots_round_trip_and_cleanup():
+    import os
+    import pickle
+
+    import numpy as np
+
+    from teal_cli.loaders import SharedSlots, _ATTACHED
+
+    slots = SharedSlots((4, 5, 3), 3)
+    name = slots._shm.name
+    other = pickle.loads(pickle.dumps(slots))  # as a loader process attaches
+    try:
+        assert other is not slots and other.shape == (4, 5, 3)
+        value = np.arange(60, dtype=np.uint8).reshape(4, 5, 3)
+        other.array(2)[...] = value
+        assert np.array_equal(slots.array(2), value) and not slots.array(1).any()
+        with pytest.raises(IndexError):
+            slots.array(3)
+    finally:
+        _ATTACHED.pop(name).close()
+        slots.close()
+    assert not os.path.exists(f"/dev/shm/{name}")
+
+
+def test_loader_processes_run_below_the_parent_priority():
+    import os
+
+    from teal_cli.loaders import LOADER_NICE
+
+    with Loaders(2, "processes").start() as loaders:
+        assert loaders._processes.submit(os.nice, 0).result() == min(19, os.nice(0) + LOADER_NICE)
+    with Loaders(2, "processes", nice=0).start() as loaders:
+        assert loaders._processes.submit(os.nice, 0).result() == os.nice(0)
