@@ -78,9 +78,10 @@ def _ready() -> bool:
     return True
 
 
-def _quiet_worker(nice: int = 0) -> None:
-    """Loader processes leave Ctrl-C to the parent, which shuts them down, and yield the CPU
-    to it (``nice``)."""
+def _quiet_worker(nice: int = 0, parent: int | None = None) -> None:
+    """Loader processes leave Ctrl-C to the parent, which shuts them down, yield the CPU to it
+    (``nice``), and exit when it is gone (``parent``'s pid), even killed outright: nothing
+    else would end them, and they would keep the shared memory alive."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -89,6 +90,31 @@ def _quiet_worker(nice: int = 0) -> None:
             os.nice(nice)
         except OSError:  # not permitted here: run at the parent's priority
             pass
+    if parent is not None:
+        threading.Thread(target=_exit_with, args=(parent,), name="teal-parent-watch", daemon=True).start()
+
+
+def _exit_with(pid: int) -> None:
+    """Wait for process ``pid`` to end (a pidfd on Linux, else polling), then exit."""
+    import select
+    import time
+
+    try:
+        fd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        fd = None
+    if fd is not None:
+        select.select([fd], [], [])
+    else:
+        while True:
+            time.sleep(1.0)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            except PermissionError:  # the pid now belongs to another user's process
+                break
+    os._exit(0)
 
 
 class SharedSlots:
@@ -326,7 +352,7 @@ class Loaders:
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(PRELOAD)
         self._processes = ProcessPoolExecutor(self.workers, mp_context=context, initializer=_quiet_worker,
-                                              initargs=(self.nice,))
+                                              initargs=(self.nice, os.getpid()))
         for job in [self._processes.submit(_ready) for _ in range(self.workers)]:
             job.result()
         self._ready.set()

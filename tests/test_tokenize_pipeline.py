@@ -226,3 +226,50 @@ def test_loader_processes_run_below_the_parent_priority():
         assert loaders._processes.submit(os.nice, 0).result() == min(19, os.nice(0) + LOADER_NICE)
     with Loaders(2, "processes", nice=0).start() as loaders:
         assert loaders._processes.submit(os.nice, 0).result() == os.nice(0)
+
+
+def test_loader_processes_and_shared_memory_go_when_the_parent_is_killed(images, tmp_path):
+    """SIGKILL leaves no cleanup to the parent: the workers notice and exit, and with them
+    the fork server and resource tracker, which unlinks the shared memory."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    script = tmp_path / "parent.py"
+    script.write_text(f"""
+import os, sys, time
+from teal_cli.loaders import Loaders
+from teal_cli.pixels import PixelPrep
+if __name__ == "__main__":
+    loaders = Loaders(2, "processes").start()
+    load = loaders.load_images(PixelPrep("square", 16), [{str(images / "a.jpg")!r}] * 4)
+    [f.result() for f in load.futures]
+    name = next(a for a in loaders._arenas.values()).shared._shm.name
+    print(name, *loaders._processes._processes, flush=True)
+    time.sleep(120)
+""")
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        name, *workers = parent.stdout.readline().split()
+        assert len(workers) == 2 and os.path.exists(f"/dev/shm/{name}")
+    finally:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+
+    def alive(pid):
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+    deadline = time.time() + 30
+    while (any(map(alive, workers)) or os.path.exists(f"/dev/shm/{name}")) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(map(alive, workers)), "loader processes outlived their parent"
+    assert not os.path.exists(f"/dev/shm/{name}"), "shared memory outlived the loaders"
