@@ -12,6 +12,9 @@ Arms, on the same images, batch size, device and dtype:
   forward pass and codebook lookup alone.
 - ``loaders``: the same loader pool (``--workers``, ``--loader``) decoding and resizing every
   image to uint8 with no encoder: the most images per second this host's CPUs can feed.
+- ``tokenize, no encoder``: the tokenize arm with ``codec.encode`` replaced by a constant
+  grid: the ceiling of the host side of the pipeline (loaders, hand-over, upload, value
+  mapping, JSONL), and the parent process's CPU time per image it costs.
 
 Printed: tokenize / bare (the goal on a GPU is >= 0.9 at batch >= 64) and tokenize /
 min(bare, loaders), how close teal gets to whichever of the two limits binds. Then,
@@ -207,11 +210,18 @@ def main() -> None:
         cpu = time.process_time()
         load_ips = count / run_loaders(codec, paths, loaders, args.batch_size)
         load_cpu = (time.process_time() - cpu) / count
+        grid = codec.encode(batches[0][:1]).shape[1:]
+        codec.encode = lambda pixels: torch.zeros((pixels.shape[0], *grid), dtype=torch.long, device=pixels.device)
+        cpu = time.process_time()
+        host_seconds, _ = run_tokenize(codec, paths, Path(tmp) / "out.jsonl", args.batch_size, loaders)
+        host_cpu = (time.process_time() - cpu) / count
+        del codec.encode
         loaders.close()
         print(f"loader start         : {started:9.3f} s once per run (not in the rates; {loaders.kind})")
         print(f"loaders alone        : {load_ips:9.1f} images/s  (decode + resize to uint8, no encoder)")
-        print(f"parent CPU per image : {tok_cpu * 1000:9.3f} ms tokenize, {load_cpu * 1000:.3f} ms loaders alone "
-              "(all threads of this process: receiving images, encoder launches, JSON)")
+        print(f"tokenize, no encoder : {count / host_seconds:9.1f} images/s  (the host side's ceiling)")
+        print(f"parent CPU per image : {tok_cpu * 1000:9.3f} ms tokenize, {host_cpu * 1000:.3f} ms with no encoder, "
+              f"{load_cpu * 1000:.3f} ms loaders alone (all threads of this process)")
         print(f"ratio                : {tok_ips / bare_ips:9.3f}  (tokenize / bare)")
         print(f"ratio to the limit   : {tok_ips / min(bare_ips, load_ips):9.3f}  (tokenize / min(bare, loaders): "
               f"{'encoder' if bare_ips <= load_ips else 'loaders'}-bound)")
