@@ -12,6 +12,8 @@ Arms, on the same images, batch size, device and dtype:
   forward pass and codebook lookup alone.
 - ``loaders``: the same loader pool (``--workers``, ``--loader``) decoding and resizing every
   image to uint8 with no encoder: the most images per second this host's CPUs can feed.
+- ``device resize alone`` (with ``--resize-on device``): decoded images resized and cropped on
+  the device by :mod:`teal_cli.resample`, upload included.
 - ``tokenize, no encoder``: the tokenize arm with ``codec.encode`` replaced by a constant
   grid: the ceiling of the host side of the pipeline (loaders, hand-over, upload, value
   mapping, JSONL), and the parent process's CPU time per image it costs.
@@ -101,12 +103,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_tokenize(codec, paths: list[Path], out: Path, batch_size: int, loaders) -> tuple[float, int]:
+def run_tokenize(codec, paths: list[Path], out: Path, batch_size: int, loaders, resize_on: str = "loader") -> tuple[float, int]:
     from teal_cli.inputs import iter_input_records
     from teal_cli.records import RecordWriter
     from teal_cli.tokenize import TokenizeOptions, tokenize_records
 
-    options = TokenizeOptions(batch_size=batch_size)
+    options = TokenizeOptions(batch_size=batch_size, resize_on=resize_on)
     start = time.perf_counter()
     with open(out, "w") as f:
         count = RecordWriter(f).write_all(tokenize_records(iter_input_records([str(p) for p in paths]), [codec], options,
@@ -125,19 +127,37 @@ def run_bare(codec, batches: list[torch.Tensor]) -> float:
     return time.perf_counter() - start
 
 
-def run_loaders(codec, paths: list[Path], loaders, batch_size: int) -> float:
+def run_loaders(codec, paths: list[Path], loaders, batch_size: int, raw_bytes: int = 0) -> float:
     """Seconds for the loader pool alone to decode and resize every image (no encoder), in
     windows of ``batch_size`` with the next window queued, as tokenize does."""
     prep = codec.pixel_prep()
     windows = [[str(p) for p in paths[i : i + batch_size]] for i in range(0, len(paths), batch_size)]
     start = time.perf_counter()
-    ahead = loaders.load_images(prep, windows[0])
+    ahead = loaders.load_images(prep, windows[0], raw_bytes)
     for window in windows[1:] + [None]:
-        current, ahead = ahead, loaders.load_images(prep, window) if window else None
+        current, ahead = ahead, loaders.load_images(prep, window, raw_bytes) if window else None
         for future in current.futures:
             np.ascontiguousarray(future.result()[0])  # read the pixels, as tokenize copies them
         current.release()
     return time.perf_counter() - start
+
+
+def run_device_resize(codec, paths: list[Path], batch_size: int) -> float:
+    """Images per second of :func:`teal_cli.resample.resize_window` alone, on decoded images."""
+    from teal_cli.media import load_image
+    from teal_cli.resample import resize_window
+
+    prep = codec.pixel_prep()
+    images = [np.asarray(load_image(p)) for p in paths[: batch_size * 4]]
+    windows = [prep.window(im.shape[1], im.shape[0]) for im in images]
+    chunks = [(images[i : i + batch_size], windows[i : i + batch_size]) for i in range(0, len(images), batch_size)]
+    resize_window(*chunks[0], prep.resample, codec.device)  # warm-up
+    _sync(codec.device)
+    start = time.perf_counter()
+    for chunk in chunks:
+        resize_window(*chunk, prep.resample, codec.device)
+    _sync(codec.device)
+    return len(images) / (time.perf_counter() - start)
 
 
 def breakdown(codec, paths: list[Path], batch_size: int) -> dict[str, float]:
@@ -173,6 +193,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--loader", default="auto", choices=["auto", "threads", "processes"])
     parser.add_argument("--nice", type=int, default=None, help="loader processes' priority increment (default: teal's)")
+    parser.add_argument("--resize-on", default="loader", choices=["loader", "device"],
+                        help="device: loaders only decode; resize and crop on the encoder's device")
     parser.add_argument("--image-dir", help="write the test JPEGs here and reuse them on later runs (default: a temp dir)")
     args = parser.parse_args()
 
@@ -182,7 +204,8 @@ def main() -> None:
     codec = build_codec(args.codec, args.checkpoint, dtype).to(device)
     count = args.images or args.batch_size * (4 if device.type == "cuda" else 2)
     print(f"codec {codec.name} ({args.codec}), device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
-          f"dtype {str(dtype).replace('torch.', '')}, batch {args.batch_size}, {count} images, {args.workers} loaders ({resolve_loader(args.loader, args.workers)})", flush=True)
+          f"dtype {str(dtype).replace('torch.', '')}, batch {args.batch_size}, {count} images, {args.workers} loaders ({resolve_loader(args.loader, args.workers)}), "
+          f"resize on the {args.resize_on}", flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(args.image_dir or Path(tmp) / "images")
@@ -199,7 +222,7 @@ def main() -> None:
         loaders.start()
         started = time.perf_counter() - t0
         cpu = time.process_time()
-        seconds, written = run_tokenize(codec, paths, Path(tmp) / "out.jsonl", args.batch_size, loaders)
+        seconds, written = run_tokenize(codec, paths, Path(tmp) / "out.jsonl", args.batch_size, loaders, args.resize_on)
         tok_cpu = (time.process_time() - cpu) / count
         bare2 = run_bare(codec, batches)  # again after, to see drift (clocks, other load)
         assert written == count, (written, count)
@@ -208,12 +231,17 @@ def main() -> None:
         print(f"bare encoder forward : {bare_ips:9.1f} images/s  (runs: {len(batches) * args.batch_size / bare:.1f}, {len(batches) * args.batch_size / bare2:.1f})")
         print(f"teal tokenize        : {tok_ips:9.1f} images/s  (decode + resize + map + encode + JSONL write)")
         cpu = time.process_time()
-        load_ips = count / run_loaders(codec, paths, loaders, args.batch_size)
+        from teal_cli.loaders import RAW_BYTES
+
+        load_ips = count / run_loaders(codec, paths, loaders, args.batch_size, RAW_BYTES if args.resize_on == "device" else 0)
         load_cpu = (time.process_time() - cpu) / count
+        if args.resize_on == "device":
+            print(f"device resize alone  : {run_device_resize(codec, paths, args.batch_size):9.1f} images/s  "
+                  "(decoded images in memory -> padded upload -> resize + crop on the device)")
         grid = codec.encode(batches[0][:1]).shape[1:]
         codec.encode = lambda pixels: torch.zeros((pixels.shape[0], *grid), dtype=torch.long, device=pixels.device)
         cpu = time.process_time()
-        host_seconds, _ = run_tokenize(codec, paths, Path(tmp) / "out.jsonl", args.batch_size, loaders)
+        host_seconds, _ = run_tokenize(codec, paths, Path(tmp) / "out.jsonl", args.batch_size, loaders, args.resize_on)
         host_cpu = (time.process_time() - cpu) / count
         del codec.encode
         loaders.close()

@@ -19,7 +19,7 @@ _teal() {
     codecs) if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--json -h --help" -- "$cur")); return; fi;;
     completions) if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "-h --help" -- "$cur")); return; fi;;
     detokenize) if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "-o --output --checkpoint --config --vocoder --vocoder-config --speaker --style --dur-prediction --on-error --device -q --quiet -v --verbose -h --help" -- "$cur")); return; fi;;
-    tokenize) if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--codec -c -o --output --batch-size -b --image-size --dedup --checkpoint --config --shard --workers --loader --on-error --device --dtype --seed -q --quiet -v --verbose -h --help" -- "$cur")); return; fi;;
+    tokenize) if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--codec -c -o --output --batch-size -b --image-size --dedup --checkpoint --config --shard --workers --loader --resize-on --on-error --device --dtype --seed -q --quiet -v --verbose -h --help" -- "$cur")); return; fi;;
   esac
   COMPREPLY=($(compgen -f -- "$cur"))
 }

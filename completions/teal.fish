@@ -48,6 +48,7 @@ complete -c teal -n '__fish_seen_subcommand_from tokenize' -l config -r -d 'Loca
 complete -c teal -n '__fish_seen_subcommand_from tokenize' -l shard -r -d 'Tokenize only shard I/N of the records (auto: from torchrun\'s RANK/WORLD_SIZE); {shard} in -o becomes I'
 complete -c teal -n '__fish_seen_subcommand_from tokenize' -l workers -r -d 'Loaders decoding media ahead of the encoder [default: one per core, at most 16]'
 complete -c teal -n '__fish_seen_subcommand_from tokenize' -l loader -r -d 'Image loaders: threads, processes, or auto (processes from 8 workers up)'
+complete -c teal -n '__fish_seen_subcommand_from tokenize' -l resize-on -r -d 'Where images are resized and cropped: loader (Pillow, on the CPU) or device (the encoder\'s device, Pillow\'s exact bytes; loaders then only decode)'
 complete -c teal -n '__fish_seen_subcommand_from tokenize' -l on-error -r -a 'fail skip' -d 'fail: stop at the first bad item'
 complete -c teal -n '__fish_seen_subcommand_from tokenize' -l device -r -a 'auto cpu cuda' -d 'auto (CUDA when available), cpu, cuda or cuda:N'
 complete -c teal -n '__fish_seen_subcommand_from tokenize' -l dtype -r -a 'auto float32 bfloat16 float16' -d 'auto (= float32: ids as the reference code gives them), bfloat16 or float16 (faster on GPU, some near-tie ids change)'

@@ -25,25 +25,36 @@ def as_rgb(image: "Image.Image") -> "Image.Image":
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def resize_shorter(image: "Image.Image", size: int, resample: int) -> "Image.Image":
-    """``torchvision.transforms.Resize(size, interpolation=resample)`` for a PIL image."""
-    w, h = image.size
+def shorter_size(w: int, h: int, size: int) -> tuple[int, int]:
+    """``(w, h)`` after :func:`resize_shorter`."""
     short, long = (w, h) if w <= h else (h, w)
     if short == size:
-        return image
+        return w, h
     new_short, new_long = size, int(size * long / short)
-    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
-    return image.resize((new_w, new_h), resample)
+    return (new_short, new_long) if w <= h else (new_long, new_short)
+
+
+def resize_shorter(image: "Image.Image", size: int, resample: int) -> "Image.Image":
+    """``torchvision.transforms.Resize(size, interpolation=resample)`` for a PIL image."""
+    new = shorter_size(*image.size, size)
+    return image if new == image.size else image.resize(new, resample)
+
+
+def shorter_rounded_size(w: int, h: int, size: int) -> tuple[int, int]:
+    """``(w, h)`` after :func:`resize_shorter_rounded`."""
+    r = size / min(w, h)
+    return round(r * w), round(r * h)
 
 
 def resize_shorter_rounded(image: "Image.Image", size: int, resample: int) -> "Image.Image":
     """The DALL-E usage notebook's resize: both sides scaled by ``size / min(w, h)``, rounded."""
-    w, h = image.size
-    r = size / min(w, h)
-    new_h, new_w = round(r * h), round(r * w)
-    if (new_w, new_h) == (w, h):
-        return image
-    return image.resize((new_w, new_h), resample)
+    new = shorter_rounded_size(*image.size, size)
+    return image if new == image.size else image.resize(new, resample)
+
+
+def crop_origin(w: int, h: int, size: int) -> tuple[int, int]:
+    """``(left, top)`` of :func:`center_crop` in an image at least ``size`` on each side."""
+    return int(round((w - size) / 2.0)), int(round((h - size) / 2.0))
 
 
 def center_crop(image: "Image.Image", size: int) -> "Image.Image":
@@ -58,8 +69,7 @@ def center_crop(image: "Image.Image", size: int) -> "Image.Image":
         image, (w, h) = padded, padded.size
         if w == size and h == size:
             return image
-    top = int(round((h - size) / 2.0))
-    left = int(round((w - size) / 2.0))
+    left, top = crop_origin(w, h, size)
     return image.crop((left, top, left + size, top + size))
 
 
@@ -108,6 +118,36 @@ class PixelPrep:
             return None
         side = -(-side // self.pad_multiple) * self.pad_multiple
         return (side, side, 3)
+
+    def resized_size(self, w: int, h: int) -> tuple[int, int]:
+        """``(w, h)`` of an image of that size after :attr:`resize`."""
+        if self.resize == "shorter":
+            return shorter_size(w, h, self.size)
+        if self.resize == "shorter_rounded":
+            return shorter_rounded_size(w, h, self.size)
+        if self.resize == "square":
+            return self.size, self.size
+        return w, h
+
+    def window(self, w: int, h: int) -> "tuple[int, int, int, int, int, int] | None":
+        """For a ``w`` x ``h`` image: ``(resized w, resized h, left, top, out w, out h)``, the
+        part of the resized image this geometry keeps, when it is a plain window of it (no
+        padding); else None. What :mod:`teal_cli.resample` needs to do it on a device."""
+        from .resample import FILTERS
+
+        if self.resample not in FILTERS or (self.pad_multiple > 1 and self.fixed_shape is None):
+            return None
+        rw, rh = self.resized_size(w, h)
+        if self.crop:
+            if rw < self.crop or rh < self.crop:
+                return None
+            left, top = crop_origin(rw, rh, self.crop)
+            out = (self.crop, self.crop)
+        else:
+            left, top, out = 0, 0, (rw, rh)
+        if self.pad_multiple > 1 and (out[0] % self.pad_multiple or out[1] % self.pad_multiple):
+            return None
+        return rw, rh, left, top, out[0], out[1]
 
     def apply(self, image: "Image.Image") -> "tuple[np.ndarray, tuple[int, int] | None]":
         """``(pixels [H, W, 3] uint8, content (H, W) when padded else None)``."""

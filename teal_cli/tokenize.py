@@ -24,6 +24,8 @@ from .records import Record, Segment
 if TYPE_CHECKING:
     import torch
 
+    from .pixels import PixelPrep
+
 
 @dataclass
 class TokenizeOptions:
@@ -36,6 +38,9 @@ class TokenizeOptions:
         on_error: ``fail`` stops at the first bad item; ``skip`` reports it and goes on.
         workers: loaders decoding media ahead of the encoder (None: one per core, at most 16).
         loader: ``auto``, ``threads`` or ``processes`` for images (see :mod:`teal_cli.loaders`).
+        resize_on: ``loader`` resizes images with Pillow in the loaders; ``device`` leaves
+            the resize and crop of images up to 1 MB decoded to the encoder's device
+            (:mod:`teal_cli.resample`: Pillow's bytes exactly), so loaders only decode.
     """
 
     batch_size: int = 16
@@ -44,6 +49,7 @@ class TokenizeOptions:
     on_error: str = "fail"
     workers: int | None = None
     loader: str = "auto"
+    resize_on: str = "loader"
 
 
 @dataclass
@@ -80,6 +86,8 @@ class _Item:
     where: str
     data: "Future | object | None" = None
     size: "tuple[int, int] | None" = None  # content size when the codec padded the image
+    window: "tuple | None" = None  # decoded only: the resize window left to the device
+    prep: "PixelPrep | None" = None  # image items: the codec's geometry
     segment_out: Segment | None = None
 
 
@@ -89,6 +97,22 @@ def _load_audio(codec: AudioCodec, path: str) -> "torch.Tensor":
     wave = load_audio(path, codec.sample_rate)
     check_duration(wave, codec.sample_rate, codec.frame_rate, path, f"codec '{codec.name}'")
     return wave
+
+
+def _raw_bytes(resize_on: str) -> int:
+    """Largest decoded image whose resize is left to the device (0: none)."""
+    from .loaders import RAW_BYTES
+
+    if resize_on == "loader":
+        return 0
+    if resize_on != "device":
+        raise UsageError(f"--resize-on {resize_on}: expected loader or device")
+    from .resample import exact_here
+
+    why = exact_here()
+    if why is not None:
+        raise UsageError(f"--resize-on device: {why}; use --resize-on loader")
+    return RAW_BYTES
 
 
 def _windows(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
@@ -126,6 +150,7 @@ def tokenize_records(
     check_codecs(codecs)
     if options.on_error not in ("fail", "skip"):
         raise UsageError(f"--on-error {options.on_error}: expected fail or skip")
+    raw_bytes = _raw_bytes(options.resize_on)
     # Geometry per image codec, checked once (a bad --image-size is a usage error, not a bad file).
     preps = {id(c): c.pixel_prep(options.image_size) for c in codecs if isinstance(c, ImageCodec)}
 
@@ -157,7 +182,10 @@ def tokenize_records(
                     items.append(item)
             loads = []
             for group in images.values():
-                loads.append(loaders.load_images(preps[id(group[0].codec)], [i.target.segments[i.segment].path for i in group]))
+                for item in group:
+                    item.prep = preps[id(item.codec)]
+                paths = [i.target.segments[i.segment].path for i in group]
+                loads.append(loaders.load_images(preps[id(group[0].codec)], paths, raw_bytes))
                 for item, future in zip(group, loads[-1].futures):
                     item.data = future
             return window, items, failed, loads
@@ -184,7 +212,7 @@ def tokenize_records(
                     failed.setdefault(item.record, str(exc))
                     continue
                 if isinstance(item.codec, ImageCodec):
-                    item.data, item.size = item.data
+                    item.data, item.size, item.window = item.data
                 ready.append(item)
             return window, items, failed, _encode(ready, options)
 
@@ -214,7 +242,7 @@ def _encode(items: list[_Item], options: TokenizeOptions) -> Callable[[], None]:
 
     groups: dict[tuple, list[_Item]] = {}
     for item in items:
-        key = (id(item.codec), item.data.shape if isinstance(item.codec, ImageCodec) else None)
+        key = (id(item.codec), _pixel_shape(item) if isinstance(item.codec, ImageCodec) else None)
         groups.setdefault(key, []).append(item)
     finishers: list[Callable[[], None]] = []
     with torch.inference_mode():
@@ -236,18 +264,35 @@ def _encode(items: list[_Item], options: TokenizeOptions) -> Callable[[], None]:
     return complete
 
 
+def _pixel_shape(item: _Item) -> tuple:
+    """``(H, W, 3)`` of an image item's encoder input (after the device resize, if any)."""
+    if item.window is not None:
+        return (item.window[5], item.window[4], 3)
+    return item.data.shape
+
+
 def _encode_images(codec: ImageCodec, group: list[_Item]) -> Callable[[], None]:
     import numpy as np
     import torch
 
     from .device import host_copy_later, upload
+    from .resample import resize_window
 
     device = torch.device(codec.device)
-    shape = (len(group), *group[0].data.shape)
-    # Stacked straight into pinned memory on CUDA, so the upload is one asynchronous copy.
-    pixels = torch.empty(shape, dtype=torch.uint8, pin_memory=device.type == "cuda")
-    np.stack([i.data for i in group], out=pixels.numpy())
-    ids = host_copy_later(codec.encode(codec.normalize(upload(pixels, device))))
+    done = [i for i in group if i.window is None]
+    raw = [i for i in group if i.window is not None]
+    parts = []
+    if done:
+        # Stacked straight into pinned memory on CUDA, so the upload is one asynchronous copy.
+        pixels = torch.empty((len(done), *done[0].data.shape), dtype=torch.uint8, pin_memory=device.type == "cuda")
+        np.stack([i.data for i in done], out=pixels.numpy())
+        parts.append(upload(pixels, device))
+    if raw:
+        parts.append(resize_window([i.data for i in raw], [i.window for i in raw],
+                                   raw[0].prep.resample, device))
+    group[:] = done + raw  # the order of the rows of the batch
+    pixels = parts[0] if len(parts) == 1 else torch.cat(parts)
+    ids = host_copy_later(codec.encode(codec.normalize(pixels)))
 
     def finish() -> None:
         for item, grid in zip(group, ids()):

@@ -175,7 +175,7 @@ def test_fixed_size_images_come_back_through_shared_memory(images, patch_codec):
     threads = _records(images, patch_codec, loader="threads", workers=2, batch_size=2, image_size=16)
     with Loaders(2, "processes").start() as loaders:
         shared = _records(images, patch_codec, loaders, batch_size=2, image_size=16)
-        arena = loaders._arenas[(16, 16, 3)]
+        arena = loaders._arenas[16 * 16 * 3]
         assert arena is not None and sorted(arena.free) == [0, 1]  # every region given back
     assert shared == threads and len(threads) == 9
 
@@ -190,7 +190,7 @@ def test_without_shared_memory_images_are_pickled_back(images, patch_codec, monk
     threads = _records(images, patch_codec, loader="threads", workers=2, image_size=16)
     with Loaders(2, "processes").start() as loaders:
         assert _records(images, patch_codec, loaders, image_size=16) == threads
-        assert loaders._arenas == {(16, 16, 3): None}
+        assert loaders._arenas == {16 * 16 * 3: None}
 
 
 def test_shared_slots_round_trip_and_cleanup():
@@ -201,16 +201,19 @@ def test_shared_slots_round_trip_and_cleanup():
 
     from teal_cli.loaders import SharedSlots, _ATTACHED
 
-    slots = SharedSlots((4, 5, 3), 3)
+    slots = SharedSlots(60, 3)
     name = slots._shm.name
     other = pickle.loads(pickle.dumps(slots))  # as a loader process attaches
     try:
-        assert other is not slots and other.shape == (4, 5, 3)
+        assert other is not slots and other.slot_bytes == 60
         value = np.arange(60, dtype=np.uint8).reshape(4, 5, 3)
-        other.array(2)[...] = value
-        assert np.array_equal(slots.array(2), value) and not slots.array(1).any()
+        other.array(2, (4, 5, 3))[...] = value
+        assert np.array_equal(slots.array(2, (4, 5, 3)), value) and not slots.array(1, (60,)).any()
+        assert np.array_equal(slots.array(2, (2, 5, 3)), value[:2])  # a smaller image in the slot
         with pytest.raises(IndexError):
-            slots.array(3)
+            slots.array(3, (4, 5, 3))
+        with pytest.raises(ValueError, match="does not fit"):
+            slots.array(0, (5, 5, 3))
     finally:
         _ATTACHED.pop(name).close()
         slots.close()

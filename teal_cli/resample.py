@@ -1,0 +1,253 @@
+"""Pillow's image resize, bit for bit, on uint8 tensors on any torch device.
+
+The originals resize with Pillow (``Image.resize``) before their encoders, and the ids
+depend on every pixel, so a resize elsewhere must give Pillow's exact bytes. Pillow resamples
+8-bit images in two passes, horizontal then vertical, each in fixed point:
+
+- per output pixel, weights from the filter (support scaled by the reduction factor,
+  normalised to sum 1) are computed in double precision, then rounded to integers with 22
+  fractional bits (:func:`axis_weights` repeats those operations in the same order, with the
+  same C math library);
+- each output is ``clip(floor((2**21 + sum(pixel * weight)) / 2**22), 0, 255)``, an exact
+  integer computation: here int32 sums of int32 products (Pillow's own accumulator type),
+  which give the same result in any order.
+
+So :func:`resize_window` equals ``image.resize(...)`` followed by a crop, exactly; the tests
+compare the two over many sizes, filters and contents. It serves images of different sizes
+in one batch (one set of gathers per filter tap, not per image), which is what lets a GPU
+take the resizing off the CPU loaders. The weights come from the same double-precision
+expressions only where the compiler did not fuse multiply-adds in Pillow's build: true of
+x86-64 wheels (SSE2, no FMA), not guaranteed elsewhere.
+
+The order of the two passes is Pillow's and depends on its version: horizontal first up to
+Pillow 12; from Pillow 13 vertical first when the height shrinks by more than twice as many
+pixels as the width (:func:`horizontal_first`). :func:`exact_here` says whether this
+platform and Pillow version are ones whose rules are known here.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+from functools import lru_cache
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+PRECISION_BITS = 32 - 8 - 2  # Pillow's fixed point for 8-bit images
+NEAREST, LANCZOS, BILINEAR, BICUBIC, BOX, HAMMING = 0, 1, 2, 3, 4, 5  # PIL.Image.Resampling values
+
+
+KNOWN_PILLOW = (6, 13)  # major versions whose resampling this module follows
+
+
+def _pillow_major() -> int:
+    import PIL
+
+    return int(PIL.__version__.split(".")[0])
+
+
+def exact_here() -> str | None:
+    """None when :func:`resize_window` gives the installed Pillow's bytes here; else why not."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"Pillow's resize weights are only reproduced on x86-64 (this is {platform.machine()})"
+    major = _pillow_major()
+    if not KNOWN_PILLOW[0] <= major <= KNOWN_PILLOW[1]:
+        return f"Pillow {major}.x resamples in ways not checked here (known: {KNOWN_PILLOW[0]}-{KNOWN_PILLOW[1]})"
+    return None
+
+
+def horizontal_first(w: int, h: int, rw: int, rh: int) -> bool:
+    """Whether the installed Pillow resizes ``w x h`` to ``rw x rh`` horizontal pass first."""
+    if _pillow_major() < 13:
+        return True
+    return not (h - rh > 0 and h - rh > (w - rw) * 2)
+
+
+def _box(x: float) -> float:
+    return 1.0 if -0.5 < x <= 0.5 else 0.0
+
+
+def _bilinear(x: float) -> float:
+    x = -x if x < 0.0 else x
+    return 1.0 - x if x < 1.0 else 0.0
+
+
+_F054, _F046 = 0.5400000214576721, 0.46000000834465027  # the C source's 0.54f, 0.46f as doubles
+
+
+def _hamming(x: float) -> float:
+    x = -x if x < 0.0 else x
+    if x == 0.0:
+        return 1.0
+    if x >= 1.0:
+        return 0.0
+    x = x * math.pi
+    return math.sin(x) / x * (_F054 + _F046 * math.cos(x))
+
+
+def _bicubic(x: float) -> float:
+    a = -0.5
+    x = -x if x < 0.0 else x
+    if x < 1.0:
+        return ((a + 2.0) * x - (a + 3.0)) * x * x + 1
+    if x < 2.0:
+        return (((x - 5) * x + 8) * x - 4) * a
+    return 0.0
+
+
+def _sinc(x: float) -> float:
+    if x == 0.0:
+        return 1.0
+    x = x * math.pi
+    return math.sin(x) / x
+
+
+def _lanczos(x: float) -> float:
+    return _sinc(x) * _sinc(x / 3) if -3.0 <= x < 3.0 else 0.0
+
+
+FILTERS = {BOX: (_box, 0.5), BILINEAR: (_bilinear, 1.0), HAMMING: (_hamming, 1.0), BICUBIC: (_bicubic, 2.0),
+           LANCZOS: (_lanczos, 3.0)}
+
+
+@lru_cache(maxsize=8192)
+def axis_weights(in_size: int, out_size: int, resample: int) -> tuple[tuple[int, ...], tuple[tuple[int, ...], ...]]:
+    """Pillow's fixed-point weights for resizing one axis from ``in_size`` to ``out_size``:
+    ``(first input index per output, integer weights per output)``.
+
+    An axis whose size does not change is left alone by Pillow; it gets the identity here
+    (weight ``2**22`` on the pixel itself), which gives the same bytes."""
+    if resample not in FILTERS:
+        raise ValueError(f"resample filter {resample}: expected one of {sorted(FILTERS)} (nearest is not supported)")
+    if in_size == out_size:
+        return tuple(range(out_size)), ((1 << PRECISION_BITS,),) * out_size
+    fn, base_support = FILTERS[resample]
+    scale = in_size / out_size
+    filterscale = max(scale, 1.0)
+    support = base_support * filterscale
+    inv = 1.0 / filterscale
+    one = float(1 << PRECISION_BITS)
+    starts, weights = [], []
+    for xx in range(out_size):
+        center = (xx + 0.5) * scale
+        xmin = max(int(center - support + 0.5), 0)
+        count = min(int(center + support + 0.5), in_size) - xmin
+        k = [fn((x + xmin - center + 0.5) * inv) for x in range(count)]
+        total = 0.0
+        for w in k:  # in order, as the C loop adds them
+            total += w
+        if total != 0.0:
+            k = [w / total for w in k]
+        starts.append(xmin)
+        weights.append(tuple(int(-0.5 + w * one) if w < 0 else int(0.5 + w * one) for w in k))
+    return tuple(starts), tuple(weights)
+
+
+@lru_cache(maxsize=8192)
+def window_taps(in_size: int, out_size: int, resample: int, first: int, count: int) -> "tuple[np.ndarray, np.ndarray]":
+    """Input indices and weights ``[count, taps]`` (int64, int32) of outputs ``first`` ..
+    ``first + count - 1`` of :func:`axis_weights`; unused taps point at the first input
+    with weight 0. Cached: treat the arrays as read-only."""
+    import numpy as np
+
+    starts, weights = axis_weights(in_size, out_size, resample)
+    taps = max(len(w) for w in weights[first : first + count])
+    index = np.zeros((count, taps), np.int64)
+    value = np.zeros((count, taps), np.int32)
+    for row, out in enumerate(range(first, first + count)):
+        w = weights[out]
+        index[row, : len(w)] = np.arange(starts[out], starts[out] + len(w))
+        value[row, : len(w)] = w
+    return index, value
+
+
+def _pass(x: "torch.Tensor", index: "torch.Tensor", value: "torch.Tensor", dim: int) -> "torch.Tensor":
+    """One fixed-point pass along ``dim`` (1: rows, 2: columns) of int32 ``x [B, H, W, 3]``,
+    with per-image taps ``index``/``value`` ``[B, outputs, taps]``."""
+    import torch
+
+    b, outputs, taps = index.shape
+    shape = [b, x.shape[1], x.shape[2], 3]
+    shape[dim] = outputs
+    view = (b, outputs, 1, 1) if dim == 1 else (b, 1, outputs, 1)
+    acc = torch.full(shape, 1 << (PRECISION_BITS - 1), dtype=torch.int32, device=x.device)
+    for t in range(taps):
+        picked = torch.gather(x, dim, index[:, :, t].reshape(view).expand(shape))
+        acc.add_(picked.mul_(value[:, :, t].reshape(view)))
+    return torch.div(acc, 1 << PRECISION_BITS, rounding_mode="floor").clamp_(0, 255)
+
+
+def resize_window(images: "Sequence[np.ndarray | torch.Tensor]", windows: Sequence[tuple[int, int, int, int, int, int]],
+                  resample: int, device: "torch.device | str | None" = None) -> "torch.Tensor":
+    """``image.resize((rw, rh), resample).crop((left, top, left + ow, top + oh))`` of each
+    ``[H, W, 3]`` uint8 image, as Pillow computes it: ``[B, oh, ow, 3]`` uint8 on ``device``.
+
+    ``windows[i]`` is ``(rw, rh, left, top, ow, oh)`` (:meth:`~teal_cli.pixels.PixelPrep.window`);
+    every window has the same ``(ow, oh)``. Images are numpy arrays or host tensors (gathered,
+    padded to the largest, into one pinned buffer and uploaded at once), or tensors already
+    on ``device``.
+    """
+    import numpy as np
+    import torch
+
+    from .device import upload
+
+    if not images:
+        raise ValueError("resize_window: no images")
+    if len(images) != len(windows) or len({w[4:] for w in windows}) != 1:
+        raise ValueError("resize_window: one window per image, all of one output size")
+    on_host = all(isinstance(im, np.ndarray) or im.device.type == "cpu" for im in images)
+    device = torch.device(device) if device is not None else torch.device("cpu") if on_host else images[0].device
+    ow, oh = windows[0][4:]
+    hmax = max(int(im.shape[0]) for im in images)
+    wmax = max(int(im.shape[1]) for im in images)
+    # Padding is never read (the taps only point inside each image), so it is left unset, and
+    # host images travel packed end to end: their bytes only, in one pinned upload.
+    pixels = torch.empty((len(images), hmax, wmax, 3), dtype=torch.uint8, device=device)
+    shapes = [tuple(int(v) for v in im.shape) for im in images]
+    if on_host:
+        sizes = [math.prod(shape) for shape in shapes]
+        packed = torch.empty(sum(sizes), dtype=torch.uint8, pin_memory=device.type == "cuda")
+        host, start = packed.numpy(), 0
+        for im, n in zip(images, sizes):
+            host[start : start + n] = np.asarray(im).reshape(-1)
+            start += n
+        images = upload(packed, device).split(sizes)
+    for i, (im, (h, w, _)) in enumerate(zip(images, shapes)):
+        pixels[i, :h, :w] = im.reshape(h, w, 3)
+    columns = [window_taps(shape[1], w[0], resample, w[2], ow) for shape, w in zip(shapes, windows)]
+    rows = [window_taps(shape[0], w[1], resample, w[3], oh) for shape, w in zip(shapes, windows)]
+
+    def taps(parts):
+        # Gathered into pinned buffers and uploaded asynchronously: a copy from pageable
+        # memory would make the host wait for the device's earlier work.
+        width = max(p[0].shape[1] for p in parts)
+        shape = (len(parts), parts[0][0].shape[0], width)
+        pinned = device.type == "cuda"
+        index = torch.zeros(shape, dtype=torch.int64, pin_memory=pinned)
+        value = torch.zeros(shape, dtype=torch.int32, pin_memory=pinned)
+        index_np, value_np = index.numpy(), value.numpy()
+        for i, (ix, v) in enumerate(parts):
+            index_np[i, :, : ix.shape[1]] = ix
+            value_np[i, :, : v.shape[1]] = v
+        return upload(index, device), upload(value, device)
+
+    out = torch.empty((len(images), oh, ow, 3), dtype=torch.uint8, device=device)
+    order = [horizontal_first(shape[1], shape[0], w[0], w[1]) for shape, w in zip(shapes, windows)]
+    for first in (True, False):
+        chosen = [i for i, o in enumerate(order) if o == first]
+        if not chosen:
+            continue
+        x = pixels if len(chosen) == len(images) else pixels[torch.tensor(chosen, device=device)]
+        x = x.to(torch.int32)
+        passes = [(2, taps([columns[i] for i in chosen])), (1, taps([rows[i] for i in chosen]))]
+        for dim, (index, value) in passes if first else passes[::-1]:
+            x = _pass(x, index, value, dim)
+        if len(chosen) == len(images):
+            out = x.to(torch.uint8)
+        else:
+            out[torch.tensor(chosen, device=device)] = x.to(torch.uint8)
+    return out
