@@ -22,13 +22,13 @@ for dtype in float16 float32; do
     2>&1 | tee -a "$OUT/audio_features_gpu.log" | tail -7
 done
 # Tokenize runs: "codec dtype [extra benchmark options]", separated by ';' (TEAL_GPU_RUNS overrides).
-RUNS="${TEAL_GPU_RUNS:-beit2 bfloat16;beit2 float32;vqgan float32;dalle float32;vqgan bfloat16;dalle bfloat16}"
+RUNS="${TEAL_GPU_RUNS:-beit2 bfloat16;beit2 bfloat16 --resize-on device;beit2 float32;vqgan bfloat16;vqgan bfloat16 --resize-on device;vqgan float32;dalle bfloat16;dalle float32}"
 IFS=';' read -ra RUN_LIST <<< "$RUNS"
 for run in "${RUN_LIST[@]}"; do
   set -- $run
   codec="$1" dtype="$2"; shift 2
   timeout 90 python3 benchmarks/tokenize_image.py --codec "$codec" --device cuda --dtype "$dtype" --images 2048 --batch-size 64 \
-    --image-dir /tmp/teal-bench-images "$@" 2>&1 | tee -a "$OUT/tokenize_image_gpu.log" | grep -E "^codec|images/s|ratio|CPU|one thread|Error"
+    --image-dir /tmp/teal-bench-images "$@" 2>&1 | tee -a "$OUT/tokenize_image_gpu.log" | grep -E "^codec|images/s|ratio|CPU|one thread|Error|resize"
 done
 if [[ "$ARGS" != *" --no-kmeans "* ]]; then
   timeout 90 python3 benchmarks/kmeans.py --gpu-case --repeat 1 2>&1 | tee "$OUT/kmeans_gpu.log" | tail -10
