@@ -151,6 +151,8 @@ def tokenize_records(
     if options.on_error not in ("fail", "skip"):
         raise UsageError(f"--on-error {options.on_error}: expected fail or skip")
     raw_bytes = _raw_bytes(options.resize_on)
+    if raw_bytes and warn is not None and any(isinstance(c, ImageCodec) and str(c.device) == "cpu" for c in codecs):
+        warn("--resize-on device with the codec on the CPU: resizing there is slower than Pillow in the loaders")
     # Geometry per image codec, checked once (a bad --image-size is a usage error, not a bad file).
     preps = {id(c): c.pixel_prep(options.image_size) for c in codecs if isinstance(c, ImageCodec)}
 

@@ -142,5 +142,13 @@ def test_cli_resize_on_device(photo, patch_codec, cli):
     device = cli("tokenize", photo, "--codec", patch_codec, "--image-size", "32", "--workers", "2", "--resize-on", "device")
     assert loader.exit_code == 0 and device.exit_code == 0, device.stderr
     assert device.stdout == loader.stdout and '"shape": [8, 8]' in loader.stdout
+    assert "slower than Pillow" in device.stderr and "slower" not in loader.stderr
     bad = cli("tokenize", photo, "--codec", patch_codec, "--resize-on", "gpu")
     assert bad.exit_code == 2 and "--resize-on" in bad.stderr
+
+
+@pytest.mark.requires_cuda
+def test_tokenize_resize_on_device_on_cuda_gives_the_cpu_records(sized_images, square_codec):
+    expected = _records(sized_images, square_codec, image_size=24, workers=2)
+    got = _records(sized_images, square_codec.to("cuda"), image_size=24, workers=2, loader="processes", resize_on="device")
+    assert got == expected
