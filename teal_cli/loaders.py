@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 
 LOADERS = ("auto", "threads", "processes")
 PRELOAD = ["numpy", "PIL.Image", "PIL.JpegImagePlugin", "PIL.PngImagePlugin", "teal_cli.media", "teal_cli.pixels",
-           "teal_cli.loaders", "multiprocessing.shared_memory"]
+           "teal_cli.loaders", "teal_cli.resample", "multiprocessing.shared_memory"]
 PROCESS_MIN_WORKERS = 8
 MAX_DEFAULT_WORKERS = 16
 PROCESS_AFTER = 128  # image jobs run on threads while the processes start (see Loaders)
