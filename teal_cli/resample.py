@@ -173,11 +173,15 @@ def _pass(x: "torch.Tensor", index: "torch.Tensor", value: "torch.Tensor", dim: 
     shape = [b, x.shape[1], x.shape[2], 3]
     shape[dim] = outputs
     view = (b, outputs, 1, 1) if dim == 1 else (b, 1, outputs, 1)
-    acc = torch.full(shape, 1 << (PRECISION_BITS - 1), dtype=torch.int32, device=x.device)
+    acc = None
     for t in range(taps):
         picked = torch.gather(x, dim, index[:, :, t].reshape(view).expand(shape))
-        acc.add_(picked.mul_(value[:, :, t].reshape(view)))
-    return torch.div(acc, 1 << PRECISION_BITS, rounding_mode="floor").clamp_(0, 255)
+        weight = value[:, :, t].reshape(view)
+        if acc is None:
+            acc = picked.mul_(weight).add_(1 << (PRECISION_BITS - 1))
+        else:
+            acc.addcmul_(picked, weight)  # exact: int32 throughout
+    return acc.div_(1 << PRECISION_BITS, rounding_mode="floor").clamp_(0, 255)
 
 
 def resize_window(images: "Sequence[np.ndarray | torch.Tensor]", windows: Sequence[tuple[int, int, int, int, int, int]],
