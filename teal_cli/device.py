@@ -92,6 +92,28 @@ def upload(host: "torch.Tensor", device: "torch.device") -> "torch.Tensor":
     return out
 
 
+def upload_flat(tensors: "list[torch.Tensor]", device: "torch.device", dtype=None) -> "list[torch.Tensor]":
+    """Host tensors on ``device`` (as ``dtype``), packed end to end into one pinned buffer and
+    sent with one :func:`upload`. Copying each from pageable memory instead makes the host
+    wait, at every copy, for the device to finish the work queued before it (CUDA syncs the
+    stream before a pageable upload), which leaves the device idle while the host prepares
+    the next batch. Tensors already on ``device`` (or any, off CUDA) are just converted."""
+    import torch
+
+    if not tensors:
+        return []
+    dtype = dtype or tensors[0].dtype
+    if device.type != "cuda" or any(t.device.type != "cpu" for t in tensors):
+        return [t.to(device, dtype) for t in tensors]
+    sizes = [t.numel() for t in tensors]
+    packed = torch.empty(sum(sizes), dtype=dtype, pin_memory=True)
+    start = 0
+    for t, n in zip(tensors, sizes):
+        packed[start : start + n].copy_(t.reshape(-1))
+        start += n
+    return [part.view(t.shape) for part, t in zip(upload(packed, device).split(sizes), tensors)]
+
+
 def host_copy_later(tensor: "torch.Tensor") -> "Callable[[], torch.Tensor]":
     """Start copying ``tensor`` to the host; the returned function waits for it and returns it.
 

@@ -121,6 +121,8 @@ def test_config_names_and_refusals(base_model):
 @pytest.mark.requires_cuda
 def test_cuda_matches_cpu(large_model, speech):
     _, folder = large_model
-    cpu = HubertFeatures.from_name("hubert", layer=2, checkpoint=str(folder)).extract([speech])[0]
+    clips = [speech, speech[: len(speech) // 2]]  # two lengths: one upload, a padding mask
+    cpu = HubertFeatures.from_name("hubert", layer=2, checkpoint=str(folder)).extract(clips)
     gpu = HubertFeatures.from_name("hubert", layer=2, checkpoint=str(folder), device="cuda", dtype="float32")
-    torch.testing.assert_close(gpu.extract([speech])[0].cpu(), cpu, rtol=1e-3, atol=1e-3)
+    for got, expected in zip(gpu.extract(clips), cpu):
+        torch.testing.assert_close(got.cpu(), expected, rtol=1e-3, atol=1e-3)

@@ -276,3 +276,14 @@ if __name__ == "__main__":
         time.sleep(0.1)
     assert not any(map(alive, workers)), "loader processes outlived their parent"
     assert not os.path.exists(f"/dev/shm/{name}"), "shared memory outlived the loaders"
+
+
+@pytest.mark.requires_cuda
+def test_upload_flat_gives_each_tensor_on_the_device():
+    from teal_cli.device import upload_flat
+
+    parts = [torch.arange(5, dtype=torch.float64), torch.ones(2, 3), torch.zeros(0)]
+    out = upload_flat(parts, torch.device("cuda"), torch.float32)
+    assert [o.device.type for o in out] == ["cuda"] * 3 and all(o.dtype == torch.float32 for o in out)
+    for o, p in zip(out, parts):
+        assert torch.equal(o.cpu(), p.float())

@@ -171,9 +171,12 @@ class HubertFeatures(FeatureExtractor):
     def _forward(self, waves: "torch.Tensor", lengths: list[int]) -> "torch.Tensor":
         import torch
 
+        from ..device import upload_flat
+
         mask = None
         if len(lengths) > 1 and min(lengths) != max(lengths):
-            mask = (torch.arange(waves.shape[1], device=self.device)[None] < torch.tensor(lengths).to(self.device, non_blocking=True)[:, None]).long()
+            ends = upload_flat([torch.tensor(lengths)], self.device)[0]
+            mask = (torch.arange(waves.shape[1], device=self.device)[None] < ends[:, None]).long()
         with torch.inference_mode():
             out = self.model(waves.to(self.device, self.dtype), attention_mask=mask)
         return out.last_hidden_state.float()
@@ -182,11 +185,13 @@ class HubertFeatures(FeatureExtractor):
         """Mono 16 kHz waveforms to ``[frames, dim]`` float32 tensors on the device."""
         import torch
 
-        chunks: list[tuple[int, torch.Tensor]] = []
-        for clip, wave in enumerate(waves):
+        from ..device import upload_flat
+
+        for wave in waves:
             if wave.dim() != 1:
                 raise UsageError(f"hubert features take mono waveforms [samples], got shape {tuple(wave.shape)}")
-            wave = wave.to(self.device, torch.float32, non_blocking=True)
+        chunks: list[tuple[int, torch.Tensor]] = []
+        for clip, wave in enumerate(upload_flat(list(waves), self.device, torch.float32)):
             if self.normalize:
                 wave = (wave - wave.mean()) / torch.sqrt(wave.var(unbiased=False) + _EPS)
             for start in range(0, max(len(wave), 1), MAX_CHUNK):

@@ -477,13 +477,11 @@ class WhisperFeatures(FeatureExtractor):
 
     def windows(self, wave: "torch.Tensor") -> tuple["torch.Tensor", list[int]]:
         """One clip's mel windows ``[W, n_mels, 3000]`` and the real encoder frames of each."""
+        import torch
 
-        from ..device import upload
+        from ..device import upload_flat
 
-        wave = wave.float()
-        if wave.device.type == "cpu" and self.device.type == "cuda":
-            wave = upload(wave.pin_memory(), self.device)  # asynchronous (see _rows)
-        wave = wave.to(self.device)
+        wave = upload_flat([wave], self.device, torch.float32)[0]  # asynchronous (see _rows)
         n = wave.shape[-1]
         mel = audio.log_mel(wave, self.n_mels, padding=audio.N_SAMPLES)
         n_windows = max(1, math.ceil(n / audio.N_SAMPLES))
@@ -553,27 +551,19 @@ class WhisperFeatures(FeatureExtractor):
     def _rows(self, waves: "list[torch.Tensor]", width: int) -> "torch.Tensor":
         """Clips as zero-padded rows ``[len(waves), width]`` fp32 on the device.
 
-        Host clips are packed end to end into one pinned buffer (their samples only, no
-        padding: a third of the bytes for 10 s clips) and uploaded with one asynchronous copy
-        (:func:`teal_cli.device.upload`); the rows are laid out on the device. Copies from
-        pageable memory made the host wait for the GPU to finish the previous batch, leaving
-        it idle while this one was prepared (measured: 15 % of an H100's time with
-        Whisper-small in fp16).
+        Host clips travel in one asynchronous copy of their samples only (no padding: a third
+        of the bytes for 10 s clips; :func:`teal_cli.device.upload_flat`) and the rows are
+        laid out on the device. Copies from pageable memory made the host wait for the GPU to
+        finish the previous batch, leaving it idle while this one was prepared (measured: 15 %
+        of an H100's time with Whisper-small in fp16).
         """
         import torch
 
-        from ..device import upload
+        from ..device import upload_flat
 
         rows = torch.zeros(len(waves), width, device=self.device)
-        if self.device.type == "cuda" and all(w.device.type == "cpu" for w in waves):
-            packed = torch.empty(sum(w.shape[0] for w in waves), pin_memory=True)
-            start = 0
-            for wave in waves:
-                packed[start : start + wave.shape[0]].copy_(wave)
-                start += wave.shape[0]
-            waves = upload(packed, self.device).split([w.shape[0] for w in waves])
-        for row, wave in enumerate(waves):
-            rows[row, : wave.shape[0]] = wave.to(self.device, torch.float32)
+        for row, wave in enumerate(upload_flat(waves, self.device, torch.float32)):
+            rows[row, : wave.shape[0]] = wave
         return rows
 
 
