@@ -98,20 +98,30 @@ def upload_flat(tensors: "list[torch.Tensor]", device: "torch.device", dtype=Non
     wait, at every copy, for the device to finish the work queued before it (CUDA syncs the
     stream before a pageable upload), which leaves the device idle while the host prepares
     the next batch. Tensors already on ``device`` (or any, off CUDA) are just converted."""
-    import torch
-
     if not tensors:
         return []
     dtype = dtype or tensors[0].dtype
     if device.type != "cuda" or any(t.device.type != "cpu" for t in tensors):
         return [t.to(device, dtype) for t in tensors]
-    sizes = [t.numel() for t in tensors]
-    packed = torch.empty(sum(sizes), dtype=dtype, pin_memory=True)
+    return unpack(upload(pack(tensors, dtype, pin_memory=True), device), tensors)
+
+
+def pack(tensors: "list[torch.Tensor]", dtype, pin_memory: bool = False) -> "torch.Tensor":
+    """``tensors`` flattened end to end into one new 1-D host tensor of ``dtype``."""
+    import torch
+
+    packed = torch.empty(sum(t.numel() for t in tensors), dtype=dtype, pin_memory=pin_memory)
     start = 0
-    for t, n in zip(tensors, sizes):
-        packed[start : start + n].copy_(t.reshape(-1))
-        start += n
-    return [part.view(t.shape) for part, t in zip(upload(packed, device).split(sizes), tensors)]
+    for t in tensors:
+        packed[start : start + t.numel()].copy_(t.reshape(-1))
+        start += t.numel()
+    return packed
+
+
+def unpack(packed: "torch.Tensor", like: "list[torch.Tensor]") -> "list[torch.Tensor]":
+    """Views of ``packed`` (from :func:`pack`) shaped as ``like``."""
+    parts = packed.split([t.numel() for t in like])
+    return [part.view(t.shape) for part, t in zip(parts, like)]
 
 
 def host_copy_later(tensor: "torch.Tensor") -> "Callable[[], torch.Tensor]":

@@ -278,6 +278,17 @@ if __name__ == "__main__":
     assert not os.path.exists(f"/dev/shm/{name}"), "shared memory outlived the loaders"
 
 
+def test_pack_and_unpack_round_trip():
+    from teal_cli.device import pack, unpack
+
+    parts = [torch.arange(5, dtype=torch.float64), torch.ones(2, 3), torch.zeros(0), torch.full((1, 2, 2), 7.0)]
+    packed = pack(parts, torch.float32)
+    assert packed.shape == (15,) and packed.dtype == torch.float32
+    out = unpack(packed, parts)
+    assert [o.shape for o in out] == [p.shape for p in parts]
+    assert all(torch.equal(o, p.float()) for o, p in zip(out, parts))
+
+
 @pytest.mark.requires_cuda
 def test_upload_flat_gives_each_tensor_on_the_device():
     from teal_cli.device import upload_flat
