@@ -74,12 +74,15 @@ def _mel_filters_on(n_mels: int, n_fft: int, sample_rate: int, device) -> "torch
     return torch.from_numpy(_mel_filters_np(n_mels, n_fft, sample_rate)).to(device)
 
 
-def log_mel(wave: "torch.Tensor", n_mels: int = N_MELS, padding: int = 0) -> "torch.Tensor":
+def log_mel(wave: "torch.Tensor", n_mels: int = N_MELS, padding: int = 0, extend_to: int | None = None) -> "torch.Tensor":
     """Whisper's log-mel spectrogram of a mono waveform ``[T]`` (or a batch ``[B, T]``).
 
     Returns ``[n_mels, frames]`` (``[B, n_mels, frames]``) with ``frames = (T + padding) // HOP_LENGTH``.
     ``padding`` appends zeros first, as Whisper does before its 30 s windows. The floor
     (max - 8) is taken over each whole clip, padding included, exactly as Whisper does.
+    ``extend_to`` adds frames up to that many with the value of a frame of silence, without
+    computing them: what appending zeros to ``wave`` would give when ``wave`` already ends in
+    at least ``N_FFT`` zeros (each frame after it sees zeros only), floor included.
     """
     import torch
 
@@ -95,6 +98,9 @@ def log_mel(wave: "torch.Tensor", n_mels: int = N_MELS, padding: int = 0) -> "to
     power = stft[..., :frames].abs() ** 2
     mel = mel_filters(n_mels, device=wave.device) @ power
     logm = mel.clamp(min=1e-10).log10()
+    if extend_to is not None and extend_to > logm.shape[-1]:
+        silent = torch.zeros((), device=logm.device).clamp(min=1e-10).log10()  # an all-zero frame's value
+        logm = torch.cat([logm, silent.expand(*logm.shape[:-1], extend_to - logm.shape[-1])], dim=-1)
     floor = logm.amax(dim=(-2, -1), keepdim=True) - 8.0
     logm = torch.maximum(logm, floor)
     return (logm + 4.0) / 4.0

@@ -66,3 +66,21 @@ def test_very_short_clips(wav_file, cli, tmp_path):
     r = cli("tokenize", tmp_path / "tiny.wav", "--codec", "mel-80-k8")
     assert r.exit_code == 1
     assert r.stderr.startswith("Error: ") and "tiny.wav" in r.stderr and "shorter than one 100 Hz frame" in r.stderr
+
+
+def test_log_mel_extended_with_silence_equals_computing_the_zeros():
+    """Rows cut one FFT after the longest clip, extended with silent frames, give exactly the
+    30 s rows' log-mels (Whisper's singles path relies on it)."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    for lengths in ([160000, 80000, 5], [audio.N_SAMPLES, 1000], [401, 200, 1]):
+        full = torch.zeros(len(lengths), audio.N_SAMPLES + audio.N_FFT)
+        cut = torch.zeros(len(lengths), max(lengths) + audio.N_FFT)
+        for i, n in enumerate(lengths):
+            wave = 0.1 * torch.randn(n, generator=g)
+            full[i, :n] = wave
+            cut[i, :n] = wave
+        expected = audio.log_mel(full)[..., : audio.N_FRAMES]
+        got = audio.log_mel(cut, extend_to=audio.N_FRAMES)[..., : audio.N_FRAMES]
+        assert got.shape == expected.shape and torch.equal(got, expected), lengths
