@@ -84,3 +84,8 @@ def test_log_mel_extended_with_silence_equals_computing_the_zeros():
         expected = audio.log_mel(full)[..., : audio.N_FRAMES]
         got = audio.log_mel(cut, extend_to=audio.N_FRAMES)[..., : audio.N_FRAMES]
         assert got.shape == expected.shape and torch.equal(got, expected), lengths
+    for n in (audio.N_SAMPLES + 12345, 2 * audio.N_SAMPLES, 70 * audio.SAMPLE_RATE + 7):  # long clips, Whisper's padding
+        wave = 0.1 * torch.randn(n, generator=g)
+        expected = audio.log_mel(wave, padding=audio.N_SAMPLES)
+        got = audio.log_mel(wave, padding=audio.N_FFT, extend_to=(n + audio.N_SAMPLES) // audio.HOP_LENGTH)
+        assert got.shape == expected.shape and torch.equal(got, expected), n

@@ -483,7 +483,9 @@ class WhisperFeatures(FeatureExtractor):
 
         wave = upload_flat([wave], self.device, torch.float32)[0]  # asynchronous (see _rows)
         n = wave.shape[-1]
-        mel = audio.log_mel(wave, self.n_mels, padding=audio.N_SAMPLES)
+        # Whisper pads 30 s of zeros; frames past one FFT of them are silent, so they are
+        # filled in rather than computed (see log_mel's extend_to).
+        mel = audio.log_mel(wave, self.n_mels, padding=audio.N_FFT, extend_to=(n + audio.N_SAMPLES) // audio.HOP_LENGTH)
         n_windows = max(1, math.ceil(n / audio.N_SAMPLES))
         mel = mel[:, : n_windows * audio.N_FRAMES]
         if mel.shape[-1] < n_windows * audio.N_FRAMES:  # only when n is not a multiple of 160 near the end
