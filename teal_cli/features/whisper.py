@@ -526,7 +526,7 @@ class WhisperFeatures(FeatureExtractor):
 
         def flush():
             if pending:
-                hidden = self.encode(torch.cat(pending))
+                hidden = self.encode(pending[0] if len(pending) == 1 else torch.cat(pending))
                 for h, (clip, frames) in zip(hidden, pieces):
                     outputs[clip].append(h[:frames])
                 pending.clear()
