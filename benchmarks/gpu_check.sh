@@ -22,7 +22,7 @@ for dtype in float16 float32; do
     2>&1 | tee -a "$OUT/audio_features_gpu.log" | tail -7
 done
 # Tokenize runs: "codec dtype [extra benchmark options]", separated by ';' (TEAL_GPU_RUNS overrides).
-RUNS="${TEAL_GPU_RUNS:-beit2 bfloat16;beit2 bfloat16 --resize-on device;beit2 float32;vqgan bfloat16;vqgan bfloat16 --resize-on device;vqgan float32;dalle bfloat16;dalle float32}"
+RUNS="${TEAL_GPU_RUNS:-beit2 bfloat16;beit2 bfloat16 --resize-on device;beit2 float32;vqgan bfloat16;vqgan bfloat16 --resize-on device;vqgan float32;dalle bfloat16}"
 IFS=';' read -ra RUN_LIST <<< "$RUNS"
 for run in "${RUN_LIST[@]}"; do
   set -- $run
