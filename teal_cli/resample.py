@@ -197,7 +197,7 @@ def resize_window(images: "Sequence[np.ndarray | torch.Tensor]", windows: Sequen
     import numpy as np
     import torch
 
-    from .device import upload
+    from .device import upload, upload_flat
 
     if not images:
         raise ValueError("resize_window: no images")
@@ -239,19 +239,21 @@ def resize_window(images: "Sequence[np.ndarray | torch.Tensor]", windows: Sequen
             value_np[i, :, : v.shape[1]] = v
         return upload(index, device), upload(value, device)
 
-    out = torch.empty((len(images), oh, ow, 3), dtype=torch.uint8, device=device)
     order = [horizontal_first(shape[1], shape[0], w[0], w[1]) for shape, w in zip(shapes, windows)]
+    if len(set(order)) == 1:
+        return _resize(pixels.to(torch.int32), taps(columns), taps(rows), order[0]).to(torch.uint8)
+    # Both pass orders in one batch (tall images with Pillow 13): each group on its own.
+    out = torch.empty((len(images), oh, ow, 3), dtype=torch.uint8, device=device)
     for first in (True, False):
         chosen = [i for i, o in enumerate(order) if o == first]
-        if not chosen:
-            continue
-        x = pixels if len(chosen) == len(images) else pixels[torch.tensor(chosen, device=device)]
-        x = x.to(torch.int32)
-        passes = [(2, taps([columns[i] for i in chosen])), (1, taps([rows[i] for i in chosen]))]
-        for dim, (index, value) in passes if first else passes[::-1]:
-            x = _pass(x, index, value, dim)
-        if len(chosen) == len(images):
-            out = x.to(torch.uint8)
-        else:
-            out[torch.tensor(chosen, device=device)] = x.to(torch.uint8)
+        where = upload_flat([torch.tensor(chosen)], device)[0]
+        x = pixels.index_select(0, where).to(torch.int32)
+        out[where] = _resize(x, taps([columns[i] for i in chosen]), taps([rows[i] for i in chosen]), first).to(torch.uint8)
     return out
+
+
+def _resize(x: "torch.Tensor", columns, rows, horizontal_first: bool) -> "torch.Tensor":
+    """Both passes over int32 ``x``, in Pillow's order."""
+    if horizontal_first:
+        return _pass(_pass(x, *columns, dim=2), *rows, dim=1)
+    return _pass(_pass(x, *rows, dim=1), *columns, dim=2)
