@@ -10,7 +10,6 @@ exact: every uint8 value is mapped by the same float32 operations the original p
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -168,10 +167,3 @@ class PixelPrep:
         if m > 1 and (h % m or w % m):
             return np.pad(pixels, ((0, -h % m), (0, -w % m), (0, 0)), mode="edge"), (h, w)
         return pixels, None
-
-
-def load_pixels(prep: PixelPrep, path: "str | Path") -> "tuple[np.ndarray, tuple[int, int] | None]":
-    """Read an image file (:func:`teal_cli.media.load_image`) and apply ``prep``: the loader job."""
-    from .media import load_image
-
-    return prep.apply(load_image(path))

@@ -29,3 +29,14 @@ class CrashingPrep:
         import os
 
         os._exit(3)
+
+
+def fit_patch_codec(folder, out, k: int):
+    """A patch-p4 k-means codec fitted on every image in ``folder``, written to ``out``, loaded."""
+    from teal_cli.cluster import ClusterOptions, fit_codec
+    from teal_cli.codecs import load_codec
+    from teal_cli.features import extractor_for
+
+    items = [(p.name, str(p)) for p in sorted(folder.iterdir())]
+    fit_codec(items, extractor_for("patch", patch_size=4), out, ClusterOptions(k=k, iters=5))
+    return load_codec(str(out))

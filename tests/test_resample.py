@@ -89,13 +89,9 @@ def sized_images(tmp_path, photo_path):
 
 @pytest.fixture
 def square_codec(tmp_path, sized_images):
-    from teal_cli.cluster import ClusterOptions, fit_codec
-    from teal_cli.codecs import load_codec
-    from teal_cli.features import extractor_for
+    from helpers import fit_patch_codec
 
-    items = [(p.name, str(p)) for p in sorted(sized_images.iterdir())]
-    fit_codec(items, extractor_for("patch", patch_size=4), tmp_path / "patch-p4-k16", ClusterOptions(k=16, iters=5))
-    return load_codec(str(tmp_path / "patch-p4-k16"))
+    return fit_patch_codec(sized_images, tmp_path / "patch-p4-k16", k=16)
 
 
 @pytest.mark.parametrize("loader", ["threads", "processes"])

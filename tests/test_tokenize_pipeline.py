@@ -7,10 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from teal_cli.cluster import ClusterOptions, fit_codec
-from teal_cli.codecs import load_codec
 from teal_cli.errors import DataError, UsageError
-from teal_cli.features import extractor_for
 from teal_cli.inputs import iter_input_records
 from teal_cli.loaders import Loaders, resolve_loader
 from teal_cli.tokenize import TokenizeOptions, tokenize_records
@@ -33,9 +30,9 @@ def images(tmp_path, photo_path):
 
 @pytest.fixture
 def patch_codec(tmp_path, images):
-    items = [(p.name, str(p)) for p in sorted(images.iterdir())]
-    fit_codec(items, extractor_for("patch", patch_size=4), tmp_path / "patch-p4-k32", ClusterOptions(k=32, iters=5))
-    return load_codec(str(tmp_path / "patch-p4-k32"))
+    from helpers import fit_patch_codec
+
+    return fit_patch_codec(images, tmp_path / "patch-p4-k32", k=32)
 
 
 def _records(folder, codec, loaders=None, **options):
