@@ -32,7 +32,7 @@ DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 
 def modality_of(path: str | Path) -> str | None:
     """``image``/``audio`` by file extension, or None."""
-    ext = Path(path).suffix.lower()
+    ext = os.path.splitext(os.fspath(path))[1].lower()  # Path's suffix, without building a Path
     if ext in IMAGE_EXTENSIONS:
         return "image"
     if ext in AUDIO_EXTENSIONS:
