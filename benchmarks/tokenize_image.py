@@ -13,7 +13,8 @@ Arms, on the same images, batch size, device and dtype:
 - ``loaders``: the same loader pool (``--workers``, ``--loader``) decoding and resizing every
   image to uint8 with no encoder: the most images per second this host's CPUs can feed.
 - ``device resize alone`` (with ``--resize-on device``): decoded images resized and cropped on
-  the device by :mod:`teal_cli.resample`, upload included.
+  the device by :mod:`teal_cli.resample`, upload included, both ways it can run the passes
+  (float64 matrix products, int32 gathers), and their ratio.
 - ``tokenize, no encoder``: the tokenize arm with ``codec.encode`` replaced by a constant
   grid: the ceiling of the host side of the pipeline (loaders, hand-over, upload, value
   mapping, JSONL), and the parent process's CPU time per image it costs.
@@ -142,8 +143,9 @@ def run_loaders(codec, paths: list[Path], loaders, batch_size: int, raw_bytes: i
     return time.perf_counter() - start
 
 
-def run_device_resize(codec, paths: list[Path], batch_size: int) -> float:
-    """Images per second of :func:`teal_cli.resample.resize_window` alone, on decoded images."""
+def run_device_resize(codec, paths: list[Path], batch_size: int, matmul: bool) -> float:
+    """Images per second of :func:`teal_cli.resample.resize_window` alone, on decoded images,
+    with its passes as float64 matrix products or as int32 gathers."""
     from teal_cli.media import load_image
     from teal_cli.resample import resize_window
 
@@ -151,11 +153,11 @@ def run_device_resize(codec, paths: list[Path], batch_size: int) -> float:
     images = [np.asarray(load_image(p)) for p in paths[: batch_size * 4]]
     windows = [prep.window(im.shape[1], im.shape[0]) for im in images]
     chunks = [(images[i : i + batch_size], windows[i : i + batch_size]) for i in range(0, len(images), batch_size)]
-    resize_window(*chunks[0], prep.resample, codec.device)  # warm-up
+    resize_window(*chunks[0], prep.resample, codec.device, matmul=matmul)  # warm-up
     _sync(codec.device)
     start = time.perf_counter()
     for chunk in chunks:
-        resize_window(*chunk, prep.resample, codec.device)
+        resize_window(*chunk, prep.resample, codec.device, matmul=matmul)
     _sync(codec.device)
     return len(images) / (time.perf_counter() - start)
 
@@ -236,8 +238,12 @@ def main() -> None:
         load_ips = count / run_loaders(codec, paths, loaders, args.batch_size, RAW_BYTES if args.resize_on == "device" else 0)
         load_cpu = (time.process_time() - cpu) / count
         if args.resize_on == "device":
-            print(f"device resize alone  : {run_device_resize(codec, paths, args.batch_size):9.1f} images/s  "
-                  "(decoded images in memory -> padded upload -> resize + crop on the device)")
+            from teal_cli.resample import matmul_suits
+
+            gather, matmul = (run_device_resize(codec, paths, args.batch_size, m) for m in (False, True))
+            used = "matmul" if matmul_suits(torch.device(codec.device)) else "gathers"
+            print(f"device resize alone  : {matmul:9.1f} images/s as float64 matmuls, {gather:.1f} as int32 gathers "
+                  f"(x{matmul / gather:.2f}; teal uses {used} here; decoded images in memory -> upload -> resize + crop)")
         grid = codec.encode(batches[0][:1]).shape[1:]
         codec.encode = lambda pixels: torch.zeros((pixels.shape[0], *grid), dtype=torch.long, device=pixels.device)
         cpu = time.process_time()

@@ -9,13 +9,15 @@ depend on every pixel, so a resize elsewhere must give Pillow's exact bytes. Pil
   fractional bits (:func:`axis_weights` repeats those operations in the same order, with the
   same C math library);
 - each output is ``clip(floor((2**21 + sum(pixel * weight)) / 2**22), 0, 255)``, an exact
-  integer computation: here int32 sums of int32 products (Pillow's own accumulator type),
-  which give the same result in any order.
+  integer computation, which gives the same result in any order of the sums. Here either
+  batched float64 matrix products (the weights over ``2**22``: every partial sum is then an
+  integer times ``2**-22``, held exactly) or int32 gathers and multiply-adds, one per filter
+  tap (Pillow's own accumulator type); :func:`matmul_suits` picks by device.
 
 So :func:`resize_window` equals ``image.resize(...)`` followed by a crop, exactly; the tests
-compare the two over many sizes, filters and contents. It serves images of different sizes
-in one batch (one set of gathers per filter tap, not per image), which is what lets a GPU
-take the resizing off the CPU loaders. The weights come from the same double-precision
+compare the two over many sizes, filters and contents, both ways. It serves images of
+different sizes in one batch (one product, or one set of gathers per tap, for all of them),
+which is what lets a GPU take the resizing off the CPU loaders. The weights come from the same double-precision
 expressions only where the compiler did not fuse multiply-adds in Pillow's build: true of
 x86-64 wheels (SSE2, no FMA), not guaranteed elsewhere.
 
@@ -166,7 +168,8 @@ def window_taps(in_size: int, out_size: int, resample: int, first: int, count: i
 
 def _pass(x: "torch.Tensor", index: "torch.Tensor", value: "torch.Tensor", dim: int) -> "torch.Tensor":
     """One fixed-point pass along ``dim`` (1: rows, 2: columns) of int32 ``x [B, H, W, 3]``,
-    with per-image taps ``index``/``value`` ``[B, outputs, taps]``."""
+    with per-image taps ``index``/``value`` ``[B, outputs, taps]``: a gather and an int32
+    multiply-add per tap."""
     import torch
 
     b, outputs, taps = index.shape
@@ -184,15 +187,77 @@ def _pass(x: "torch.Tensor", index: "torch.Tensor", value: "torch.Tensor", dim: 
     return acc.div_(1 << PRECISION_BITS, rounding_mode="floor").clamp_(0, 255)
 
 
+# Devices whose float64 matrix products are fast: CPUs and the data-centre GPUs (P100, V100,
+# A100, H100/H200, B200: compute capability X.0). Consumer GPUs run float64 at 1/32-1/64 of
+# float32, and there the gathers (memory-bound) win.
+FAST_FLOAT64 = frozenset({(6, 0), (7, 0), (8, 0), (9, 0), (10, 0)})
+
+
+def matmul_suits(device: "torch.device") -> bool:
+    """Whether :func:`resize_window` does its passes as float64 matrix products on ``device``
+    (else as int32 gathers, one per filter tap)."""
+    import torch
+
+    if device.type == "cpu":
+        return True
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) in FAST_FLOAT64
+
+
+def _dense(index: "torch.Tensor", value: "torch.Tensor", in_size: int) -> "torch.Tensor":
+    """Taps ``[B, outputs, taps]`` as float64 matrices ``[B, outputs, in_size]`` of the weights
+    over ``2**22`` (zero off the filter's support; unused taps add weight 0)."""
+    import torch
+
+    dense = torch.zeros((*index.shape[:2], in_size), dtype=torch.float64, device=index.device)
+    return dense.scatter_add_(2, index, value.to(torch.float64).mul_(2.0 ** -PRECISION_BITS))
+
+
+def _round(acc: "torch.Tensor") -> "torch.Tensor":
+    """``(sum + 2**21) / 2**22`` (exact in float64) to pixel values, in place: Pillow's
+    ``clip8(sum >> 22)``."""
+    return acc.floor_().clamp_(0, 255)
+
+
+def _resize_matmul(x: "torch.Tensor", columns, rows, horizontal_first: bool) -> "torch.Tensor":
+    """Both passes over uint8 ``x [B, H, W, 3]`` as batched float64 matrix products, in
+    Pillow's order: ``[B, oh, ow, 3]`` uint8.
+
+    Exact: the weights enter divided by ``2**22`` (a power of two: exact), so every product
+    and partial sum is an integer (pixel <= 255 times a weight < 2**23, summed) times
+    ``2**-22``, far inside float64's 53 bits: float64 holds them all, and the order of the
+    sums does not matter, as with int32. The rounding constant (``2**21``, here 0.5) enters as
+    the products' bias. The image is laid out ``[B, H, 3, W]`` once, so that the horizontal
+    pass is ``[B, H*3, W] @ [B, W, ow]`` and the vertical one ``[B, oh, H] @ [B, H, 3*W']``,
+    with no transposes between them: far fewer memory passes than the gathers (two per tap
+    and pass).
+    """
+    import torch
+
+    b, h, w, _ = x.shape
+    ow, oh = columns[0].shape[1], rows[0].shape[1]
+    cols = _dense(*columns, w).transpose(1, 2)  # [B, W, ow]
+    rws = _dense(*rows, h)  # [B, oh, H]
+    half = torch.full((1, 1, 1), 0.5, dtype=torch.float64, device=x.device)
+    planes = x.permute(0, 1, 3, 2).to(torch.float64, memory_format=torch.contiguous_format)  # [B, H, 3, W]
+    if horizontal_first:
+        across = _round(torch.baddbmm(half, planes.view(b, h * 3, w), cols))  # [B, H*3, ow]
+        out = _round(torch.baddbmm(half, rws, across.view(b, h, 3 * ow)))  # [B, oh, 3*ow]
+    else:
+        down = _round(torch.baddbmm(half, rws, planes.view(b, h, 3 * w)))  # [B, oh, 3*W]
+        out = _round(torch.baddbmm(half, down.view(b, oh * 3, w), cols))  # [B, oh*3, ow]
+    return out.view(b, oh, 3, ow).permute(0, 1, 3, 2).to(torch.uint8, memory_format=torch.contiguous_format)
+
+
 def resize_window(images: "Sequence[np.ndarray | torch.Tensor]", windows: Sequence[tuple[int, int, int, int, int, int]],
-                  resample: int, device: "torch.device | str | None" = None) -> "torch.Tensor":
+                  resample: int, device: "torch.device | str | None" = None, *, matmul: bool | None = None) -> "torch.Tensor":
     """``image.resize((rw, rh), resample).crop((left, top, left + ow, top + oh))`` of each
     ``[H, W, 3]`` uint8 image, as Pillow computes it: ``[B, oh, ow, 3]`` uint8 on ``device``.
 
     ``windows[i]`` is ``(rw, rh, left, top, ow, oh)`` (:meth:`~teal_cli.pixels.PixelPrep.window`);
     every window has the same ``(ow, oh)``. Images are numpy arrays or host tensors (gathered,
     padded to the largest, into one pinned buffer and uploaded at once), or tensors already
-    on ``device``.
+    on ``device``. ``matmul`` picks how the passes run (default: :func:`matmul_suits`); both
+    give the same bytes.
     """
     import numpy as np
     import torch
@@ -239,21 +304,27 @@ def resize_window(images: "Sequence[np.ndarray | torch.Tensor]", windows: Sequen
             value_np[i, :, : v.shape[1]] = v
         return upload(index, device), upload(value, device)
 
+    if matmul is None:
+        matmul = matmul_suits(device)
+    resize = _resize_matmul if matmul else _resize
     order = [horizontal_first(shape[1], shape[0], w[0], w[1]) for shape, w in zip(shapes, windows)]
     if len(set(order)) == 1:
-        return _resize(pixels.to(torch.int32), taps(columns), taps(rows), order[0]).to(torch.uint8)
+        return resize(pixels, taps(columns), taps(rows), order[0])
     # Both pass orders in one batch (tall images with Pillow 13): each group on its own.
     out = torch.empty((len(images), oh, ow, 3), dtype=torch.uint8, device=device)
     for first in (True, False):
         chosen = [i for i, o in enumerate(order) if o == first]
         where = upload_flat([torch.tensor(chosen)], device)[0]
-        x = pixels.index_select(0, where).to(torch.int32)
-        out[where] = _resize(x, taps([columns[i] for i in chosen]), taps([rows[i] for i in chosen]), first).to(torch.uint8)
+        out[where] = resize(pixels.index_select(0, where), taps([columns[i] for i in chosen]),
+                            taps([rows[i] for i in chosen]), first)
     return out
 
 
 def _resize(x: "torch.Tensor", columns, rows, horizontal_first: bool) -> "torch.Tensor":
-    """Both passes over int32 ``x``, in Pillow's order."""
+    """Both passes over uint8 ``x`` as int32 gathers (:func:`_pass`), in Pillow's order."""
+    import torch
+
+    x = x.to(torch.int32)
     if horizontal_first:
-        return _pass(_pass(x, *columns, dim=2), *rows, dim=1)
-    return _pass(_pass(x, *rows, dim=1), *columns, dim=2)
+        return _pass(_pass(x, *columns, dim=2), *rows, dim=1).to(torch.uint8)
+    return _pass(_pass(x, *rows, dim=1), *columns, dim=2).to(torch.uint8)

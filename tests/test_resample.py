@@ -24,8 +24,9 @@ def _image(rng, w, h, smooth):
     return pixels
 
 
+@pytest.mark.parametrize("matmul", [True, False], ids=["matmul", "gather"])
 @pytest.mark.parametrize("resample_filter", [BICUBIC, LANCZOS, BILINEAR, BOX, HAMMING])
-def test_resize_and_crop_equal_pillow(resample_filter):
+def test_resize_and_crop_equal_pillow(resample_filter, matmul):
     rng = np.random.default_rng(resample_filter)
     for trial in range(14):
         w, h, rw, rh = (int(v) for v in rng.integers(1, 400, 4))
@@ -37,21 +38,22 @@ def test_resize_and_crop_equal_pillow(resample_filter):
         left, top = int(rng.integers(0, rw - ow + 1)), int(rng.integers(0, rh - oh + 1))
         pixels = _image(rng, w, h, trial % 2)
         expected = np.asarray(Image.fromarray(pixels).resize((rw, rh), resample_filter).crop((left, top, left + ow, top + oh)))
-        out = resize_window([torch.from_numpy(pixels)], [(rw, rh, left, top, ow, oh)], resample_filter)
+        out = resize_window([torch.from_numpy(pixels)], [(rw, rh, left, top, ow, oh)], resample_filter, matmul=matmul)
         assert out.dtype == torch.uint8 and out.shape == (1, oh, ow, 3)
         assert np.array_equal(out[0].numpy(), expected), (w, h, rw, rh, left, top, ow, oh)
 
 
 @pytest.mark.parametrize("prep", [PixelPrep("shorter", 64, BICUBIC, crop=56), PixelPrep("shorter_rounded", 64, LANCZOS, crop=64),
                                   PixelPrep("square", 48, BICUBIC)], ids=["beit2-like", "vqgan-dalle-like", "square"])
-def test_a_batch_of_sizes_equals_each_image_done_by_pillow(prep):
+@pytest.mark.parametrize("matmul", [True, False], ids=["matmul", "gather"])
+def test_a_batch_of_sizes_equals_each_image_done_by_pillow(prep, matmul):
     rng = np.random.default_rng(7)
     sizes = [(120, 90), (90, 120), (64, 300), (300, 64), (64, 64), (40, 50), (333, 200), (200, 700)]
     images = [_image(rng, w, h, i % 2) for i, (w, h) in enumerate(sizes)]
     windows = [prep.window(w, h) for w, h in sizes]
     assert all(windows) and len({w[4:] for w in windows}) == 1
     orders = {resample.horizontal_first(w, h, win[0], win[1]) for (w, h), win in zip(sizes, windows)}
-    out = resize_window([torch.from_numpy(p) for p in images], windows, prep.resample)
+    out = resize_window([torch.from_numpy(p) for p in images], windows, prep.resample, matmul=matmul)
     for got, pixels in zip(out, images):
         assert np.array_equal(got.numpy(), prep.apply(Image.fromarray(pixels))[0])
     if int(Image.__version__.split(".")[0]) >= 13:
@@ -120,13 +122,22 @@ def test_resize_on_is_checked(sized_images, square_codec, monkeypatch):
         _records(sized_images, square_codec, resize_on="device")
 
 
+def test_matmul_is_the_default_where_float64_products_are_fast():
+    assert resample.matmul_suits(torch.device("cpu"))
+    if torch.cuda.is_available():
+        capability = torch.cuda.get_device_capability(0)
+        assert resample.matmul_suits(torch.device("cuda", 0)) == (capability in resample.FAST_FLOAT64)
+
+
 @pytest.mark.requires_cuda
-def test_resize_on_cuda_equals_pillow():
+@pytest.mark.parametrize("matmul", [True, False], ids=["matmul", "gather"])
+@pytest.mark.parametrize("resample_filter", [BICUBIC, LANCZOS])
+def test_resize_on_cuda_equals_pillow(resample_filter, matmul):
     rng = np.random.default_rng(3)
-    prep = PixelPrep("shorter", 224, BICUBIC, crop=224)
-    sizes = [(500, 375), (375, 500), (640, 480), (300, 1000), (224, 300), (1000, 240)]
+    prep = PixelPrep("shorter", 224, resample_filter, crop=224)
+    sizes = [(500, 375), (375, 500), (640, 480), (300, 1000), (224, 300), (1000, 240), (4000, 3000)]
     images = [_image(rng, w, h, i % 2) for i, (w, h) in enumerate(sizes)]
-    out = resize_window(images, [prep.window(w, h) for w, h in sizes], BICUBIC, "cuda")
+    out = resize_window(images, [prep.window(w, h) for w, h in sizes], resample_filter, "cuda", matmul=matmul)
     assert out.device.type == "cuda"
     for got, pixels in zip(out.cpu(), images):
         assert np.array_equal(got.numpy(), prep.apply(Image.fromarray(pixels))[0])
