@@ -274,10 +274,11 @@ def resize_window(images: "Sequence[np.ndarray | torch.Tensor]", windows: Sequen
     hmax = max(int(im.shape[0]) for im in images)
     wmax = max(int(im.shape[1]) for im in images)
     # Padding is never read (the taps only point inside each image), so it is left unset, and
-    # host images travel packed end to end: their bytes only, in one pinned upload.
+    # host images bound for a device travel packed end to end: their bytes only, in one pinned
+    # upload. On a CPU they are copied straight into the batch.
     pixels = torch.empty((len(images), hmax, wmax, 3), dtype=torch.uint8, device=device)
     shapes = [tuple(int(v) for v in im.shape) for im in images]
-    if on_host:
+    if on_host and device.type != "cpu":
         sizes = [math.prod(shape) for shape in shapes]
         packed = torch.empty(sum(sizes), dtype=torch.uint8, pin_memory=device.type == "cuda")
         host, start = packed.numpy(), 0
@@ -285,8 +286,12 @@ def resize_window(images: "Sequence[np.ndarray | torch.Tensor]", windows: Sequen
             host[start : start + n] = np.asarray(im).reshape(-1)
             start += n
         images = upload(packed, device).split(sizes)
+    host = pixels.numpy() if device.type == "cpu" else None
     for i, (im, (h, w, _)) in enumerate(zip(images, shapes)):
-        pixels[i, :h, :w] = im.reshape(h, w, 3)
+        if isinstance(im, np.ndarray):  # on a CPU (decoded images are read-only: no tensor over them)
+            host[i, :h, :w] = im.reshape(h, w, 3)
+        else:
+            pixels[i, :h, :w] = im.reshape(h, w, 3)
     columns = [window_taps(shape[1], w[0], resample, w[2], ow) for shape, w in zip(shapes, windows)]
     rows = [window_taps(shape[0], w[1], resample, w[3], oh) for shape, w in zip(shapes, windows)]
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 from .codecs.base import AudioCodec, Codec, ImageCodec
+from .device import copies_done
 from .errors import DataError, TealError, UsageError
 from .loaders import ImageLoads, Loaders
 from .prefetch import pipeline
@@ -88,6 +89,8 @@ class _Item:
     size: "tuple[int, int] | None" = None  # content size when the codec padded the image
     window: "tuple | None" = None  # decoded only: the resize window left to the device
     prep: "PixelPrep | None" = None  # image items: the codec's geometry
+    load: "ImageLoads | None" = None  # image items: their window's loads, and their index there
+    index: int = 0
     segment_out: Segment | None = None
 
 
@@ -188,17 +191,19 @@ def tokenize_records(
                     item.prep = preps[id(item.codec)]
                 paths = [i.target.segments[i.segment].path for i in group]
                 loads.append(loaders.load_images(preps[id(group[0].codec)], paths, raw_bytes))
-                for item, future in zip(group, loads[-1].futures):
-                    item.data = future
+                for index, (item, future) in enumerate(zip(group, loads[-1].futures)):
+                    item.data, item.load, item.index = future, loads[-1], index
             return window, items, failed, loads
 
         def launch(started):
             window, items, failed, loads = started
             try:
                 return _launch(window, items, failed)
-            finally:  # the pixels were copied out (or the job is failing): their slots are free
+            finally:  # the pixels were copied out, or are being copied to a device (done after
+                # these events), or the job is failing: their slots are free
+                after = copies_done({i.codec.device for i in items if isinstance(i.codec, ImageCodec)}) if loads else ()
                 for load in loads:
-                    load.release()
+                    load.release(after)
 
         def _launch(window, items, failed):
             ready: list[_Item] = []
@@ -283,16 +288,24 @@ def _encode_images(codec: ImageCodec, group: list[_Item]) -> Callable[[], None]:
     device = torch.device(codec.device)
     done = [i for i in group if i.window is None]
     raw = [i for i in group if i.window is not None]
+    group[:] = done + raw  # the order of the rows of the batch
+    shared = _shared_pixels(group, device)
     parts = []
     if done:
-        # Stacked straight into pinned memory on CUDA, so the upload is one asynchronous copy.
-        pixels = torch.empty((len(done), *done[0].data.shape), dtype=torch.uint8, pin_memory=device.type == "cuda")
-        np.stack([i.data for i in done], out=pixels.numpy())
-        parts.append(upload(pixels, device))
+        shape, n = done[0].data.shape, done[0].data.nbytes
+        if shared is not None and shared[1][: len(done)] == list(range(0, len(done) * n, n)):
+            parts.append(shared[0][: len(done) * n].view(len(done), *shape))  # slots end to end: a view
+        elif shared is not None:
+            parts.append(torch.stack([shared[0][at : at + n].view(shape) for at in shared[1][: len(done)]]))
+        else:  # stacked straight into pinned memory on CUDA, so the upload is one asynchronous copy
+            pixels = torch.empty((len(done), *done[0].data.shape), dtype=torch.uint8, pin_memory=device.type == "cuda")
+            np.stack([i.data for i in done], out=pixels.numpy())
+            parts.append(upload(pixels, device))
     if raw:
-        parts.append(resize_window([i.data for i in raw], [i.window for i in raw],
-                                   raw[0].prep.resample, device))
-    group[:] = done + raw  # the order of the rows of the batch
+        images = [i.data for i in raw]
+        if shared is not None:
+            images = [shared[0][at : at + im.nbytes].view(im.shape) for at, im in zip(shared[1][len(done) :], images)]
+        parts.append(resize_window(images, [i.window for i in raw], raw[0].prep.resample, device))
     pixels = parts[0] if len(parts) == 1 else torch.cat(parts)
     ids = host_copy_later(codec.encode(codec.normalize(pixels)))
 
@@ -304,6 +317,24 @@ def _encode_images(codec: ImageCodec, group: list[_Item]) -> Callable[[], None]:
                 item.segment_out.extra["size"] = list(item.size)
 
     return finish
+
+
+def _shared_pixels(group: list[_Item], device: "torch.device") -> "tuple[torch.Tensor, list[int]] | None":
+    """When the group's pixels are all in the loaders' shared memory: the slots that hold
+    them on ``device`` (one transfer, :meth:`ImageLoads.span`; on CUDA straight from the
+    slots, page-locked by :meth:`SharedSlots.pin`; on a CPU the shared memory itself) and
+    each item's byte offset there; else None. Spares the host a copy of every image, its
+    largest cost per image after the hand-over."""
+    from .device import upload
+
+    load = group[0].load
+    if load is None or load.shared is None or any(i.load is not load for i in group):
+        return None
+    found = load.span([i.index for i in group])
+    if found is None or (device.type == "cuda" and not load.shared.pin()):
+        return None
+    host, offsets = found
+    return upload(host, device), offsets
 
 
 def _encode_audio(codec: Codec, group: list[_Item], dedup: bool) -> Callable[[], None]:

@@ -131,6 +131,20 @@ def test_tokenize_on_cuda_gives_the_cpu_records(images, patch_codec):
     assert gpu == cpu
 
 
+@pytest.mark.requires_cuda
+def test_cuda_copies_straight_from_pinned_shared_slots(images, patch_codec):
+    """Fixed-size images reach the GPU from the shared slots, registered with CUDA, over
+    more windows than regions (each region reused after its copies): the CPU's records."""
+    for i in range(9):
+        Image.open(images / "a.jpg").rotate(10 * i).save(images / f"r{i}.jpg")
+    cpu = _records(images, patch_codec, loader="threads", workers=2, batch_size=2, image_size=16)
+    with Loaders(2, "processes").start() as loaders:
+        gpu = _records(images, patch_codec.to("cuda"), loaders, batch_size=2, image_size=16)
+        shared = loaders._arenas[16 * 16 * 3].shared
+        assert shared._pinned is True
+    assert gpu == cpu and shared._pinned is False  # unregistered when the loaders closed
+
+
 @pytest.mark.parametrize("depth", [1, 2])
 def test_pipeline_stage_order(depth):
     """start(N+1) precedes launch(N), emit(N-depth) follows launch(N), results keep input order."""
@@ -175,6 +189,74 @@ def test_fixed_size_images_come_back_through_shared_memory(images, patch_codec):
         arena = loaders._arenas[16 * 16 * 3]
         assert arena is not None and sorted(arena.free) == [0, 1]  # every region given back
     assert shared == threads and len(threads) == 9
+
+
+def test_windows_use_the_shared_slots_in_place(images, patch_codec, monkeypatch):
+    """With every image of a group in shared memory, the encoder's batch is built from the
+    slots themselves (one span, no copy on the host); records equal the threads' ones."""
+    import teal_cli.tokenize as tokenize_module
+
+    for i in range(6):
+        Image.open(images / "a.jpg").rotate(15 * i).save(images / f"r{i}.jpg")
+    spans = []
+    real = tokenize_module._shared_pixels
+    monkeypatch.setattr(tokenize_module, "_shared_pixels", lambda group, device: spans.append(real(group, device)) or spans[-1])
+    threads = _records(images, patch_codec, loader="threads", workers=2, batch_size=4, image_size=16)
+    assert spans == [None] * 3  # threads: no shared memory
+    spans.clear()
+    with Loaders(2, "processes").start() as loaders:
+        assert _records(images, patch_codec, loaders, batch_size=4, image_size=16) == threads
+    assert len(spans) == 3 and all(span is not None for span in spans)
+    assert [offsets for _, offsets in spans] == [[0, 768, 1536, 2304]] * 2 + [[0]]  # 16 x 16 x 3 bytes per slot
+
+
+def test_a_span_needs_every_image_in_shared_memory(images, monkeypatch):
+    """Images past a region's capacity come back pickled; a span over them is refused."""
+    import numpy as np
+
+    import teal_cli.loaders as loaders_module
+    from teal_cli.pixels import PixelPrep
+
+    monkeypatch.setattr(loaders_module, "MAX_SLOTS", 2)
+    with Loaders(2, "processes").start() as loaders:
+        load = loaders.load_images(PixelPrep("square", 8), [str(images / "a.jpg")] * 3)
+        pixels = [f.result()[0] for f in load.futures]
+        assert load.slots[:2] != [None, None] and load.slots[2] is None
+        host, offsets = load.span([0, 1])
+        assert offsets == [0, 192] and np.array_equal(host.numpy().reshape(2, 8, 8, 3), np.stack(pixels[:2]))
+        assert load.span([1, 2]) is None and load.span([]) is None
+        load.release()
+
+
+def test_a_region_is_reused_only_after_its_device_copies(images):
+    """release(after=events): the region goes back to the free list at once, but is handed
+    out again only once the events have completed (synchronize() called first); regions
+    are reused oldest first."""
+    from teal_cli.pixels import PixelPrep
+
+    class Event:
+        def __init__(self, name):
+            self.name = name
+
+        def synchronize(self):
+            waited.append(self.name)
+
+    waited = []
+    paths = [str(images / "a.jpg")] * 2
+    with Loaders(2, "processes").start() as loaders:
+        first = loaders.load_images(PixelPrep("square", 8), paths)
+        second = loaders.load_images(PixelPrep("square", 8), paths)
+        for load in (first, second):
+            [f.result() for f in load.futures]
+        first.release([Event("first")])
+        second.release([Event("second")])
+        assert waited == []
+        third = loaders.load_images(PixelPrep("square", 8), paths)
+        assert waited == ["first"] and third.slots == [None, None]
+        [f.result() for f in third.futures]
+        assert third.slots == first.slots  # the region freed first
+        third.release()
+    assert waited == ["first", "second"]  # close() waits for the copies still pending
 
 
 def test_without_shared_memory_images_are_pickled_back(images, patch_codec, monkeypatch):
