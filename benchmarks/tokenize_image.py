@@ -137,8 +137,8 @@ def run_loaders(codec, paths: list[Path], loaders, batch_size: int, raw_bytes: i
     ahead = loaders.load_images(prep, windows[0], raw_bytes)
     for window in windows[1:] + [None]:
         current, ahead = ahead, loaders.load_images(prep, window, raw_bytes) if window else None
-        for future in current.futures:
-            np.ascontiguousarray(future.result()[0])  # read the pixels, as tokenize copies them
+        for i in range(len(current)):
+            np.ascontiguousarray(current.result(i)[0])  # read the pixels, as tokenize copies them
         current.release()
     return time.perf_counter() - start
 

@@ -294,18 +294,64 @@ class _Arena:
 
 
 class ImageLoads:
-    """Images being loaded: ``futures[i]`` gives ``(pixels [H, W, 3] uint8, content size or
-    None, window or None)`` for the i-th path (:func:`load_image_job`). Pixels may live in
-    shared memory (``slots[i]``, set before the future settles: the slot in ``shared``, else
-    None), reused by a later window once :meth:`release` is called: copy them out first, or
-    pass the events after which the copies are done."""
+    """Images being loaded: :meth:`result` ``(i)`` gives ``(pixels [H, W, 3] uint8, content
+    size or None, window or None)`` for the i-th path (:func:`load_image_job`), or raises its
+    error. Pixels may live in shared memory (``slots[i]``: the slot in ``shared``, known once
+    ``result(i)`` returned; else None), reused by a later window once :meth:`release` is
+    called: copy them out first, or pass the events after which the copies are done.
 
-    def __init__(self, futures: list[Future], release: Callable[[Sequence[Any]], None] | None = None,
+    A process job's results are unpacked by the thread that asks for them, not by the
+    executor's result thread: no future per image to make and settle, and no hand-over
+    between threads per image (both held the parent's interpreter lock)."""
+
+    def __init__(self, count: int, release: Callable[[Sequence[Any]], None] | None = None,
                  shared: SharedSlots | None = None):
-        self.futures = futures
         self.shared = shared
-        self.slots: list[int | None] = [None] * len(futures)
+        self.slots: list[int | None] = [None] * count
         self._release = release
+        self._jobs: list[tuple[Future, int, list[int | None] | None]] = []  # (future, first image, slots or None: one image)
+        self._job_of: list[int] = [0] * count
+        self._out: list[Any] = [None] * count
+
+    def __len__(self) -> int:
+        return len(self._out)
+
+    def _add(self, job: Future, first: int, count: int, slots: list[int | None] | None = None) -> None:
+        """Images ``first`` .. ``first + count - 1`` come from ``job``: a process job
+        (:func:`load_images_job`, writing to ``slots``) or, without ``slots``, a thread job
+        (:func:`load_image_job`) for one image."""
+        self._job_of[first : first + count] = [len(self._jobs)] * count
+        self._jobs.append((job, first, slots))
+
+    def result(self, i: int) -> tuple:
+        """Image ``i``'s ``(pixels, content size or None, window or None)``, waiting for it."""
+        if self._out[i] is None:
+            self._unpack(self._job_of[i])
+        out = self._out[i]
+        if isinstance(out, BaseException):
+            raise out
+        return out
+
+    def _unpack(self, index: int) -> None:
+        job, first, slots = self._jobs[index]
+        try:
+            results = job.result()
+        except BaseException as exc:  # noqa: BLE001 (a dead pool, a bad file on a thread: each image gets it)
+            count = len(slots) if slots is not None else 1
+            self._out[first : first + count] = [exc] * count
+            return
+        if slots is None:
+            self._out[first] = results
+            return
+        for k, (slot, (ok, value)) in enumerate(zip(slots, results)):
+            if not ok:
+                self._out[first + k] = value
+                continue
+            pixels, shape, size, window = value
+            if pixels is None:
+                self.slots[first + k] = slot
+                pixels = self.shared.array(slot, shape)
+            self._out[first + k] = (pixels, size, window)
 
     def span(self, indices: Sequence[int]) -> "tuple[torch.Tensor, list[int]] | None":
         """For images ``indices`` (loaded) that are all in shared memory: the slots from the
@@ -324,26 +370,6 @@ class ImageLoads:
         if self._release is not None:
             self._release(after)
             self._release = None
-
-
-def _deliver(futures: list[Future], shared: SharedSlots | None, slots: list[int | None], job: Future,
-             loads: ImageLoads | None = None, first: int = 0) -> None:
-    """A process job is done: settle each image's future (in the executor's result thread),
-    noting in ``loads.slots`` (from index ``first``) which images are in shared memory."""
-    try:
-        results = job.result()
-    except BaseException as exc:  # noqa: BLE001 (a dead pool, a cancelled job: every image gets it)
-        for future in futures:
-            future.set_exception(exc)
-        return
-    for k, (future, slot, (ok, value)) in enumerate(zip(futures, slots, results)):
-        if not ok:
-            future.set_exception(value)
-            continue
-        pixels, shape, size, window = value
-        if pixels is None and loads is not None:
-            loads.slots[first + k] = slot
-        future.set_result((shared.array(slot, shape) if pixels is None else pixels, size, window))
 
 
 class Loaders:
@@ -384,19 +410,21 @@ class Loaders:
         to ``raw_bytes`` decoded (:func:`load_image_job`); call :meth:`ImageLoads.release`
         once the pixels have been copied out."""
         if self.kind != "processes" or not self._ready.is_set():
-            return ImageLoads([self._submit_image(load_image_job, prep, path, raw_bytes) for path in paths])
+            loads = ImageLoads(len(paths))
+            for i, path in enumerate(paths):
+                loads._add(self._submit_image(load_image_job, prep, path, raw_bytes), i, 1)
+            return loads
         fixed = getattr(prep, "fixed_shape", None)
         slot_bytes = max(math.prod(fixed) if fixed else 0, raw_bytes) or None
         arena, region = self._region(slot_bytes, len(paths))
-        futures = [Future() for _ in paths]
         shared = arena.shared if arena is not None else None
-        loads = ImageLoads(futures, partial(self._free, arena, region) if arena is not None else None, shared)
+        loads = ImageLoads(len(paths), partial(self._free, arena, region) if arena is not None else None, shared)
         size = max(1, min(CHUNK_MAX, math.ceil(len(paths) / self.workers)))
         for start in range(0, len(paths), size):
             part = range(start, min(start + size, len(paths)))
             slots = [region * arena.capacity + i if arena is not None and i < arena.capacity else None for i in part]
             job = self._processes.submit(load_images_job, prep, [str(paths[i]) for i in part], shared, slots, raw_bytes)
-            job.add_done_callback(partial(_deliver, [futures[i] for i in part], shared, slots, loads=loads, first=start))
+            loads._add(job, start, len(part), slots)
         return loads
 
     def _region(self, slot_bytes: int | None, count: int) -> tuple[_Arena | None, int]:

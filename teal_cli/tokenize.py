@@ -191,8 +191,8 @@ def tokenize_records(
                     item.prep = preps[id(item.codec)]
                 paths = [i.target.segments[i.segment].path for i in group]
                 loads.append(loaders.load_images(preps[id(group[0].codec)], paths, raw_bytes))
-                for index, (item, future) in enumerate(zip(group, loads[-1].futures)):
-                    item.data, item.load, item.index = future, loads[-1], index
+                for index, item in enumerate(group):
+                    item.load, item.index = loads[-1], index
             return window, items, failed, loads
 
         def launch(started):
@@ -209,7 +209,7 @@ def tokenize_records(
             ready: list[_Item] = []
             for item in items:
                 try:
-                    item.data = item.data.result()  # type: ignore[union-attr]
+                    item.data = item.load.result(item.index) if item.load is not None else item.data.result()  # type: ignore[union-attr]
                 except BrokenProcessPool:
                     raise DataError(f"{item.where}: an image loader process died (a crash in the image decoder?); "
                                     "rerun with --loader threads to see which file fails") from None

@@ -220,7 +220,7 @@ def test_a_span_needs_every_image_in_shared_memory(images, monkeypatch):
     monkeypatch.setattr(loaders_module, "MAX_SLOTS", 2)
     with Loaders(2, "processes").start() as loaders:
         load = loaders.load_images(PixelPrep("square", 8), [str(images / "a.jpg")] * 3)
-        pixels = [f.result()[0] for f in load.futures]
+        pixels = [load.result(i)[0] for i in range(len(load))]
         assert load.slots[:2] != [None, None] and load.slots[2] is None
         host, offsets = load.span([0, 1])
         assert offsets == [0, 192] and np.array_equal(host.numpy().reshape(2, 8, 8, 3), np.stack(pixels[:2]))
@@ -247,13 +247,13 @@ def test_a_region_is_reused_only_after_its_device_copies(images):
         first = loaders.load_images(PixelPrep("square", 8), paths)
         second = loaders.load_images(PixelPrep("square", 8), paths)
         for load in (first, second):
-            [f.result() for f in load.futures]
+            [load.result(i) for i in range(len(load))]
         first.release([Event("first")])
         second.release([Event("second")])
         assert waited == []
         third = loaders.load_images(PixelPrep("square", 8), paths)
         assert waited == ["first"] and third.slots == [None, None]
-        [f.result() for f in third.futures]
+        [third.result(i) for i in range(len(third))]
         assert third.slots == first.slots  # the region freed first
         third.release()
     assert waited == ["first", "second"]  # close() waits for the copies still pending
@@ -328,7 +328,7 @@ from teal_cli.pixels import PixelPrep
 if __name__ == "__main__":
     loaders = Loaders(2, "processes").start()
     load = loaders.load_images(PixelPrep("square", 16), [{str(images / "a.jpg")!r}] * 4)
-    [f.result() for f in load.futures]
+    [load.result(i) for i in range(len(load))]
     name = next(a for a in loaders._arenas.values()).shared._shm.name
     print(name, *loaders._processes._processes, flush=True)
     time.sleep(120)
