@@ -210,6 +210,18 @@ def test_windows_use_the_shared_slots_in_place(images, patch_codec, monkeypatch)
     assert [offsets for _, offsets in spans] == [[0, 768, 1536, 2304]] * 2 + [[0]]  # 16 x 16 x 3 bytes per slot
 
 
+def test_a_bad_file_between_shared_slots_leaves_the_others_in_place(images, patch_codec):
+    """A skipped image leaves a gap in the window's slots: the others are read at their own
+    offsets, and give the records of the threads."""
+    for i in range(3):
+        Image.open(images / "a.jpg").rotate(20 * i).save(images / f"r{i}.jpg")
+    threads = _records(images, patch_codec, loader="threads", workers=2, batch_size=8, image_size=16)
+    (images / "bb.png").write_bytes(b"not a png")  # sorts between b.png and c.png
+    with Loaders(2, "processes").start() as loaders:
+        shared = _records(images, patch_codec, loaders, batch_size=8, image_size=16, on_error="skip")
+    assert shared == threads and len(shared) == 6
+
+
 def test_a_span_needs_every_image_in_shared_memory(images, monkeypatch):
     """Images past a region's capacity come back pickled; a span over them is refused."""
     import numpy as np
