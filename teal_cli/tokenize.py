@@ -310,9 +310,10 @@ def _encode_images(codec: ImageCodec, group: list[_Item]) -> Callable[[], None]:
     ids = host_copy_later(codec.encode(codec.normalize(pixels)))
 
     def finish() -> None:
-        for item, grid in zip(group, ids()):
-            item.segment_out = Segment(modality="image", codec=codec.name, shape=list(grid.shape),
-                                       tokens=grid.flatten().tolist())
+        grids = ids()
+        shape = list(grids.shape[1:])
+        for item, tokens in zip(group, grids.reshape(len(group), -1).tolist()):  # one conversion for the batch
+            item.segment_out = Segment(modality="image", codec=codec.name, shape=list(shape), tokens=tokens)
             if item.size is not None:
                 item.segment_out.extra["size"] = list(item.size)
 
