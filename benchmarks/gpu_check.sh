@@ -28,7 +28,7 @@ for run in "${RUN_LIST[@]}"; do
   set -- $run
   codec="$1" dtype="$2"; shift 2
   timeout 90 python3 benchmarks/tokenize_image.py --codec "$codec" --device cuda --dtype "$dtype" --images 2048 --batch-size 64 \
-    --image-dir /tmp/teal-bench-images "$@" 2>&1 | tee -a "$OUT/tokenize_image_gpu.log" | grep -E "^codec|images/s|ratio|CPU|one thread|Error|resize"
+    --image-dir /tmp/teal-bench-images "$@" 2>&1 | tee -a "$OUT/tokenize_image_gpu.log" | grep -E "^codec|images/s|ratio|CPU|thread|Error|resize"
 done
 if [[ "$ARGS" != *" --no-kmeans "* ]]; then
   timeout 90 python3 benchmarks/kmeans.py --gpu-case --repeat 1 2>&1 | tee "$OUT/kmeans_gpu.log" | tail -10

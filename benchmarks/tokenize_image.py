@@ -20,7 +20,10 @@ Arms, on the same images, batch size, device and dtype:
   mapping, JSONL), and the parent process's CPU time per image it costs.
 
 Printed: tokenize / bare (the goal on a GPU is >= 0.9 at batch >= 64) and tokenize /
-min(bare, loaders), how close teal gets to whichever of the two limits binds. Then,
+min(bare, loaders), how close teal gets to whichever of the two limits binds. Then where
+the tokenize run's main thread spends its time per batch (one more pass with timers:
+waiting for the loaders, launching the upload + value mapping + encoder, waiting for the
+device's ids, writing JSONL, the rest), which says what a shortfall on a GPU is made of. Then,
 single-threaded, where the time of one image goes: decode, geometry (resize, crop),
 value mapping + encode (batched, per image), JSON. Without ``--checkpoint`` the codec has random weights in the official
 architecture (speed does not depend on the values).
@@ -162,6 +165,47 @@ def run_device_resize(codec, paths: list[Path], batch_size: int, matmul: bool) -
     return len(images) / (time.perf_counter() - start)
 
 
+def timed_stages(fn, device) -> dict[str, float]:
+    """Seconds of one ``fn()`` pass spent by the main thread in each stage of tokenize."""
+    import threading
+
+    from teal_cli import device as device_module
+    from teal_cli import tokenize as tokenize_module
+    from teal_cli.loaders import ImageLoads
+    from teal_cli.records import RecordWriter
+
+    spent = {"waiting for loads": 0.0, "launching": 0.0, "waiting for the device": 0.0, "writing JSONL": 0.0}
+    main = threading.main_thread()
+
+    def timed(key, f):
+        def call(*args, **kwargs):
+            if threading.current_thread() is not main:
+                return f(*args, **kwargs)
+            t = time.perf_counter()
+            try:
+                return f(*args, **kwargs)
+            finally:
+                spent[key] += time.perf_counter() - t
+        return call
+
+    saved = ImageLoads.result, tokenize_module._encode, device_module.host_copy_later, RecordWriter.write
+    ImageLoads.result = timed("waiting for loads", saved[0])
+    tokenize_module._encode = timed("launching", saved[1])
+    device_module.host_copy_later = lambda tensor: timed("waiting for the device", saved[2](tensor))
+    RecordWriter.write = timed("writing JSONL", saved[3])
+    try:
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        whole = time.perf_counter() - start
+    finally:
+        ImageLoads.result, tokenize_module._encode, device_module.host_copy_later, RecordWriter.write = saved
+    # "launching" includes the host_copy_later call that queues the ids' copy, not its wait
+    spent["the rest"] = whole - sum(spent.values())
+    return spent
+
+
 def breakdown(codec, paths: list[Path], batch_size: int) -> dict[str, float]:
     """Seconds per image of each stage, run one after the other on one thread."""
     import json
@@ -232,6 +276,8 @@ def main() -> None:
         tok_ips = count / seconds
         print(f"bare encoder forward : {bare_ips:9.1f} images/s  (runs: {len(batches) * args.batch_size / bare:.1f}, {len(batches) * args.batch_size / bare2:.1f})")
         print(f"teal tokenize        : {tok_ips:9.1f} images/s  (decode + resize + map + encode + JSONL write)")
+        stages = timed_stages(lambda: run_tokenize(codec, paths, Path(tmp) / "out.jsonl", args.batch_size, loaders,
+                                                   args.resize_on), codec.device)
         cpu = time.process_time()
         from teal_cli.loaders import RAW_BYTES
 
@@ -259,6 +305,8 @@ def main() -> None:
         print(f"ratio                : {tok_ips / bare_ips:9.3f}  (tokenize / bare)")
         print(f"ratio to the limit   : {tok_ips / min(bare_ips, load_ips):9.3f}  (tokenize / min(bare, loaders): "
               f"{'encoder' if bare_ips <= load_ips else 'loaders'}-bound)")
+        n_batches = -(-count // args.batch_size)
+        print("tokenize main thread, per batch: " + ", ".join(f"{k} {v / n_batches * 1000:.1f} ms" for k, v in stages.items()))
         parts = breakdown(codec, paths, args.batch_size)
         total = sum(parts.values())
         print("one thread, per image: " + ", ".join(f"{k} {v * 1000:.2f} ms ({v / total:.0%})" for k, v in parts.items()))
