@@ -12,12 +12,15 @@ torch or the caller's ``__main__``. They return uint8 arrays, a quarter of the b
 float pixels; the value mapping runs afterwards on the encoder's device.
 
 What the parent pays per image decides how fast it can feed a GPU, since the same process
-launches the encoder. Two things keep it small (measured on a 2-core machine, 224 px, two
-loader processes: 0.64 ms of parent CPU per image with one pickled array per job, 0.09 ms
-with both; loader throughput +31 %):
+launches the encoder, and every thread of it that runs Python holds up those launches.
+Several things keep it small (measured on a 2-core machine, 224 px, two loader processes:
+0.64 ms of parent CPU per image with one pickled array per job, 0.09 ms with the first two;
+loader throughput +31 %):
 
 - jobs carry several images (about one job per worker per window, at most ``CHUNK_MAX``):
-  each job costs the parent ~0.37 ms of executor bookkeeping whatever its size;
+  each job costs the parent bookkeeping whatever its size, and the pool is teal's own
+  (:class:`_ProcessPool`: one job queue, one receiver thread), which costs less per job than
+  ``ProcessPoolExecutor``'s feeder and manager threads;
 - images of a fixed shape (every codec that crops) are written by the worker straight into
   shared memory (:class:`SharedSlots`, two regions of a window each); only their content
   size travels back. Where shared memory cannot be reserved (a small ``/dev/shm``, as in
@@ -42,7 +45,7 @@ from __future__ import annotations
 import math
 import os
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -84,10 +87,6 @@ def resolve_loader(kind: str, workers: int) -> str:
     if kind == "auto":
         return "processes" if workers >= PROCESS_MIN_WORKERS else "threads"
     return kind
-
-
-def _ready() -> bool:
-    return True
 
 
 def _quiet_worker(nice: int = 0, parent: int | None = None) -> None:
@@ -372,6 +371,139 @@ class ImageLoads:
             self._release = None
 
 
+def _pool_worker(jobs, results, stopping, nice: int, parent: int) -> None:
+    """A loader process of :class:`_ProcessPool`: say it is up, then run jobs until ``None``
+    (skipping those still queued once ``stopping`` is set)."""
+    _quiet_worker(nice, parent)
+    results.put((None, True, os.getpid()))
+    while True:
+        job = jobs.get()
+        if job is None:
+            return
+        if stopping.is_set():
+            continue
+        key, fn, args = job
+        try:
+            out = (key, True, fn(*args))
+        except BaseException as exc:  # noqa: BLE001 (sent back to the job's future)
+            out = (key, False, exc)
+        try:
+            results.put(out)
+        except Exception as exc:  # noqa: BLE001 (a result or error that does not pickle)
+            results.put((key, False, RuntimeError(f"a loader job's result could not be sent back: {exc!r}")))
+
+
+class _ProcessPool:
+    """Loader processes that take jobs from one queue (an idle worker takes the next job)
+    and send results to one receiver thread in the parent.
+
+    What ``concurrent.futures.ProcessPoolExecutor`` does for teal, with less of the parent's
+    time: its feeder and manager threads cost ~0.35 ms of CPU per job (holding the
+    interpreter lock the thread launching GPU work needs) where this pool costs ~0.15-0.2
+    (2-core machine, jobs of a window in flight as tokenize submits them). As there, a
+    worker that dies breaks the pool: every job not done gets ``BrokenProcessPool``."""
+
+    def __init__(self, workers: int, context, nice: int, parent: int, start_timeout: float = 60.0):
+        from multiprocessing.connection import wait
+
+        self._jobs = context.SimpleQueue()
+        self._results = context.SimpleQueue()
+        self._stopping = context.Event()
+        self._futures: dict[int, Future] = {}
+        self._next = 0
+        self._lock = threading.Lock()
+        self._broken: BaseException | None = None
+        self._closing = False
+        started = [context.Process(target=_pool_worker, args=(self._jobs, self._results, self._stopping, nice, parent),
+                                   name=f"teal-loader-{i}", daemon=True) for i in range(workers)]
+        self._processes = {}
+        try:
+            for process in started:
+                process.start()
+                self._processes[process.pid] = process
+            up = 0
+            while up < workers:  # each worker says it is up; one that dies first fails the start
+                ready = wait([self._results._reader, *(p.sentinel for p in started)], timeout=start_timeout)
+                if self._results._reader in ready:
+                    self._results.get()
+                    up += 1
+                else:
+                    raise RuntimeError("a loader process ended while starting" if ready else "loader processes did not start")
+        except BaseException:
+            self._stop()
+            raise
+        self._receiver = threading.Thread(target=self._receive, name="teal-loader-results", daemon=True)
+        self._receiver.start()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        future: Future = Future()
+        with self._lock:
+            if self._broken is not None:
+                future.set_exception(self._broken)
+                return future
+            key, self._next = self._next, self._next + 1
+            self._futures[key] = future
+        self._jobs.put((key, fn, args))
+        return future
+
+    def _receive(self) -> None:
+        from concurrent.futures.process import BrokenProcessPool
+        from multiprocessing.connection import wait
+
+        reader = self._results._reader
+        sentinels = {p.sentinel for p in self._processes.values()}
+        while True:
+            ready = wait([reader, *sentinels])
+            if reader in ready:  # results first: a worker may have sent some before another died
+                key, ok, value = self._results.get()
+                with self._lock:
+                    future = self._futures.pop(key, None)
+                if future is not None:
+                    try:
+                        future.set_result(value) if ok else future.set_exception(value)
+                    except InvalidStateError:  # cancelled meanwhile
+                        pass
+                continue
+            sentinels.difference_update(ready)
+            if not self._closing:
+                self._fail(BrokenProcessPool("a loader process ended abruptly"))
+                return
+            if not sentinels:
+                return
+
+    def _fail(self, exc: BaseException) -> None:
+        with self._lock:
+            self._broken = exc
+            pending, self._futures = list(self._futures.values()), {}
+        for future in pending:
+            if not future.done():
+                future.set_exception(exc)
+
+    def shutdown(self) -> None:
+        """Cancel the jobs not done (workers skip those still queued), let the workers finish
+        the one they hold, and end them."""
+        self._closing = True
+        with self._lock:
+            pending, self._futures = list(self._futures.values()), {}
+        for future in pending:
+            future.cancel()
+        self._stop()
+        self._receiver.join(timeout=5)
+
+    def _stop(self) -> None:
+        self._closing = True
+        self._stopping.set()
+        if self._broken is None:
+            for _ in self._processes:
+                self._jobs.put(None)
+        for process in self._processes.values():
+            process.join(timeout=5 if self._broken is None else 0.5)
+        for process in self._processes.values():  # stuck (a dead worker held a queue's lock) or broken
+            if process.is_alive():
+                process.terminate()
+                process.join()
+
+
 class Loaders:
     """A thread pool for audio (and images, with ``threads``) plus, with ``processes``, a pool
     of loader processes for images. Use as a context manager; one instance can serve many
@@ -483,14 +615,10 @@ class Loaders:
 
     def _start_processes(self) -> None:
         import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
 
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(PRELOAD)
-        self._processes = ProcessPoolExecutor(self.workers, mp_context=context, initializer=_quiet_worker,
-                                              initargs=(self.nice, os.getpid()))
-        for job in [self._processes.submit(_ready) for _ in range(self.workers)]:
-            job.result()
+        self._processes = _ProcessPool(self.workers, context, self.nice, os.getpid())
         self._ready.set()
 
     def _start_quietly(self) -> None:
@@ -506,7 +634,7 @@ class Loaders:
             self._starter.join()
         self._threads.shutdown(wait=True, cancel_futures=True)
         if self._processes is not None:
-            self._processes.shutdown(wait=True, cancel_futures=True)
+            self._processes.shutdown()
         for arena in self._arenas.values():
             if arena is not None:
                 arena.settle()

@@ -81,6 +81,31 @@ def test_a_dying_loader_process_is_a_clear_error(images, patch_codec, monkeypatc
             _records(images, patch_codec, loaders)
 
 
+def _unpicklable_error():
+    import threading
+
+    raise RuntimeError(threading.Lock())  # a lock does not pickle
+
+
+def test_loader_pool_jobs_errors_and_a_prompt_shutdown():
+    """Results and errors come back per job (an error that does not pickle as a clear one),
+    and closing skips the jobs still queued instead of running them."""
+    import time
+
+    with Loaders(2, "processes").start() as loaders:
+        pool = loaders._processes
+        assert pool.submit(divmod, 7, 2).result() == (3, 1)
+        with pytest.raises(ZeroDivisionError):
+            pool.submit(divmod, 1, 0).result()
+        with pytest.raises(RuntimeError, match="could not be sent back"):
+            pool.submit(_unpicklable_error).result()
+        queued = [pool.submit(time.sleep, 0.5) for _ in range(20)]  # 5 s of work for 2 workers
+        time.sleep(0.1)
+        start = time.perf_counter()
+    assert time.perf_counter() - start < 2.5
+    assert all(f.done() for f in queued) and sum(f.cancelled() for f in queued) >= 16
+
+
 def test_loader_choice():
     assert resolve_loader("auto", 16) == "processes" and resolve_loader("auto", 4) == "threads"
     assert resolve_loader("threads", 16) == "threads"
