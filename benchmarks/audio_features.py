@@ -151,39 +151,20 @@ def main() -> None:
 
 def timed_stages(fn, device: torch.device) -> dict[str, float]:
     """Seconds of one ``fn()`` pass spent by the main thread in each stage of iter_features."""
-    import threading
     from concurrent.futures import Future
 
+    from stages import StageTimer
     from teal_cli import cluster
 
-    spent = {"waiting for loads": 0.0, "launching the extractor": 0.0, "waiting for the GPU": 0.0}
-    main = threading.main_thread()
-    result, extract, finite = Future.result, cluster._extract_batch, cluster._finite_flags
-
-    def timed(key, f):
-        def call(*args, **kwargs):
-            if threading.current_thread() is not main:
-                return f(*args, **kwargs)
-            t = time.perf_counter()
-            try:
-                return f(*args, **kwargs)
-            finally:
-                spent[key] += time.perf_counter() - t
-        return call
-
-    Future.result = timed("waiting for loads", result)
-    cluster._extract_batch = timed("launching the extractor", extract)
-    cluster._finite_flags = lambda feats: timed("waiting for the GPU", finite(feats))
+    timer = StageTimer("waiting for loads", "launching the extractor", "waiting for the GPU")
+    saved = Future.result, cluster._extract_batch, cluster._finite_flags
+    Future.result = timer.timed("waiting for loads", saved[0])
+    cluster._extract_batch = timer.timed("launching the extractor", saved[1])
+    cluster._finite_flags = lambda feats: timer.timed("waiting for the GPU", saved[2](feats))
     try:
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        whole = time.perf_counter() - start
+        return timer.run(fn, lambda: sync(device))
     finally:
-        Future.result, cluster._extract_batch, cluster._finite_flags = result, extract, finite
-    spent["the rest"] = whole - sum(spent.values())
-    return spent
+        Future.result, cluster._extract_batch, cluster._finite_flags = saved
 
 
 if __name__ == "__main__":

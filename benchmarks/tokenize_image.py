@@ -166,44 +166,24 @@ def run_device_resize(codec, paths: list[Path], batch_size: int, matmul: bool) -
 
 
 def timed_stages(fn, device) -> dict[str, float]:
-    """Seconds of one ``fn()`` pass spent by the main thread in each stage of tokenize."""
-    import threading
-
+    """Seconds of one ``fn()`` pass spent by the main thread in each stage of tokenize
+    ("launching" includes queueing the ids' copy back, not waiting for it)."""
+    from stages import StageTimer
     from teal_cli import device as device_module
     from teal_cli import tokenize as tokenize_module
     from teal_cli.loaders import ImageLoads
     from teal_cli.records import RecordWriter
 
-    spent = {"waiting for loads": 0.0, "launching": 0.0, "waiting for the device": 0.0, "writing JSONL": 0.0}
-    main = threading.main_thread()
-
-    def timed(key, f):
-        def call(*args, **kwargs):
-            if threading.current_thread() is not main:
-                return f(*args, **kwargs)
-            t = time.perf_counter()
-            try:
-                return f(*args, **kwargs)
-            finally:
-                spent[key] += time.perf_counter() - t
-        return call
-
+    timer = StageTimer("waiting for loads", "launching", "waiting for the device", "writing JSONL")
     saved = ImageLoads.result, tokenize_module._encode, device_module.host_copy_later, RecordWriter.write
-    ImageLoads.result = timed("waiting for loads", saved[0])
-    tokenize_module._encode = timed("launching", saved[1])
-    device_module.host_copy_later = lambda tensor: timed("waiting for the device", saved[2](tensor))
-    RecordWriter.write = timed("writing JSONL", saved[3])
+    ImageLoads.result = timer.timed("waiting for loads", saved[0])
+    tokenize_module._encode = timer.timed("launching", saved[1])
+    device_module.host_copy_later = lambda tensor: timer.timed("waiting for the device", saved[2](tensor))
+    RecordWriter.write = timer.timed("writing JSONL", saved[3])
     try:
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        whole = time.perf_counter() - start
+        return timer.run(fn, lambda: _sync(device))
     finally:
         ImageLoads.result, tokenize_module._encode, device_module.host_copy_later, RecordWriter.write = saved
-    # "launching" includes the host_copy_later call that queues the ids' copy, not its wait
-    spent["the rest"] = whole - sum(spent.values())
-    return spent
 
 
 def breakdown(codec, paths: list[Path], batch_size: int) -> dict[str, float]:
