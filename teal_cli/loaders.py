@@ -300,7 +300,7 @@ class ImageLoads:
     called: copy them out first, or pass the events after which the copies are done.
 
     A process job's results are unpacked by the thread that asks for them, not by the
-    executor's result thread: no future per image to make and settle, and no hand-over
+    pool's receiver thread: no future per image to make and settle, and no hand-over
     between threads per image (both held the parent's interpreter lock)."""
 
     def __init__(self, count: int, release: Callable[[Sequence[Any]], None] | None = None,
