@@ -4,18 +4,22 @@ the bare encoder forward on ready-made mel windows, in one run on one device.
     python benchmarks/audio_features.py                         # whisper-small shapes, random weights
     python benchmarks/audio_features.py --checkpoint small.pt   # real weights (any format teal loads)
     python benchmarks/audio_features.py --device cuda --clips 128 --seconds 10 --batch 16
+    python benchmarks/audio_features.py --device cuda --format flac          # files as 16-bit FLAC
 
 Rows:
 - ``bare encoder``: ``encoder(mel)`` up to ``--layer`` on ``[batch, n_mels, 3000]`` windows already
   on the device (no front end, no copies): the floor teal can reach.
 - ``extract (batched)``: ``WhisperFeatures.extract`` on ``--batch`` waveforms at a time
   (log-mel, windowing, trimming, dtype handling): the goal is >= 90 % of the bare rate on GPU.
-- ``teal cluster path``: ``teal_cli.cluster.iter_features`` over WAV files on disk (decode,
-  resample check, extract), as ``teal cluster`` runs it.
+- ``teal cluster path``: ``teal_cli.cluster.iter_features`` over files on disk (decode,
+  resample check, extract), as ``teal cluster`` runs it: float WAV (``--format wav``, reads
+  cost next to nothing) or 16-bit FLAC (``--format flac``, as LibriSpeech ships: ~1.9 ms of
+  a core per 10 s clip, so the loaders' count matters; ``--workers``).
 - ``cluster, in memory``: the same with the file reads replaced by the decoded clips: what
   the loaders cost the main thread.
 Then one more pass of the cluster path with timers: where the main thread's time goes per
-batch (waiting for the loaders, launching the extractor, waiting for the GPU, the rest).
+batch (waiting for the loaders, launching the extractor, waiting for the GPU, the rest), and
+the tensor operations (about the kernels) one batch dispatches, bare and in the cluster path.
 Each row gets a warm-up pass, then the fastest of three timed passes counts. Every clip is shorter than 30 s, so each costs one window.
 """
 
@@ -88,6 +92,8 @@ def main() -> None:
     parser.add_argument("--clips", type=int, default=None)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--format", choices=("wav", "flac"), default="wav", help="files for the cluster path")
+    parser.add_argument("--workers", type=int, default=None, help="cluster loader threads (default: one per core, at most 16)")
     args = parser.parse_args()
     device = torch.device(args.device)
     n_clips = args.clips or (128 if device.type == "cuda" else 8)
@@ -100,7 +106,7 @@ def main() -> None:
     total = n_clips * args.seconds
     layer = None if extractor.layer == "final" else extractor.layer
     print(f"{found['model']} layer {extractor.layer}, {device} {extractor.dtype}, {n_clips} clips x {args.seconds:g} s, "
-          f"batch {batch}", file=sys.stderr)
+          f"batch {batch}, {args.format} files", file=sys.stderr)
 
     mel = torch.stack([extractor.windows(w)[0][0] for w in waves[:batch]]).to(device, extractor.dtype)
     n_batches = math.ceil(n_clips / batch)
@@ -122,17 +128,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         items = []
         for i, w in enumerate(waves):
-            path = os.path.join(tmp, f"clip{i}.wav")
-            sf.write(path, w.numpy(), audio.SAMPLE_RATE, subtype="FLOAT")
+            path = os.path.join(tmp, f"clip{i}.{args.format}")
+            sf.write(path, w.numpy(), audio.SAMPLE_RATE, subtype="FLOAT" if args.format == "wav" else "PCM_16")
             items.append((path, path))
-        options = cluster.ClusterOptions(batch_size=batch)
+        options = cluster.ClusterOptions(batch_size=batch, workers=args.workers)
 
         def cluster_path():
             for _ in cluster.iter_features(items, extractor, options, cluster.ClusterReport()):
                 pass
 
         rows.append(("teal cluster path", rate(cluster_path, total, device)))
-        in_memory = dict(zip((path for path, _ in items), waves))
+        in_memory = {path: cluster._load(extractor, path, options) for path, _ in items}
         load = cluster._load
         cluster._load = lambda extractor, path, options: in_memory[path]
         try:
@@ -147,6 +153,12 @@ def main() -> None:
         print(f"{name:<20} {value:>12.1f} {value / floor:>8.0%}")
     n_batches = math.ceil(n_clips / batch)
     print("cluster path, main thread per batch: " + ", ".join(f"{k} {v / n_batches * 1000:.1f} ms" for k, v in stages.items()))
+    from stages import count_ops
+
+    with torch.inference_mode():
+        bare_ops = count_ops(lambda: extractor.encoder(mel, layer=layer))
+    path_ops = count_ops(lambda: cluster._finite_flags(cluster._extract_batch(extractor, waves[:batch]))())
+    print(f"tensor operations per batch (about the kernels launched): bare encoder {bare_ops}, cluster path {path_ops}")
 
 
 def timed_stages(fn, device: torch.device) -> dict[str, float]:

@@ -17,9 +17,10 @@ export PYTHONPATH=".:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 nproc | tee -a "$OUT/gpu.txt"
 timeout 150 python3 -m pytest -q -m requires_cuda -p no:cacheprovider tests 2>&1 | tee "$OUT/cuda_tests.log" | tail -8
-for dtype in float16 float32; do
-  timeout 90 python3 benchmarks/audio_features.py --device cuda --dtype "$dtype" --clips 512 --seconds 10 --batch 32 \
-    2>&1 | tee -a "$OUT/audio_features_gpu.log" | tail -7
+for run in "float16 wav" "float32 wav" "float16 flac"; do
+  set -- $run
+  timeout 90 python3 benchmarks/audio_features.py --device cuda --dtype "$1" --format "$2" --clips 512 --seconds 10 --batch 32 \
+    2>&1 | tee -a "$OUT/audio_features_gpu.log" | tail -8
 done
 # Tokenize runs: "codec dtype [extra benchmark options]", separated by ';' (TEAL_GPU_RUNS overrides).
 RUNS="${TEAL_GPU_RUNS:-beit2 bfloat16;beit2 bfloat16 --resize-on device;beit2 float32;vqgan bfloat16;vqgan bfloat16 --resize-on device;vqgan float32;dalle bfloat16}"

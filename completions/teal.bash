@@ -15,7 +15,7 @@ _teal() {
     --features) COMPREPLY=($(compgen -W "patch mel whisper-small hubert-base-ls960" -- "$cur")); return;;
   esac
   case "$cmd" in
-    cluster) if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--features -f --k -k --iters --sample --patch-size --image-size --n-mels --layer --checkpoint --features-cache --backend --tf32 --import-km --export-km -o --output --on-error --device --dtype --seed -q --quiet -v --verbose -h --help" -- "$cur")); return; fi;;
+    cluster) if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--features -f --k -k --iters --sample --patch-size --image-size --n-mels --layer --checkpoint --features-cache --backend --tf32 --import-km --export-km -o --output --batch-size -b --workers --on-error --device --dtype --seed -q --quiet -v --verbose -h --help" -- "$cur")); return; fi;;
     codecs) if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--json -h --help" -- "$cur")); return; fi;;
     completions) if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "-h --help" -- "$cur")); return; fi;;
     detokenize) if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "-o --output --checkpoint --config --vocoder --vocoder-config --speaker --style --dur-prediction --on-error --device -q --quiet -v --verbose -h --help" -- "$cur")); return; fi;;

@@ -15,6 +15,8 @@ complete -c teal -n '__fish_seen_subcommand_from cluster' -l tf32 -d 'CUDA k-mea
 complete -c teal -n '__fish_seen_subcommand_from cluster' -l import-km -r -d 'Make the codec from a GSLM/fairseq km'
 complete -c teal -n '__fish_seen_subcommand_from cluster' -l export-km -r -d 'Also write the centroids as a GSLM/fairseq km'
 complete -c teal -n '__fish_seen_subcommand_from cluster' -s o -l output -r -d 'Codec directory to write (default codecs/<name>)'
+complete -c teal -n '__fish_seen_subcommand_from cluster' -l batch-size -s b -r -d 'Media files extracted together (speech models: also 30 s windows per encoder forward)'
+complete -c teal -n '__fish_seen_subcommand_from cluster' -l workers -r -d 'Loaders decoding media ahead of the encoder [default: one per core, at most 16]'
 complete -c teal -n '__fish_seen_subcommand_from cluster' -l on-error -r -a 'fail skip' -d 'fail: stop at the first bad item'
 complete -c teal -n '__fish_seen_subcommand_from cluster' -l device -r -a 'auto cpu cuda' -d 'auto (CUDA when available), cpu, cuda or cuda:N'
 complete -c teal -n '__fish_seen_subcommand_from cluster' -l dtype -r -a 'auto float32 bfloat16 float16' -d 'auto, float32, bfloat16 or float16 (auto: bf16 on GPU, fp32 on CPU)'

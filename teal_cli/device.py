@@ -123,6 +123,27 @@ def upload_flat(tensors: "list[torch.Tensor]", device: "torch.device", dtype=Non
     return unpack(upload(pack(tensors, dtype, pin_memory=True), device), tensors)
 
 
+def upload_rows(tensors: "list[torch.Tensor]", width: int, device: "torch.device", dtype=None) -> "torch.Tensor":
+    """Host tensors as the zero-padded rows of one ``[len(tensors), width]`` tensor on ``device``.
+
+    On CUDA the rows are laid out, padding zeroed, in one pinned host buffer and sent with
+    one :func:`upload`: a single copy on the device, where zero-filling it and copying each
+    row in would launch a kernel per row. Elsewhere (or for tensors already on a device) the
+    rows are filled on ``device``."""
+    import torch
+
+    dtype = dtype or tensors[0].dtype
+    pinned = device.type == "cuda" and all(t.device.type == "cpu" for t in tensors)
+    rows = (torch.empty if pinned else torch.zeros)(len(tensors), width, dtype=dtype, pin_memory=pinned,
+                                                     device="cpu" if pinned else device)
+    for row, t in zip(rows, tensors):
+        n = t.numel()
+        row[:n].copy_(t.reshape(-1))
+        if pinned:
+            row[n:].zero_()
+    return upload(rows, device) if pinned else rows
+
+
 def pack(tensors: "list[torch.Tensor]", dtype, pin_memory: bool = False) -> "torch.Tensor":
     """``tensors`` flattened end to end into one new 1-D host tensor of ``dtype``."""
     import torch

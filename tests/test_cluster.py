@@ -58,6 +58,29 @@ def test_whisper_cluster_k_sweep_reuses_cache_then_tokenizes(cli, tiny_whisper_p
         load_codec_dir(directory, features=other)
 
 
+def test_cluster_batch_size_and_workers(cli, tiny_whisper_pt, clips, monkeypatch):
+    """--batch-size sets the files extracted together, --workers the loader threads; neither
+    changes the codec."""
+    import threading
+
+    import teal_cli.cluster as cluster
+    from teal_cli.features.whisper import WhisperFeatures
+
+    batches, threads = [], set()
+    real_extract, real_load = WhisperFeatures.extract, cluster._load
+    monkeypatch.setattr(WhisperFeatures, "extract", lambda self, waves: batches.append(len(waves)) or real_extract(self, waves))
+    monkeypatch.setattr(cluster, "_load", lambda *a: threads.add(threading.current_thread().name) or real_load(*a))
+    common = ["--features", "whisper-tiny", "--checkpoint", tiny_whisper_pt, "--layer", "1", "--k", "4", "--iters", "5", "-q"]
+    r = cli("cluster", clips, *common, "--batch-size", "2", "--workers", "1", "-o", "small")
+    assert r.exit_code == 0, r.stderr
+    assert batches == [2, 1] and threads == {"teal-load_0"}
+    batches.clear()
+    r = cli("cluster", clips, *common, "-o", "default")
+    assert r.exit_code == 0, r.stderr
+    assert batches == [3]
+    torch.testing.assert_close(load_codec_dir("small").centroids, load_codec_dir("default").centroids, rtol=1e-4, atol=1e-4)
+
+
 def test_streaming_fit_matches_in_memory(photo):
     items = [("photo", str(photo))] * 3
     extractor = extractor_for("patch", patch_size=4, image_size=64)
@@ -111,3 +134,19 @@ def test_iter_features_keeps_order_across_batches_and_names_a_nan_input(clips, t
     extractor.extract = poisoned
     with pytest.raises(Exception, match="clip6: whisper features contain NaN"):
         list(iter_features(items, extractor, ClusterOptions(batch_size=2), ClusterReport()))
+
+
+@pytest.mark.parametrize("check_once", [True, False])
+def test_finite_check_names_the_clip_inside_a_batch(monkeypatch, check_once):
+    """A batch is checked as one tensor (or clip by clip when too big); a NaN or inf names the
+    clip that has it, not its batch's first."""
+    from teal_cli import cluster
+
+    if not check_once:
+        monkeypatch.setattr(cluster, "FINITE_CHECK_ONCE", 0)
+    feats = [torch.ones(3, 4), torch.ones(5, 4), torch.ones(0, 4), torch.ones(2, 4)]
+    assert cluster._finite_flags(feats)() == [True] * 4
+    feats[1][4, 2] = float("inf")
+    feats[3][0, 0] = float("nan")
+    assert cluster._finite_flags(feats)() == [True, False, True, False]
+    assert cluster._finite_flags([])() == []

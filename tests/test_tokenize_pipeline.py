@@ -405,6 +405,22 @@ def test_pack_and_unpack_round_trip():
     assert all(torch.equal(o, p.float()) for o, p in zip(out, parts))
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.requires_cuda)])
+def test_upload_rows_pads_each_tensor_with_zeros(device):
+    from teal_cli.device import upload_rows
+
+    parts = [torch.arange(1, 6, dtype=torch.float64), torch.full((3,), -2.0), torch.zeros(0), torch.ones(7)]
+    # Pinned buffers are reused: a stale one must not leak its old values into the padding.
+    for fill in (9.0, 5.0):
+        upload_rows([torch.full((7,), fill)] * 4, 7, torch.device(device), torch.float32)
+        rows = upload_rows(parts, 7, torch.device(device), torch.float32)
+        assert rows.device.type == device and rows.dtype == torch.float32 and rows.shape == (4, 7)
+        expected = torch.zeros(4, 7)
+        for row, part in zip(expected, parts):
+            row[: part.numel()] = part
+        assert torch.equal(rows.cpu(), expected)
+
+
 @pytest.mark.requires_cuda
 def test_upload_flat_gives_each_tensor_on_the_device():
     from teal_cli.device import upload_flat

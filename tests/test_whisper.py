@@ -93,6 +93,66 @@ def test_matches_openai_whisper_encoder(openai_model, speech, layer):
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_half_precision_matches_openai_whisper_and_casts_no_weights(openai_model, speech):
+    """In bf16 (the CPU's half type) teal keeps bf16 copies of the Linear and Conv1d weights
+    instead of casting them on every call as openai-whisper does: the same numbers (a cast is
+    exact to repeat), and no weight is cast during a forward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from teal_cli.features.whisper import set_compute_dtype
+
+    model, path = openai_model
+    extractor = WhisperFeatures.from_name("whisper", layer=2, checkpoint=str(path), dtype="bfloat16")
+    mel = extractor.windows(speech)[0][:1].to(torch.bfloat16)
+    weights = {p.data_ptr() for m in extractor.encoder.modules()
+               if isinstance(m, (torch.nn.Linear, torch.nn.Conv1d)) for p in m.parameters()}
+
+    class Casts(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.of_weights = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten._to_copy, torch.ops.aten.to) and args[0].data_ptr() in weights:
+                self.of_weights += 1
+            return func(*args, **(kwargs or {}))
+
+    with torch.inference_mode(), Casts() as casts:
+        kept = extractor.encoder(mel, layer=2)
+    assert casts.of_weights == 0
+    set_compute_dtype(extractor.encoder, torch.float32)  # drops the copies: openai's per-call casts
+    with torch.inference_mode(), Casts() as casts:
+        per_call = extractor.encoder(mel, layer=2)
+    assert casts.of_weights > 0 and torch.equal(kept, per_call)
+
+    captured = []
+    hook = model.encoder.blocks[1].register_forward_hook(lambda m, i, o: captured.append(o))
+    with torch.no_grad():
+        model.encoder(mel)  # openai-whisper in bf16: weights cast on every call
+    hook.remove()
+    assert captured[0].dtype == torch.bfloat16 and torch.equal(kept, captured[0])
+
+    set_compute_dtype(extractor.encoder, torch.bfloat16)
+    ours = extractor.extract([speech])[0]
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours, kept[0, : ours.shape[0]].float(), rtol=0.02, atol=0.02)  # mel from the batched rows
+
+
+def test_batch_features_hold_only_real_frames(openai_model, speech):
+    """Clips of one batch come back as compact float32 views of their real frames (one copy
+    for the batch), not views of the encoder's 1500-frame output."""
+    _, path = openai_model
+    extractor = WhisperFeatures.from_name("whisper", layer=2, checkpoint=str(path), batch_size=4)
+    clips = [speech, speech[:8000], speech[:4000]]
+    feats = extractor.extract(clips)
+    frames = [math.ceil(len(c) / 320) for c in clips]
+    assert [f.shape[0] for f in feats] == frames and all(f.dtype == torch.float32 for f in feats)
+    storages = {f.untyped_storage().data_ptr(): f.untyped_storage().nbytes() for f in feats}
+    assert sum(storages.values()) == sum(frames) * 64 * 4
+    for clip, f in zip(clips, feats):
+        torch.testing.assert_close(f, extractor.extract([clip])[0], rtol=1e-5, atol=1e-5)
+
+
 def test_long_file_uses_consecutive_windows_and_batches_match(openai_model, speech):
     model, path = openai_model
     long = torch.cat([speech] * math.ceil(40 * 16000 / len(speech)))[: 40 * 16000 + 123]  # 40 s: two windows

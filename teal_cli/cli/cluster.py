@@ -6,7 +6,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import DeviceOpt, DtypeOpt, Log, OnErrorOpt, QuietOpt, SeedOpt, VerboseOpt, check_choice, handle_errors, setup_torch
+from .common import (DeviceOpt, DtypeOpt, Log, OnErrorOpt, QuietOpt, SeedOpt, VerboseOpt, WorkersOpt, check_choice,
+                     handle_errors, setup_torch)
 
 HELP = """Fit a k-means codec and write it as a codec directory.
 
@@ -42,6 +43,8 @@ def cluster(
     import_km: Annotated[Optional[str], typer.Option("--import-km", help="Make the codec from a GSLM/fairseq km.bin (sklearn KMeans) instead of fitting.")] = None,
     export_km: Annotated[Optional[str], typer.Option("--export-km", help="Also write the centroids as a GSLM/fairseq km.bin.")] = None,
     output: Annotated[Optional[str], typer.Option("-o", "--output", help="Codec directory to write (default codecs/<name>).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Media files extracted together (speech models: also 30 s windows per encoder forward).", min=1)] = 16,
+    workers: WorkersOpt = None,
     on_error: OnErrorOpt = "fail",
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -59,7 +62,7 @@ def cluster(
     check_choice(backend, ("torch", "faiss", "auto"), "--backend")
     dev, dt = setup_torch(device, dtype, seed)
     options = {"patch_size": patch_size, "image_size": image_size, "n_mels": n_mels, "layer": layer,
-               "checkpoint": checkpoint, "dtype": dt, "device": dev}
+               "checkpoint": checkpoint, "dtype": dt, "device": dev, "batch_size": batch_size}
     extractor = extractor_for(features, **{key: v for key, v in options.items() if v is not None})
     if import_km:
         from ..cluster import import_codec
@@ -79,7 +82,7 @@ def cluster(
 
         cache = FeatureCache(features_cache, extractor)
     opts = ClusterOptions(k=k, iters=iters, sample=sample, seed=seed, image_size=image_size, on_error=on_error,
-                          backend=backend, tf32=tf32)
+                          backend=backend, tf32=tf32, batch_size=batch_size, workers=workers)
     log.info(f"extracting {features} features from {len(items)} file(s) on {dev}")
     with log.progress("k-means", total=iters) as advance:
         report = fit_codec(items, extractor, output, opts, device=dev, cache=cache, warn=log.warn,

@@ -24,6 +24,7 @@ DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto, float32, bfloat16 
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.")]
 QuietOpt = Annotated[bool, typer.Option("-q", "--quiet", help="No progress or info on stderr; errors only.")]
 VerboseOpt = Annotated[bool, typer.Option("-v", "--verbose", help="More detail on stderr.")]
+WorkersOpt = Annotated[Optional[int], typer.Option("--workers", help="Loaders decoding media ahead of the encoder [default: one per core, at most 16].", min=1, show_default=False)]
 OnErrorOpt = Annotated[str, typer.Option("--on-error", help="fail: stop at the first bad item. skip: report it on stderr, go on, exit 1 at the end.")]
 
 

@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import DeviceOpt, Log, OnErrorOpt, QuietOpt, SeedOpt, VerboseOpt, check_choice, handle_errors, output_stream, setup_torch
+from .common import DeviceOpt, Log, OnErrorOpt, QuietOpt, SeedOpt, VerboseOpt, WorkersOpt, check_choice, handle_errors, output_stream, setup_torch
 
 HELP = """Turn images and audio into token records (JSONL on stdout).
 
@@ -35,7 +35,7 @@ def tokenize(
     checkpoint: Annotated[Optional[str], typer.Option("--checkpoint", help="Local checkpoint file for a named codec.")] = None,
     config: Annotated[Optional[str], typer.Option("--config", help="Local model config for a named codec (VQGAN's model.yaml).")] = None,
     shard: Annotated[Optional[str], typer.Option("--shard", help="Tokenize only shard I/N of the records (auto: from torchrun's RANK/WORLD_SIZE); {shard} in -o becomes I.")] = None,
-    workers: Annotated[Optional[int], typer.Option("--workers", help="Loaders decoding media ahead of the encoder [default: one per core, at most 16].", min=1, show_default=False)] = None,
+    workers: WorkersOpt = None,
     loader: Annotated[str, typer.Option("--loader", help="Image loaders: threads, processes, or auto (processes from 8 workers up).")] = "auto",
     resize_on: Annotated[str, typer.Option("--resize-on", help="Where images are resized and cropped: loader (Pillow, on the CPU) or device (the encoder's device, Pillow's exact bytes; loaders then only decode).")] = "loader",
     on_error: OnErrorOpt = "fail",

@@ -85,11 +85,11 @@ def _encoder_classes():
 
     class Linear(nn.Linear):
         def forward(self, x):
-            return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+            return F.linear(x, *_weights_as(self, x.dtype))
 
     class Conv1d(nn.Conv1d):
-        def _conv_forward(self, x, weight, bias):
-            return super()._conv_forward(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+        def forward(self, x):
+            return self._conv_forward(x, *_weights_as(self, x.dtype))
 
     class Attention(nn.Module):
         def __init__(self, n_state: int, n_head: int):
@@ -148,6 +148,31 @@ def _encoder_classes():
 
 def build_encoder(dims: EncoderDims) -> "torch.nn.Module":
     return _encoder_classes()(dims)
+
+
+def _weights_as(module: "torch.nn.Module", dtype: "torch.dtype") -> tuple:
+    """A Linear's or Conv1d's ``(weight, bias)`` as ``dtype``, as openai-whisper casts them on
+    every call: the copies :func:`set_compute_dtype` made when they are of ``dtype`` and on
+    the weights' device, else a cast now."""
+    copies = module.__dict__.get("_compute")
+    if copies is not None and copies[0].dtype == dtype and copies[0].device == module.weight.device:
+        return copies
+    return module.weight.to(dtype), None if module.bias is None else module.bias.to(dtype)
+
+
+def set_compute_dtype(encoder: "torch.nn.Module", dtype: "torch.dtype") -> None:
+    """Keep ``dtype`` copies of the encoder's Linear and Conv1d weights next to the float32
+    ones, so that a half-precision forward casts no weights (the same values: a cast is
+    exact to repeat). LayerNorms and the positional embedding stay float32, as openai-whisper
+    computes them. Each half forward of Whisper-small otherwise launches 125 weight casts
+    that read and write 0.5 GB; the copies take half the weights' float32 memory again.
+    Call it again after moving the encoder (a float32 ``dtype`` drops the copies)."""
+    import torch
+
+    for module in encoder.modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv1d)):
+            module.__dict__["_compute"] = None if dtype == torch.float32 else (
+                module.weight.to(dtype), None if module.bias is None else module.bias.to(dtype))
 
 
 # ---------------------------------------------------------------- checkpoint formats
@@ -471,6 +496,7 @@ class WhisperFeatures(FeatureExtractor):
 
             self.dtype = resolve_dtype(spec, self.device)
         self.encoder.to(self.device)
+        set_compute_dtype(self.encoder, self.dtype)
         return self
 
     # -- extraction
@@ -498,11 +524,15 @@ class WhisperFeatures(FeatureExtractor):
 
     def encode(self, mel: "torch.Tensor") -> "torch.Tensor":
         """``[B, n_mels, 3000]`` -> ``[B, 1500, dim]`` at the chosen layer (float32)."""
+        return self._hidden(mel).float()
+
+    def _hidden(self, mel: "torch.Tensor") -> "torch.Tensor":
+        """:meth:`encode` in the compute dtype."""
         import torch
 
         layer = None if self.layer == "final" else self.layer
         with torch.inference_mode():
-            return self.encoder(mel.to(self.device, self.dtype), layer=layer).float()
+            return self.encoder(mel.to(self.device, self.dtype), layer=layer)
 
     def extract(self, waves: "list[torch.Tensor]") -> "list[torch.Tensor]":
         """Mono 16 kHz waveforms to ``[ceil(len / 320), dim]`` float32 tensors on the device.
@@ -526,9 +556,13 @@ class WhisperFeatures(FeatureExtractor):
 
         def flush():
             if pending:
-                hidden = self.encode(pending[0] if len(pending) == 1 else torch.cat(pending))
-                for h, (clip, frames) in zip(hidden, pieces):
-                    outputs[clip].append(h[:frames])
+                hidden = self._hidden(pending[0] if len(pending) == 1 else torch.cat(pending))
+                counts = [frames for _, frames in pieces]
+                # The real frames of every window in one copy (then float32): views of it
+                # are compact, and the padding's frames are never converted.
+                real = torch.cat([h[:frames] for h, frames in zip(hidden, counts)]).float()
+                for (clip, _), part in zip(pieces, real.split(counts)):
+                    outputs[clip].append(part)
                 pending.clear()
                 pieces.clear()
 
@@ -550,26 +584,21 @@ class WhisperFeatures(FeatureExtractor):
                 if len(pending) == batch:
                     flush()
         flush()
-        return [torch.cat(parts) if parts else torch.zeros(0, self.dim, device=self.device) for parts in outputs]
+        return [parts[0] if len(parts) == 1 else torch.cat(parts) if parts else torch.zeros(0, self.dim, device=self.device)
+                for parts in outputs]
 
 
     def _rows(self, waves: "list[torch.Tensor]", width: int) -> "torch.Tensor":
-        """Clips as zero-padded rows ``[len(waves), width]`` fp32 on the device.
-
-        Host clips travel in one asynchronous copy of their samples only (no padding: a third
-        of the bytes for 10 s clips; :func:`teal_cli.device.upload_flat`) and the rows are
-        laid out on the device. Copies from pageable memory made the host wait for the GPU to
-        finish the previous batch, leaving it idle while this one was prepared (measured: 15 %
-        of an H100's time with Whisper-small in fp16).
-        """
+        """Clips as zero-padded rows ``[len(waves), width]`` fp32 on the device, sent from the
+        host in one asynchronous copy from pinned memory (:func:`teal_cli.device.upload_rows`).
+        Copies from pageable memory made the host wait for the GPU to finish the previous
+        batch, leaving it idle while this one was prepared (measured: 15 % of an H100's time
+        with Whisper-small in fp16)."""
         import torch
 
-        from ..device import upload_flat
+        from ..device import upload_rows
 
-        rows = torch.zeros(len(waves), width, device=self.device)
-        for row, wave in enumerate(upload_flat(waves, self.device, torch.float32)):
-            rows[row, : wave.shape[0]] = wave
-        return rows
+        return upload_rows(waves, width, self.device, torch.float32)
 
 
 def _pad_frames(mel: "torch.Tensor", frames: int) -> "torch.Tensor":
