@@ -89,3 +89,20 @@ def test_log_mel_extended_with_silence_equals_computing_the_zeros():
         expected = audio.log_mel(wave, padding=audio.N_SAMPLES)
         got = audio.log_mel(wave, padding=audio.N_FFT, extend_to=(n + audio.N_SAMPLES) // audio.HOP_LENGTH)
         assert got.shape == expected.shape and torch.equal(got, expected), n
+
+
+def test_audio_codec_assigns_a_batch_as_each_clip_alone(wav_file, cli, speechlike_wave):
+    """A batch's frames are assigned in one pass: the ids must be those of each clip's own
+    features, split back per clip."""
+    from teal_cli.kmeans import assign
+
+    r = cli("cluster", wav_file, "--features", "mel", "--k", "16", "--iters", "5", "-q")
+    assert r.exit_code == 0, r.stderr
+    codec = load_codec(r.stdout.strip())
+    clips = [speechlike_wave, speechlike_wave[:4000].flip(0), speechlike_wave[1000:9000] * 0.3]
+    together = codec.encode(clips)
+    assert [t.shape for t in together] == [(len(c) // audio.HOP_LENGTH,) for c in clips]
+    for clip, ids in zip(clips, together):
+        alone = assign(codec.extractor.extract([clip])[0], codec.centroids)[0]
+        assert torch.equal(ids, alone)
+    assert len(set(torch.cat(together).tolist())) > 3
