@@ -79,7 +79,7 @@ def test_base_matches_transformers(base_model, speech, layer):
 def test_large_layers_normalisation_and_batching(large_model, speech):
     model, folder = large_model
     extractor = HubertFeatures.from_name("hubert", layer=2, checkpoint=str(folder))
-    assert extractor.normalize is True and extractor.can_batch
+    assert extractor.normalize is True and not extractor.group_norm
     short = speech[: len(speech) // 3]
     feats = extractor.extract([speech, short])
     torch.testing.assert_close(feats[0], reference(model, speech, 2, True), rtol=1e-5, atol=1e-5)
@@ -91,6 +91,25 @@ def test_large_layers_normalisation_and_batching(large_model, speech):
         out = model(wave[None], output_hidden_states=True)
         torch.testing.assert_close(model.encoder.layer_norm(last), out.last_hidden_state[0], rtol=1e-4, atol=1e-4)
     assert (out.last_hidden_state[0] - last).abs().max() > 0.1
+
+
+def test_base_model_batches_clips_of_any_length(base_model, speech):
+    """A group-norm (base) model normalises its first conv layer over the whole clip: that
+    layer runs clip by clip, the rest of the model once per batch, and every clip gets the
+    features it has alone (as transformers gives them), however short or padded."""
+    model, folder = base_model
+    extractor = HubertFeatures.from_name("hubert", layer=2, checkpoint=str(folder), batch_size=5)
+    assert extractor.group_norm and not extractor.normalize
+    clips = [speech, speech[: len(speech) // 3], speech[1000:3000], speech[:50], speech.flip(0)]
+    forwards = []
+    hook = extractor.model.encoder.register_forward_hook(lambda m, i, o: forwards.append(i[0].shape[0]))
+    feats = extractor.extract(clips)
+    hook.remove()
+    assert forwards == [5]  # one forward for all (the 50-sample clip has no frames, but rides along)
+    assert feats[3].shape == (0, 32)
+    for clip, got in zip(clips, feats):
+        if len(clip) >= 400:
+            torch.testing.assert_close(got, reference(model, clip, 2, False), rtol=1e-4, atol=1e-4)
 
 
 def test_long_files_in_chunks(base_model, speech, monkeypatch):
@@ -119,8 +138,9 @@ def test_config_names_and_refusals(base_model):
 
 
 @pytest.mark.requires_cuda
-def test_cuda_matches_cpu(large_model, speech):
-    _, folder = large_model
+@pytest.mark.parametrize("which", ["base_model", "large_model"])
+def test_cuda_matches_cpu(request, which, speech):
+    _, folder = request.getfixturevalue(which)  # base: first layer clip by clip, then one batch
     clips = [speech, speech[: len(speech) // 2]]  # two lengths: one upload, a padding mask
     cpu = HubertFeatures.from_name("hubert", layer=2, checkpoint=str(folder)).extract(clips)
     gpu = HubertFeatures.from_name("hubert", layer=2, checkpoint=str(folder), device="cuda", dtype="float32")
