@@ -37,6 +37,34 @@ def test_exif_orientation_applied(tmp_path):
     assert load_image(tmp_path / "r.jpg").size == (10, 30)
 
 
+@pytest.mark.parametrize("name", ["a.gif", "a.tiff", "a.mpo", "a.jpg", "a.png", "bad.jpg"])
+def test_images_load_first_frame_and_leave_no_file_open(tmp_path, name):
+    """The first frame comes back usable and no file stays open: not a multi-frame file,
+    which Pillow keeps open to seek, nor a broken one."""
+    import gc
+    import warnings
+
+    frames = [Image.new("RGB", (8, 6), c) for c in ((250, 0, 0), (0, 250, 0))]
+    if name == "bad.jpg":
+        frames[0].save(tmp_path / "good.jpg")
+        (tmp_path / name).write_bytes((tmp_path / "good.jpg").read_bytes()[:200])
+    elif name in ("a.jpg", "a.png"):
+        frames[0].save(tmp_path / name)
+    else:
+        frames[0].save(tmp_path / name, save_all=True, append_images=frames[1:], format="MPO" if name.endswith("mpo") else None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        if name == "bad.jpg":
+            with pytest.raises(DataError, match="bad.jpg: cannot read image"):
+                load_image(tmp_path / name)
+        else:
+            out = load_image(tmp_path / name)
+            assert out.size == (8, 6) and abs(out.getpixel((4, 3))[0] - 250) <= 3
+            out.getpixel((0, 0))  # usable after the file was closed
+        gc.collect()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
+
+
 def test_audio_downmix_resample_and_errors(tmp_path):
     t = np.arange(44100) / 44100
     left = np.sin(2 * np.pi * 440 * t).astype(np.float32)
