@@ -19,7 +19,7 @@ nproc | tee -a "$OUT/gpu.txt"
 timeout 150 python3 -m pytest -q -m requires_cuda -p no:cacheprovider tests 2>&1 | tee "$OUT/cuda_tests.log" | tail -8
 for run in "float16 wav" "float32 wav" "float16 flac"; do
   set -- $run
-  timeout 90 python3 benchmarks/audio_features.py --device cuda --dtype "$1" --format "$2" --clips 512 --seconds 10 --batch 32 \
+  timeout 90 python3 benchmarks/audio_features.py --device cuda --dtype "$1" --format "$2" --clips 2048 --seconds 10 --batch 32 \
     2>&1 | tee -a "$OUT/audio_features_gpu.log" | tail -8
 done
 # Tokenize runs: "codec dtype [extra benchmark options]", separated by ';' (TEAL_GPU_RUNS overrides).
