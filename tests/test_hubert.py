@@ -119,6 +119,8 @@ def test_long_files_in_chunks(base_model, speech, monkeypatch):
     ours = extractor.extract([speech[:40000]])[0]
     pieces = [extractor.extract([speech[s : s + 16000]])[0] for s in range(0, 40000, 16000)]
     torch.testing.assert_close(ours, torch.cat(pieces))
+    batched = HubertFeatures.from_name("hubert", layer=1, checkpoint=str(folder), batch_size=3)
+    torch.testing.assert_close(batched.extract([speech[:40000]])[0], ours, rtol=1e-4, atol=1e-4)  # chunks in one batch
 
 
 def test_config_names_and_refusals(base_model):
