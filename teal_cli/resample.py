@@ -252,6 +252,7 @@ def resize_window(images: "Sequence[np.ndarray | torch.Tensor]", windows: Sequen
                   resample: int, device: "torch.device | str | None" = None, *, matmul: bool | None = None) -> "torch.Tensor":
     """``image.resize((rw, rh), resample).crop((left, top, left + ow, top + oh))`` of each
     ``[H, W, 3]`` uint8 image, as Pillow computes it: ``[B, oh, ow, 3]`` uint8 on ``device``.
+    ``[H, W, 4]`` images are RGB plus a padding byte, dropped (:func:`teal_cli.pixels.rgbx_array`).
 
     ``windows[i]`` is ``(rw, rh, left, top, ow, oh)`` (:meth:`~teal_cli.pixels.PixelPrep.window`);
     every window has the same ``(ow, oh)``. Images are numpy arrays or host tensors (gathered,
@@ -287,11 +288,11 @@ def resize_window(images: "Sequence[np.ndarray | torch.Tensor]", windows: Sequen
             start += n
         images = upload(packed, device).split(sizes)
     host = pixels.numpy() if device.type == "cpu" else None
-    for i, (im, (h, w, _)) in enumerate(zip(images, shapes)):
+    for i, (im, (h, w, c)) in enumerate(zip(images, shapes)):
         if isinstance(im, np.ndarray):  # on a CPU (decoded images are read-only: no tensor over them)
-            host[i, :h, :w] = im.reshape(h, w, 3)
+            host[i, :h, :w] = im.reshape(h, w, c)[..., :3]
         else:
-            pixels[i, :h, :w] = im.reshape(h, w, 3)
+            pixels[i, :h, :w] = im.reshape(h, w, c)[..., :3]
     columns = [window_taps(shape[1], w[0], resample, w[2], ow) for shape, w in zip(shapes, windows)]
     rows = [window_taps(shape[0], w[1], resample, w[3], oh) for shape, w in zip(shapes, windows)]
 

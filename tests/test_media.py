@@ -65,6 +65,27 @@ def test_images_load_first_frame_and_leave_no_file_open(tmp_path, name):
     assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
 
 
+def test_rgbx_array_is_pillows_memory_with_the_rgb_bytes(tmp_path, monkeypatch):
+    """Decoded pixels handed over without packing: [H, W, 4] over Pillow's own memory, the
+    first 3 bytes RGB; valid after the image object is gone; None where it cannot be done."""
+    import gc
+
+    from teal_cli.pixels import rgb_array, rgbx_array
+
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)).save(tmp_path / "x.png")
+    image = load_image(tmp_path / "x.png")
+    rgb = rgb_array(image).copy()
+    view = rgbx_array(image)
+    assert view.shape == (37, 53, 4) and not view.flags.writeable
+    del image
+    gc.collect()
+    assert np.array_equal(view[..., :3], rgb)
+    assert rgbx_array(Image.new("L", (4, 4))) is None
+    monkeypatch.delattr(Image.Image, "__arrow_c_array__")
+    assert rgbx_array(Image.new("RGB", (4, 4))) is None
+
+
 def test_audio_downmix_resample_and_errors(tmp_path):
     t = np.arange(44100) / 44100
     left = np.sin(2 * np.pi * 440 * t).astype(np.float32)

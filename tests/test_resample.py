@@ -58,6 +58,12 @@ def test_a_batch_of_sizes_equals_each_image_done_by_pillow(prep, matmul):
         assert np.array_equal(got.numpy(), prep.apply(Image.fromarray(pixels))[0])
     if int(Image.__version__.split(".")[0]) >= 13:
         assert orders == {True, False}  # both pass orders in one batch
+    # RGB plus a padding byte (how loaders hand Pillow's pixels over), mixed with plain RGB,
+    # as numpy arrays and as tensors: the padding is dropped, the bytes are the same.
+    padded = [np.concatenate([p, rng.integers(0, 256, (*p.shape[:2], 1), dtype=np.uint8)], axis=2) if i % 3 else p
+              for i, p in enumerate(images)]
+    assert torch.equal(resize_window(padded, windows, prep.resample, matmul=matmul), out)
+    assert torch.equal(resize_window([torch.from_numpy(p) for p in padded], windows, prep.resample, matmul=matmul), out)
 
 
 def test_pass_order_follows_the_installed_pillow():
@@ -105,11 +111,12 @@ def test_tokenize_resize_on_device_gives_the_loader_records(sized_images, square
     resized = []
     real = resample_module.resize_window
     monkeypatch.setattr(resample_module, "resize_window", lambda images, *a, **k: resized.extend(images) or real(images, *a, **k))
-    monkeypatch.setattr(loaders_module, "RAW_BYTES", 96 * 64 * 3)  # the 128 x 128 and 50 x 200 images stay on the loaders
+    monkeypatch.setattr(loaders_module, "RAW_BYTES", 96 * 64 * 4)  # the 128 x 128 and 50 x 200 images stay on the loaders
     monkeypatch.setattr(loaders_module, "PROCESS_AFTER", 1)
     got = _records(sized_images, square_codec, image_size=24, workers=2, loader=loader, resize_on="device", batch_size=3)
     assert got == expected
-    assert sorted(tuple(i.shape) for i in resized) == [(41, 33, 3), (64, 96, 3), (96, 64, 3)]
+    # Pillow's own 4 bytes a pixel, the padding byte dropped on the device
+    assert sorted(tuple(i.shape) for i in resized) == [(41, 33, 4), (64, 96, 4), (96, 64, 4)]
 
 
 def test_resize_on_is_checked(sized_images, square_codec, monkeypatch):
@@ -141,6 +148,8 @@ def test_resize_on_cuda_equals_pillow(resample_filter, matmul):
     assert out.device.type == "cuda"
     for got, pixels in zip(out.cpu(), images):
         assert np.array_equal(got.numpy(), prep.apply(Image.fromarray(pixels))[0])
+    padded = [np.concatenate([p, np.full((*p.shape[:2], 1), 255, np.uint8)], axis=2) for p in images]
+    assert torch.equal(resize_window(padded, [prep.window(w, h) for w, h in sizes], resample_filter, "cuda", matmul=matmul), out)
 
 
 def test_cli_resize_on_device(photo, patch_codec, cli):
