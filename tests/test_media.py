@@ -86,6 +86,19 @@ def test_rgbx_array_is_pillows_memory_with_the_rgb_bytes(tmp_path, monkeypatch):
     assert rgbx_array(Image.new("RGB", (4, 4))) is None
 
 
+def test_16_bit_wav_gives_libsndfiles_floats(tmp_path):
+    """16-bit WAV is read as int16 and scaled by teal: every one of the 65,536 values must
+    come out as the float libsndfile itself gives, mono and averaged to mono."""
+    values = np.arange(-32768, 32768, dtype=np.int16)
+    sf.write(tmp_path / "mono.wav", values, 16000, subtype="PCM_16")
+    sf.write(tmp_path / "stereo.wav", np.stack([values, values[::-1]], 1), 16000, subtype="PCM_16")
+    mono = sf.read(tmp_path / "mono.wav", dtype="float32")[0]
+    assert np.array_equal(load_audio(tmp_path / "mono.wav", 16000).numpy(), mono)
+    stereo = sf.read(tmp_path / "stereo.wav", dtype="float32", always_2d=True)[0].mean(axis=1)
+    assert np.array_equal(load_audio(tmp_path / "stereo.wav", 16000).numpy(), stereo)
+    assert mono.min() == -1.0 and mono.dtype == np.float32
+
+
 def test_audio_downmix_resample_and_errors(tmp_path):
     t = np.arange(44100) / 44100
     left = np.sin(2 * np.pi * 440 * t).astype(np.float32)
