@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from .errors import UsageError
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -144,22 +145,33 @@ def upload_rows(tensors: "list[torch.Tensor]", width: int, device: "torch.device
     return upload(rows, device) if pinned else rows
 
 
-def pack(tensors: "list[torch.Tensor]", dtype, pin_memory: bool = False) -> "torch.Tensor":
-    """``tensors`` flattened end to end into one new 1-D host tensor of ``dtype``."""
+def pack(tensors: "Sequence[torch.Tensor | np.ndarray]", dtype, pin_memory: bool = False) -> "torch.Tensor":
+    """``tensors`` (tensors, or numpy arrays of a dtype numpy shares with ``dtype``: decoded
+    images are read-only arrays, which torch will not wrap) flattened end to end into one new
+    1-D host tensor of ``dtype``."""
+    import math
+
     import torch
 
-    packed = torch.empty(sum(t.numel() for t in tensors), dtype=dtype, pin_memory=pin_memory)
-    start = 0
-    for t in tensors:
-        packed[start : start + t.numel()].copy_(t.reshape(-1))
-        start += t.numel()
+    sizes = [math.prod(t.shape) for t in tensors]
+    packed = torch.empty(sum(sizes), dtype=dtype, pin_memory=pin_memory)
+    host, start = None, 0
+    for t, n in zip(tensors, sizes):
+        if isinstance(t, torch.Tensor):
+            packed[start : start + n].copy_(t.reshape(-1))
+        else:
+            host = packed.numpy() if host is None else host
+            host[start : start + n] = t.reshape(-1)
+        start += n
     return packed
 
 
-def unpack(packed: "torch.Tensor", like: "list[torch.Tensor]") -> "list[torch.Tensor]":
+def unpack(packed: "torch.Tensor", like: "Sequence[torch.Tensor | np.ndarray]") -> "list[torch.Tensor]":
     """Views of ``packed`` (from :func:`pack`) shaped as ``like``."""
-    parts = packed.split([t.numel() for t in like])
-    return [part.view(t.shape) for part, t in zip(parts, like)]
+    import math
+
+    parts = packed.split([math.prod(t.shape) for t in like])
+    return [part.view(tuple(t.shape)) for part, t in zip(parts, like)]
 
 
 def host_copy_later(tensor: "torch.Tensor") -> "Callable[[], torch.Tensor]":

@@ -263,7 +263,7 @@ def resize_window(images: "Sequence[np.ndarray | torch.Tensor]", windows: Sequen
     import numpy as np
     import torch
 
-    from .device import upload, upload_flat
+    from .device import pack, unpack, upload, upload_flat
 
     if not images:
         raise ValueError("resize_window: no images")
@@ -280,13 +280,7 @@ def resize_window(images: "Sequence[np.ndarray | torch.Tensor]", windows: Sequen
     pixels = torch.empty((len(images), hmax, wmax, 3), dtype=torch.uint8, device=device)
     shapes = [tuple(int(v) for v in im.shape) for im in images]
     if on_host and device.type != "cpu":
-        sizes = [math.prod(shape) for shape in shapes]
-        packed = torch.empty(sum(sizes), dtype=torch.uint8, pin_memory=device.type == "cuda")
-        host, start = packed.numpy(), 0
-        for im, n in zip(images, sizes):
-            host[start : start + n] = np.asarray(im).reshape(-1)
-            start += n
-        images = upload(packed, device).split(sizes)
+        images = unpack(upload(pack(images, torch.uint8, pin_memory=device.type == "cuda"), device), images)
     host = pixels.numpy() if device.type == "cpu" else None
     for i, (im, (h, w, c)) in enumerate(zip(images, shapes)):
         if isinstance(im, np.ndarray):  # on a CPU (decoded images are read-only: no tensor over them)

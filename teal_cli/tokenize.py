@@ -40,7 +40,7 @@ class TokenizeOptions:
         workers: loaders decoding media ahead of the encoder (None: one per core, at most 16).
         loader: ``auto``, ``threads`` or ``processes`` for images (see :mod:`teal_cli.loaders`).
         resize_on: ``loader`` resizes images with Pillow in the loaders; ``device`` leaves
-            the resize and crop of images up to 1 MB decoded to the encoder's device
+            the resize and crop of decoded images up to ``loaders.RAW_BYTES`` (640 x 512) to the encoder's device
             (:mod:`teal_cli.resample`: Pillow's bytes exactly), so loaders only decode.
     """
 

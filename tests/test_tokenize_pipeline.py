@@ -3,6 +3,7 @@ mapping by table is exact on every device, and a dying loader process is a clear
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -403,6 +404,12 @@ def test_pack_and_unpack_round_trip():
     out = unpack(packed, parts)
     assert [o.shape for o in out] == [p.shape for p in parts]
     assert all(torch.equal(o, p.float()) for o, p in zip(out, parts))
+    # Read-only numpy arrays (decoded images) beside tensors, as resize_window packs them.
+    image = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
+    image.flags.writeable = False
+    mixed = [image, torch.full((2, 2), 7, dtype=torch.uint8)]
+    back = unpack(pack(mixed, torch.uint8), mixed)
+    assert back[0].shape == (2, 3, 4) and np.array_equal(back[0].numpy(), image) and torch.equal(back[1], mixed[1])
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.requires_cuda)])
