@@ -150,10 +150,13 @@ def run_device_resize(codec, paths: list[Path], batch_size: int, matmul: bool) -
     """Images per second of :func:`teal_cli.resample.resize_window` alone, on decoded images,
     with its passes as float64 matrix products or as int32 gathers."""
     from teal_cli.media import load_image
+    from teal_cli.pixels import rgb_array, rgbx_array
     from teal_cli.resample import resize_window
 
     prep = codec.pixel_prep()
-    images = [np.asarray(load_image(p)) for p in paths[: batch_size * 4]]
+    # As the loaders hand them over: Pillow's 4 bytes a pixel where it can export them so.
+    decoded = [load_image(p) for p in paths[: batch_size * 4]]
+    images = [rgb_array(im) if (x := rgbx_array(im)) is None else x for im in decoded]
     windows = [prep.window(im.shape[1], im.shape[0]) for im in images]
     chunks = [(images[i : i + batch_size], windows[i : i + batch_size]) for i in range(0, len(images), batch_size)]
     resize_window(*chunks[0], prep.resample, codec.device, matmul=matmul)  # warm-up
