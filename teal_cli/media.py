@@ -49,7 +49,7 @@ def load_image(path: str | Path) -> "Image.Image":
     Palette, grey, 16-bit and alpha images are converted (alpha composited on white, so a
     transparent logo does not turn black). Decompression bombs are refused.
     """
-    from PIL import Image, ImageOps
+    from PIL import ExifTags, Image, ImageOps
 
     limit = int(os.environ.get("TEAL_MAX_IMAGE_PIXELS", DEFAULT_MAX_IMAGE_PIXELS))
     # Pillow errors only above twice its limit and warns below that; teal checks the size
@@ -65,8 +65,11 @@ def load_image(path: str | Path) -> "Image.Image":
                 raise DataError(f"{path}: image too large ({im.width}x{im.height} = {im.width * im.height} pixels, "
                                 f"limit {limit}); refused as a possible decompression bomb "
                                 "(raise TEAL_MAX_IMAGE_PIXELS if it is genuine)")
-            im = ImageOps.exif_transpose(im)
             im.load()
+            # exif_transpose copies every image it does not turn (0.2 ms of a 1.2 ms decode
+            # for a 500 x 375 JPEG): only images with an orientation to apply go through it.
+            if im.getexif().get(ExifTags.Base.Orientation, 1) in _TRANSPOSED:
+                im = ImageOps.exif_transpose(im)
             return to_rgb(im)
     except Image.DecompressionBombError as exc:
         raise DataError(f"{path}: image too large ({exc}); refused as a possible decompression bomb "
@@ -81,6 +84,7 @@ def load_image(path: str | Path) -> "Image.Image":
 
 
 _bomb_warning_silenced = False
+_TRANSPOSED = (2, 3, 4, 5, 6, 7, 8)  # EXIF orientations other than upright (1); compared, not hashed
 
 
 def _silence_bomb_warning() -> None:

@@ -37,6 +37,27 @@ def test_exif_orientation_applied(tmp_path):
     assert load_image(tmp_path / "r.jpg").size == (10, 30)
 
 
+@pytest.mark.parametrize("orientation", [None, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9])
+@pytest.mark.parametrize("suffix", [".jpg", ".png", ".webp"])
+def test_exif_orientation_as_pillow_applies_it(tmp_path, orientation, suffix):
+    """Every orientation tag, valid or not (and none), gives ImageOps.exif_transpose's pixels."""
+    from PIL import ImageOps
+
+    rng = np.random.default_rng(orientation or 0)
+    im = Image.fromarray(rng.integers(0, 256, (10, 16, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    if orientation is not None:
+        exif[0x0112] = orientation
+    path = tmp_path / f"o{suffix}"
+    im.save(path, exif=exif, **({"lossless": True} if suffix == ".webp" else {}))
+    with Image.open(path) as ref:
+        expected = np.asarray(ImageOps.exif_transpose(ref).convert("RGB"))
+    out = load_image(path)
+    assert out.mode == "RGB" and np.array_equal(np.asarray(out), expected)
+    if orientation in (5, 6, 7, 8):
+        assert out.size == (10, 16)
+
+
 @pytest.mark.parametrize("name", ["a.gif", "a.tiff", "a.mpo", "a.jpg", "a.png", "bad.jpg"])
 def test_images_load_first_frame_and_leave_no_file_open(tmp_path, name):
     """The first frame comes back usable and no file stays open: not a multi-frame file,
