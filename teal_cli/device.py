@@ -38,6 +38,22 @@ def resolve_device(spec: "str | torch.device" = "auto") -> "torch.device":
     raise UsageError(f"--device {spec}: expected auto, cpu, cuda or cuda:N")
 
 
+def fit_threads_to_cpus() -> int:
+    """Cut torch's CPU threads to the CPUs this process may use (:func:`teal_cli.loaders.usable_cpus`:
+    the affinity mask and a cgroup quota, which torch does not see: in a container limited to
+    4 CPUs of a 64-core host it would run 64 threads, throttled), unless ``OMP_NUM_THREADS``
+    sets them. Returns torch's thread count."""
+    import os
+
+    import torch
+
+    from .loaders import usable_cpus
+
+    if not os.environ.get("OMP_NUM_THREADS") and torch.get_num_threads() > usable_cpus():
+        torch.set_num_threads(usable_cpus())
+    return torch.get_num_threads()
+
+
 def resolve_dtype(spec: "str | torch.dtype", device: "torch.device") -> "torch.dtype":
     """``auto`` is bf16 on a GPU that supports it, fp16 on older GPUs, fp32 on CPU.
 

@@ -437,3 +437,63 @@ def test_upload_flat_gives_each_tensor_on_the_device():
     assert [o.device.type for o in out] == ["cuda"] * 3 and all(o.dtype == torch.float32 for o in out)
     for o, p in zip(out, parts):
         assert torch.equal(o.cpu(), p.float())
+
+
+def _cgroup(tmp_path, membership: str, files: dict[str, str]):
+    root = tmp_path / "cgroup"
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    (tmp_path / "self").write_text(membership)
+    return str(root), str(tmp_path / "self")
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("v2 none", None), ("v2 own", 2.5), ("v2 ancestor smaller", 1.5), ("v2 namespace", 3.0),
+    ("v1 none", None), ("v1 own", 6.0), ("v1 merged mount", 0.5), ("unreadable", None)])
+def test_cgroup_cpu_quota_is_the_smallest_on_the_way_up(tmp_path, case, expected):
+    """A container's or job's CPU limit, which the affinity mask does not show, in either
+    cgroup version, the tightest of the process's cgroup and its ancestors."""
+    from teal_cli.loaders import cgroup_cpu_quota
+
+    v2 = {"cgroup.controllers": "cpu io\n"}
+    files = {
+        "v2 none": ("0::/job\n", {**v2, "job/cpu.max": "max 100000\n"}),
+        "v2 own": ("0::/a/job\n", {**v2, "a/cpu.max": "max 100000\n", "a/job/cpu.max": "250000 100000\n"}),
+        "v2 ancestor smaller": ("0::/a/job\n", {**v2, "a/cpu.max": "150000 100000\n", "a/job/cpu.max": "400000 100000\n"}),
+        "v2 namespace": ("0::/\n", {**v2, "cpu.max": "300000 100000\n"}),
+        "v1 none": ("4:cpu,cpuacct:/docker/x\n0::/\n", {"cpu/docker/x/cpu.cfs_quota_us": "-1\n",
+                                                        "cpu/docker/x/cpu.cfs_period_us": "100000\n"}),
+        "v1 own": ("12:memory:/m\n4:cpu,cpuacct:/docker/x\n", {"cpu/docker/x/cpu.cfs_quota_us": "600000\n",
+                                                                "cpu/docker/x/cpu.cfs_period_us": "100000\n"}),
+        "v1 merged mount": ("3:cpuacct,cpu:/j\n", {"cpu,cpuacct/cpu.cfs_quota_us": "50000\n",
+                                                   "cpu,cpuacct/cpu.cfs_period_us": "100000\n"}),
+        "unreadable": ("0::/a\n", {**v2, "a/cpu.max": "garbage\n"}),
+    }[case]
+    root, membership = _cgroup(tmp_path, *files)
+    assert cgroup_cpu_quota(root, membership) == expected
+    assert cgroup_cpu_quota(root, str(tmp_path / "missing")) is None
+
+
+def test_workers_and_torch_threads_follow_the_cpu_quota(monkeypatch):
+    from teal_cli import loaders
+    from teal_cli.device import fit_threads_to_cpus
+
+    monkeypatch.setattr(loaders.os, "sched_getaffinity", lambda pid: set(range(32)))
+    monkeypatch.setattr(loaders, "cgroup_cpu_quota", lambda: 2.5)
+    assert loaders.usable_cpus() == 3 and loaders.default_workers() == 3
+    monkeypatch.setattr(loaders, "cgroup_cpu_quota", lambda: None)
+    assert loaders.usable_cpus() == 32 and loaders.default_workers() == loaders.MAX_DEFAULT_WORKERS
+    monkeypatch.setattr(loaders, "cgroup_cpu_quota", lambda: 0.3)
+    assert loaders.usable_cpus() == 1
+
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    try:
+        torch.set_num_threads(4)
+        assert fit_threads_to_cpus() == 1
+        monkeypatch.setenv("OMP_NUM_THREADS", "4")
+        torch.set_num_threads(4)
+        assert fit_threads_to_cpus() == 4  # the user's setting stands
+    finally:
+        torch.set_num_threads(before)

@@ -24,7 +24,7 @@ DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto, float32, bfloat16 
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.")]
 QuietOpt = Annotated[bool, typer.Option("-q", "--quiet", help="No progress or info on stderr; errors only.")]
 VerboseOpt = Annotated[bool, typer.Option("-v", "--verbose", help="More detail on stderr.")]
-WorkersOpt = Annotated[Optional[int], typer.Option("--workers", help="Loaders decoding media ahead of the encoder [default: one per core, at most 16].", min=1, show_default=False)]
+WorkersOpt = Annotated[Optional[int], typer.Option("--workers", help="Loaders decoding media ahead of the encoder [default: one per usable core, at most 16].", min=1, show_default=False)]
 OnErrorOpt = Annotated[str, typer.Option("--on-error", help="fail: stop at the first bad item. skip: report it on stderr, go on, exit 1 at the end.")]
 
 
@@ -140,8 +140,9 @@ def output_stream(path: Optional[str]) -> Iterator:
 
 def setup_torch(device: str, dtype: str, seed: int | None):
     """Resolve device/dtype and seed torch; returns ``(device, dtype)``."""
-    from ..device import resolve_device, resolve_dtype, seed_everything
+    from ..device import fit_threads_to_cpus, resolve_device, resolve_dtype, seed_everything
 
     dev = resolve_device(device)
+    fit_threads_to_cpus()
     seed_everything(seed)
     return dev, resolve_dtype(dtype, dev)
