@@ -15,9 +15,12 @@ Arms, on the same images, batch size, device and dtype:
 - ``device resize alone`` (with ``--resize-on device``): decoded images resized and cropped on
   the device by :mod:`teal_cli.resample`, upload included, both ways it can run the passes
   (float64 matrix products, int32 gathers), and their ratio.
-- ``tokenize, no encoder``: the tokenize arm with ``codec.encode`` replaced by a constant
-  grid: the ceiling of the host side of the pipeline (loaders, hand-over, upload, value
-  mapping, JSONL), and the parent process's CPU time per image it costs.
+- ``tokenize, no device work``: the tokenize arm with the device's work replaced by
+  constants (``codec.encode`` by a grid of zeros, the value mapping by nothing and, with
+  ``--resize-on device``, the resize by an empty batch): the ceiling of the host side of the
+  pipeline (loaders, hand-over, upload, launches, JSONL), and the parent process's CPU time
+  per image it costs. On a CPU device that leaves out compute the host does in the
+  tokenize arm.
 
 Printed: tokenize / bare (the goal on a GPU is >= 0.9 at batch >= 64) and tokenize /
 min(bare, loaders), how close teal gets to whichever of the two limits binds. Then where
@@ -275,15 +278,24 @@ def main() -> None:
                   f"(x{matmul / gather:.2f}; teal uses {used} here; decoded images in memory -> upload -> resize + crop)")
         grid = codec.encode(batches[0][:1]).shape[1:]
         codec.encode = lambda pixels: torch.zeros((pixels.shape[0], *grid), dtype=torch.long, device=pixels.device)
+        codec.normalize = lambda pixels: pixels
+        from teal_cli import resample
+
+        resize_window = resample.resize_window
+        if args.resize_on == "device":  # device work too: what is left is the host's
+            resample.resize_window = lambda images, windows, *_, **__: torch.zeros(
+                (len(images), windows[0][5], windows[0][4], 3), dtype=torch.uint8, device=codec.device)
         cpu = time.process_time()
         host_seconds, _ = run_tokenize(codec, paths, Path(tmp) / "out.jsonl", args.batch_size, loaders, args.resize_on)
         host_cpu = (time.process_time() - cpu) / count
-        del codec.encode
+        del codec.encode, codec.normalize
+        resample.resize_window = resize_window
         loaders.close()
         print(f"loader start         : {started:9.3f} s once per run (not in the rates; {loaders.kind})")
-        print(f"loaders alone        : {load_ips:9.1f} images/s  (decode + resize to uint8, no encoder)")
-        print(f"tokenize, no encoder : {count / host_seconds:9.1f} images/s  (the host side's ceiling)")
-        print(f"parent CPU per image : {tok_cpu * 1000:9.3f} ms tokenize, {host_cpu * 1000:.3f} ms with no encoder, "
+        print(f"loaders alone        : {load_ips:9.1f} images/s  (decode{'' if args.resize_on == 'device' else ' + resize to uint8'}, no encoder)")
+        print(f"tokenize, no device  : {count / host_seconds:9.1f} images/s  (the host side's ceiling: no encoder, "
+              f"value mapping{' or resize' if args.resize_on == 'device' else ''})")
+        print(f"parent CPU per image : {tok_cpu * 1000:9.3f} ms tokenize, {host_cpu * 1000:.3f} ms with no device work, "
               f"{load_cpu * 1000:.3f} ms loaders alone (all threads of this process)")
         print(f"ratio                : {tok_ips / bare_ips:9.3f}  (tokenize / bare)")
         print(f"ratio to the limit   : {tok_ips / min(bare_ips, load_ips):9.3f}  (tokenize / min(bare, loaders): "
