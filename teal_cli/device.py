@@ -49,8 +49,10 @@ def fit_threads_to_cpus() -> int:
 
     from .loaders import usable_cpus
 
-    if not os.environ.get("OMP_NUM_THREADS") and torch.get_num_threads() > usable_cpus():
-        torch.set_num_threads(usable_cpus())
+    if not os.environ.get("OMP_NUM_THREADS"):
+        cpus = usable_cpus()
+        if torch.get_num_threads() > cpus:
+            torch.set_num_threads(cpus)
     return torch.get_num_threads()
 
 

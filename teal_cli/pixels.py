@@ -116,12 +116,13 @@ class _Pixels:
         self._owners = owners
 
 
-def _capsule_pointer(capsule, name: bytes) -> int:
+def _capsule_getter():
+    """``PyCapsule_GetPointer(capsule, name)`` through ctypes, its signature set once."""
     import ctypes
 
     get = ctypes.pythonapi.PyCapsule_GetPointer
     get.restype, get.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
-    return get(capsule, name)
+    return get
 
 
 def _arrow_structs():
@@ -150,6 +151,7 @@ def _arrow_structs():
 
 
 _ArrowSchema, _ArrowArray = _arrow_structs()
+_capsule_pointer = _capsule_getter()
 
 
 @dataclass(frozen=True)

@@ -298,7 +298,7 @@ def _encode_images(codec: ImageCodec, group: list[_Item]) -> Callable[[], None]:
         elif shared is not None:
             parts.append(torch.stack([shared[0][at : at + n].view(shape) for at in shared[1][: len(done)]]))
         else:  # stacked straight into pinned memory on CUDA, so the upload is one asynchronous copy
-            pixels = torch.empty((len(done), *done[0].data.shape), dtype=torch.uint8, pin_memory=device.type == "cuda")
+            pixels = torch.empty((len(done), *shape), dtype=torch.uint8, pin_memory=device.type == "cuda")
             np.stack([i.data for i in done], out=pixels.numpy())
             parts.append(upload(pixels, device))
     if raw:
