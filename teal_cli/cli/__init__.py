@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from .. import __version__
-from . import cluster, codecs, completions, detokenize, tokenize
+from . import cluster, codecs, completions, detokenize, eval, generate, init_embeddings, tokenize, train
 
 app = typer.Typer(
     name="teal",
@@ -33,9 +33,10 @@ def _root(
     """teal: tokenize and embed all modalities for a frozen text LLM (TEAL)."""
 
 
-for module in (tokenize, detokenize, cluster, codecs, completions):
+for module in (tokenize, detokenize, cluster, init_embeddings, train, generate, eval, codecs, completions):
     name = module.__name__.rsplit(".", 1)[-1]
-    app.command(name, help=module.HELP, no_args_is_help=False)(getattr(module, name))
+    # Command names use dashes (init-embeddings); each module's function has the module's name.
+    app.command(name.replace("_", "-"), help=module.HELP, no_args_is_help=False)(getattr(module, name))
 
 
 def main() -> None:

@@ -1,0 +1,14 @@
+"""teal eval: being built (see the open issue)."""
+
+from __future__ import annotations
+
+from .common import handle_errors
+
+HELP = """Not built yet."""
+
+
+@handle_errors
+def eval() -> None:
+    from ..errors import UsageError
+
+    raise UsageError("teal eval is not built yet")
