@@ -39,7 +39,7 @@ def resolve_device(spec: "str | torch.device" = "auto") -> "torch.device":
 
 
 def fit_threads_to_cpus() -> int:
-    """Cut torch's CPU threads to the CPUs this process may use (:func:`teal_cli.loaders.usable_cpus`:
+    """Cut torch's CPU threads to the CPUs this process may use (:func:`teal_cli.cpus.usable_cpus`:
     the affinity mask and a cgroup quota, which torch does not see: in a container limited to
     4 CPUs of a 64-core host it would run 64 threads, throttled), unless ``OMP_NUM_THREADS``
     sets them. Returns torch's thread count."""
@@ -47,7 +47,7 @@ def fit_threads_to_cpus() -> int:
 
     import torch
 
-    from .loaders import usable_cpus
+    from .cpus import usable_cpus
 
     if not os.environ.get("OMP_NUM_THREADS"):
         cpus = usable_cpus()
