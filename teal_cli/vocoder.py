@@ -29,7 +29,6 @@ otherwise each unit is one frame.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .codecs import safe_pickle
+from .checkpoints import read_json, read_torch
 from .errors import CodecError, UsageError
 
 if TYPE_CHECKING:
@@ -278,8 +278,8 @@ class _FoldedWeight:
     def shape(self) -> tuple:
         return self.v.shape
 
-    def load(self) -> torch.Tensor:
-        g, v = self.g.load().float(), self.v.load().float()
+    def load(self, where: str = "checkpoint") -> torch.Tensor:
+        g, v = self.g.load(where).float(), self.v.load(where).float()
         norm = v.reshape(v.shape[0], -1).norm(dim=1).reshape(g.shape)
         return v * (g / norm)
 
@@ -413,15 +413,11 @@ def load_vocoder(path: str | Path, config: str | Path | None = None, *, speaker:
     config_path = Path(config) if config is not None else path.parent / CONFIG_NAME
     if not path.is_file():
         raise CodecError(f"{path}: no such vocoder checkpoint")
-    try:
-        raw = json.loads(config_path.read_text())
-    except FileNotFoundError:
+    if not config_path.exists():
         hint = "" if config is not None else " (give --vocoder-config, or put the vocoder's config.json beside it)"
-        raise CodecError(f"{config_path}: vocoder config not found{hint}") from None
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CodecError(f"{config_path}: cannot read vocoder config ({exc})") from None
-    cfg = parse_config(raw, str(config_path))
-    root = safe_pickle.load(path)
+        raise CodecError(f"{config_path}: vocoder config not found{hint}")
+    cfg = parse_config(read_json(config_path, "vocoder config"), str(config_path))
+    root = read_torch(path, what=str(path))
     state = root.get("generator") if isinstance(root, dict) else None
     if not isinstance(state, dict):
         keys = ", ".join(map(str, list(root)[:6])) if isinstance(root, dict) else type(root).__name__

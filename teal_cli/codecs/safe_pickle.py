@@ -164,11 +164,20 @@ class _Storage:
     element_offset: int = 0  # legacy view storages start inside their root
     _flat: Any = field(default=None, repr=False)
 
-    def flat(self) -> Any:
+    def flat(self, where: str = "checkpoint") -> Any:
         import torch
 
         if self._flat is None:
-            data = bytearray(self.read())
+            try:
+                data = bytearray(self.read())
+            except CodecError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - zip CRC/zlib/short reads: the file is damaged
+                raise CodecError(f"{where}: tensor data cannot be read ({type(exc).__name__}: {exc}); "
+                                 "the checkpoint is truncated or corrupt") from None
+            if len(data) % self.dtype.itemsize:
+                raise CodecError(f"{where}: a tensor storage of {len(data)} bytes does not hold whole {self.dtype} "
+                                 "elements: the checkpoint is truncated or corrupt")
             self._flat = torch.frombuffer(data, dtype=self.dtype) if data else torch.empty(0, dtype=self.dtype)
         return self._flat
 
@@ -190,20 +199,27 @@ class TensorRef:
     def dtype(self) -> Any:
         return self.storage.dtype
 
-    def load(self) -> Any:
+    def load(self, where: str = "checkpoint") -> Any:
+        """The tensor (CPU). A storage that is short or unreadable raises CodecError naming ``where``."""
         import torch
 
-        size, stride = tuple(int(s) for s in self.size), tuple(int(s) for s in self.stride)
+        try:
+            size, stride = tuple(int(s) for s in self.size), tuple(int(s) for s in self.stride)
+        except (TypeError, ValueError):
+            raise CodecError(f"{where}: malformed checkpoint: a tensor's size is not a list of integers") from None
+        if any(s < 0 for s in size) or any(s < 0 for s in stride) or len(size) != len(stride):
+            raise CodecError(f"{where}: malformed checkpoint: a tensor has size {list(size)} and stride {list(stride)}")
         numel = 1
         for s in size:
             numel *= s
         if numel == 0:
             return torch.empty(size, dtype=self.storage.dtype)
-        flat = self.storage.flat()
+        flat = self.storage.flat(where)
         offset = self.storage.element_offset + int(self.offset)
         extent = offset + 1 + sum((s - 1) * st for s, st in zip(size, stride))
-        if extent > flat.numel():
-            raise CodecError(f"a tensor of shape {list(size)} reaches past the end of its storage: the checkpoint is truncated or corrupt")
+        if extent > flat.numel() or offset < 0:
+            raise CodecError(f"{where}: a tensor of shape {list(size)} reaches past the end of its storage: "
+                             "the checkpoint is truncated or corrupt")
         return flat.as_strided(size, stride, offset)
 
 
@@ -323,8 +339,10 @@ def _unpickle(stream: Any, where: str, persistent_load: Callable[[Any], Any] | N
         return _RestrictedUnpickler(stream, where, persistent_load).load()
     except CodecError:
         raise
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, struct.error) as exc:
-        raise CodecError(f"{where}: not a readable torch checkpoint ({type(exc).__name__}: {exc})") from None
+    except Exception as exc:  # noqa: BLE001 - only our own stand-ins run: any failure means a damaged file
+        text = str(exc).splitlines()[0][:120] if str(exc) else ""
+        raise CodecError(f"{where}: not a readable torch checkpoint, or a truncated/corrupt one "
+                         f"({type(exc).__name__}: {text})") from None
 
 
 def _storage_dtype(storage_type: Any, where: str) -> Any:
@@ -433,8 +451,15 @@ def load(path: str | Path, *, what: str | None = None) -> Any:
     if zipfile.is_zipfile(path):
         try:
             return _load_zip(path, where)
-        except zipfile.BadZipFile as exc:
+        except (zipfile.BadZipFile, OSError, EOFError) as exc:
             raise CodecError(f"{where}: corrupt checkpoint archive ({exc})") from None
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic == b"PK\x03\x04":  # a zip whose end (the central directory) is gone
+        raise CodecError(f"{where}: truncated checkpoint: a zip archive without its central directory "
+                         "(an interrupted download or copy?)")
+    if not magic:
+        raise CodecError(f"{where}: empty checkpoint file")
     return _load_legacy(path, where)
 
 
@@ -477,22 +502,14 @@ def load_tensors(refs: dict[str, TensorRef]) -> dict[str, Any]:
     return {name: ref.load() for name, ref in refs.items()}
 
 
-def load_strict(model: "torch.nn.Module", refs: dict[str, TensorRef], where: str, *, ignore: tuple[str, ...] = ()) -> None:
-    """Strict state-dict load with errors that name the file and the keys."""
+def load_strict(model: "torch.nn.Module", refs: dict[str, TensorRef], where: str, *, ignore: tuple[str, ...] = (),
+                hint: str = "") -> None:
+    """Strict state-dict load with errors that name the file and the keys
+    (:func:`teal_cli.checkpoints.check_shapes` first, so ``load_state_dict`` never fails)."""
+    from ..checkpoints import check_shapes
+
     expected = model.state_dict()
     given = {k: v for k, v in refs.items() if not k.startswith(ignore)}
-    missing = sorted(set(expected) - set(given))
-    unexpected = sorted(set(given) - set(expected))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} key(s): {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} key(s): {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
-        raise CodecError(f"{where}: checkpoint does not match the architecture ({'; '.join(parts)})")
-    for name, target in expected.items():
-        ref = given[name]
-        if tuple(ref.shape) != tuple(target.shape):
-            raise CodecError(f"{where}: {name} has shape {list(ref.shape)}, the architecture expects {list(target.shape)}")
-    tensors = {name: given[name].load() for name in expected}
+    check_shapes(expected, given, where, hint=hint)
+    tensors = {name: given[name].load(where) if hasattr(given[name], "load") else given[name] for name in expected}
     model.load_state_dict(tensors, strict=True)
