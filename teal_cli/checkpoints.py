@@ -293,6 +293,21 @@ def check_shapes(expected: Mapping[str, Any], actual: Mapping[str, Any], file: s
         raise CodecError(f"{file}: weights do not fit the model: {'; '.join(parts)}" + (f"; {hint}" if hint else ""))
 
 
+def load_into(model: "torch.nn.Module", refs: Mapping[str, Any], where: str | Path, *,
+              ignore: tuple[str, ...] = (), hint: str = "") -> "torch.nn.Module":
+    """Fill a model built on the ``meta`` device with checkpoint tensors (``TensorRef``s or
+    tensors): shapes are checked before any memory is allocated (a config that asks for a
+    huge model fails in one line, not with a MemoryError), then the model is materialised
+    on the CPU and loaded strictly. Returns it in eval mode, gradients off."""
+    from .codecs.safe_pickle import load_strict
+
+    given = {k: v for k, v in refs.items() if not k.startswith(ignore)}
+    check_shapes(model.state_dict(), given, where, hint=hint)
+    model = model.to_empty(device="cpu")
+    load_strict(model, dict(refs), str(where), ignore=ignore, hint=hint)
+    return model.eval().requires_grad_(False)
+
+
 # ---------------------------------------------------------------- digests
 
 
@@ -365,6 +380,6 @@ def weights_id(*digests: str) -> str:
     return full[:WEIGHTS_ID_LENGTH]
 
 
-__all__ = ["check_shapes", "config_value", "file_sha256", "files_sha256", "hf_weight_files", "load_refs", "read_json",
+__all__ = ["check_shapes", "config_value", "load_into", "file_sha256", "files_sha256", "hf_weight_files", "load_refs", "read_json",
            "read_safetensors", "read_torch", "read_weight_files", "read_yaml", "safetensors_header", "tensor_refs",
            "weights_id", "WEIGHTS_ID_LENGTH"]

@@ -31,6 +31,9 @@ class Codec:
         modality: ``"image"`` or ``"audio"``.
         vocab_size: number of ids; valid ids are ``[0, vocab_size)``.
         has_decoder: whether :meth:`decode` exists.
+        weights_id: which exact weights the codec runs (see :attr:`weights_id`).
+        weights_files: the checkpoint files loaded, which :attr:`weights_id` hashes when no
+            id was set (loaders set one or the other).
     """
 
     name: str = ""
@@ -38,6 +41,28 @@ class Codec:
     vocab_size: int = 0
     has_decoder: bool = False
     device: "torch.device | str" = "cpu"
+    weights_files: "tuple[str, ...]" = ()
+
+    @property
+    def weights_id(self) -> str:
+        """16 hex digits of the sha256 of the weights this codec runs (empty: unknown, e.g. a
+        plugin that sets none). Built-in codecs: the checkpoint file(s) loaded (DALL-E: the
+        encoder, which makes the ids), the pinned digest for official files that have one;
+        k-means codec directories: the centroids file plus the extractor's description and
+        weights digest. Token segments carry it as ``weights``; see :func:`check_segment_weights`.
+        Computed on first use (hashing is cached by :func:`teal_cli.checkpoints.file_sha256`)."""
+        value = self.__dict__.get("_weights_id")
+        if value is None:
+            from ..checkpoints import files_sha256, weights_id
+
+            files = tuple(self.__dict__.get("weights_files", ()) or ())
+            value = weights_id(files_sha256(files)) if files else ""
+            self.__dict__["_weights_id"] = value
+        return value
+
+    @weights_id.setter
+    def weights_id(self, value: str) -> None:
+        self.__dict__["_weights_id"] = str(value or "")[:16]
 
     @property
     def codebook(self) -> "torch.Tensor":
@@ -74,6 +99,30 @@ class Codec:
     def segment_fields(self) -> dict[str, Any]:
         """Extra fields every segment of this codec carries (e.g. ``frame_rate``)."""
         return {}
+
+
+def check_segment_weights(segment: Any, codec: Codec, where: str) -> None:
+    """Refuse to decode (or embed) token ids made by other weights than ``codec``'s.
+
+    ``segment`` is a :class:`~teal_cli.records.Segment` or its JSON dict; its ``weights``
+    field (16 hex digits, written by ``teal tokenize``) is compared with
+    :attr:`Codec.weights_id`. A segment without the field (records from before it existed)
+    or a codec whose weights are unknown is accepted. Raises :class:`CodecError`, one line
+    naming ``where``, both ids and the fix.
+    """
+    recorded = segment.get("weights") if isinstance(segment, dict) else getattr(segment, "weights", None)
+    if not recorded:
+        return
+    mine = codec.weights_id
+    if not mine:
+        return
+    n = min(len(recorded), len(mine))
+    if str(recorded)[:n].lower() != mine[:n].lower():
+        raise CodecError(
+            f"{where}: tokens were made by codec '{codec.name}' with weights {recorded}, but the weights loaded "
+            f"for it are {mine}: their ids would decode to something else; load the same checkpoint "
+            "(--checkpoint FILE whose sha256 starts with that id) or re-tokenize"
+        )
 
 
 class ImageCodec(Codec):

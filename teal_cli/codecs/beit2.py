@@ -200,8 +200,9 @@ class VQKD(nn.Module):
 def read_state_dict(path: str | Path) -> dict[str, Any]:
     """Tensor refs of an official VQ-KD ``.pth`` (weights under ``model``; loss/teacher/scaling dropped)."""
     from . import safe_pickle
+    from ..checkpoints import read_torch
 
-    root = safe_pickle.load(path)
+    root = read_torch(path)
     if not isinstance(root, dict):
         raise CodecError(f"{path}: not a BEiT-v2 VQ-KD checkpoint (expected a dict with 'model')")
     weights = root.get("model", root.get("state_dict", root))
@@ -219,7 +220,7 @@ def infer_architecture(shapes: dict[str, tuple], path: Any, num_heads: int | Non
         depth = 1 + max(int(m.group(1)) for k in shapes if (m := re.match(r"encoder\.blocks\.(\d+)\.", k)))
         hidden = shapes["encoder.blocks.0.mlp.fc1.weight"][0]
         n_embed, code_dim = shapes["quantize.embedding.weight"]
-    except (KeyError, ValueError) as exc:
+    except (KeyError, ValueError, TypeError, IndexError) as exc:
         raise CodecError(f"{path}: not a BEiT-v2 VQ-KD checkpoint (cannot find {exc})") from None
     grid = math.isqrt(tokens)
     if grid * grid != tokens:
@@ -242,15 +243,13 @@ def infer_architecture(shapes: dict[str, tuple], path: Any, num_heads: int | Non
 
 
 def build_model(checkpoint: str | Path, num_heads: int | None = None) -> VQKD:
-    from . import safe_pickle
+    from ..checkpoints import load_into
 
     refs = read_state_dict(checkpoint)
     arch = infer_architecture({k: tuple(v.shape) for k, v in refs.items()}, checkpoint, num_heads)
     with torch.device("meta"):
         model = VQKD(ViTEncoder(**arch["encoder"]), arch["n_embed"], arch["code_dim"])
-    model = model.to_empty(device="cpu")
-    safe_pickle.load_strict(model, refs, str(checkpoint), ignore=UNUSED_PREFIXES)
-    return model.eval().requires_grad_(False)
+    return load_into(model, refs, str(checkpoint), ignore=UNUSED_PREFIXES)
 
 
 # ---------------------------------------------------------------- codec
@@ -338,4 +337,6 @@ def load(
         checkpoint = fetch(checkpoint_file, progress=progress)  # checks the sha256 prefix in the file name
     elif not Path(checkpoint).is_file():
         raise UsageError(f"--checkpoint {checkpoint}: no such file")
-    return Beit2Codec(build_model(checkpoint, num_heads), name=name, dtype=dtype)
+    codec = Beit2Codec(build_model(checkpoint, num_heads), name=name, dtype=dtype)
+    codec.weights_files = (str(checkpoint),)
+    return codec

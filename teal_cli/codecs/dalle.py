@@ -157,8 +157,9 @@ class Decoder(nn.Module):
 def _read_module(path: Path, kind: str) -> dict[str, Any]:
     """Tensor refs of a pickled DALL-E module (or of a plain state dict) in ``path``."""
     from . import safe_pickle
+    from ..checkpoints import read_torch
 
-    root = safe_pickle.load(path)
+    root = read_torch(path)
     if isinstance(root, safe_pickle.Placeholder):
         expected = f"dall_e.{kind.lower()}"
         if root.module != expected or root.qualname != kind:
@@ -171,10 +172,13 @@ def _read_module(path: Path, kind: str) -> dict[str, Any]:
     raise CodecError(f"{path}: neither a pickled DALL-E {kind} nor a state dict")
 
 
-def _shape(refs: dict[str, Any], key: str, path: Path) -> tuple:
+def _shape(refs: dict[str, Any], key: str, path: Path, rank: int = 4) -> tuple:
     if key not in refs:
         raise CodecError(f"{path}: {key} is missing: not a DALL-E dVAE checkpoint")
-    return tuple(refs[key].shape)
+    shape = tuple(refs[key].shape)
+    if len(shape) != rank or not all(shape):
+        raise CodecError(f"{path}: {key} has shape {list(shape)}, expected a {rank}-d convolution weight")
+    return shape
 
 
 def _blocks_per_group(refs: dict[str, Any]) -> int:
@@ -182,10 +186,9 @@ def _blocks_per_group(refs: dict[str, Any]) -> int:
 
 
 def _load_strict(model: nn.Module, refs: dict[str, Any], path: Path) -> nn.Module:
-    from .safe_pickle import load_strict
+    from ..checkpoints import load_into
 
-    load_strict(model, refs, str(path))
-    return model.eval().requires_grad_(False)
+    return load_into(model, refs, str(path))
 
 
 def read_encoder(path: str | Path) -> Encoder:
@@ -195,7 +198,7 @@ def read_encoder(path: str | Path) -> Encoder:
     vocab = _shape(refs, "blocks.output.conv.w", path)[0]
     with torch.device("meta"):
         model = Encoder(n_hid, _blocks_per_group(refs), input_channels, vocab)
-    return _load_strict(model.to_empty(device="cpu"), refs, path)
+    return _load_strict(model, refs, path)
 
 
 def read_decoder(path: str | Path) -> Decoder:
@@ -206,7 +209,7 @@ def read_decoder(path: str | Path) -> Decoder:
     output_channels = _shape(refs, "blocks.output.conv.w", path)[0] // 2
     with torch.device("meta"):
         model = Decoder(n_init, n_hid, _blocks_per_group(refs), output_channels, vocab)
-    return _load_strict(model.to_empty(device="cpu"), refs, path)
+    return _load_strict(model, refs, path)
 
 
 # ---------------------------------------------------------------- codec
@@ -317,7 +320,9 @@ def load(
         decoder_path = fetch(decoder_file, progress=progress) if decoder_file is not None else None
     encoder = read_encoder(encoder_path)
     decoder = read_decoder(decoder_path) if decoder_path is not None else None
-    return DalleCodec(encoder, decoder, name=name, dtype=dtype)
+    codec = DalleCodec(encoder, decoder, name=name, dtype=dtype)
+    codec.weights_files = (str(encoder_path),)  # the encoder makes the ids; its decoder goes with it
+    return codec
 
 
 __all__ = ["DalleCodec", "Decoder", "Encoder", "load", "map_pixels", "read_decoder", "read_encoder", "unmap_pixels"]

@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import CodecError
+from ..errors import CodecError, UsageError
 from ..features import build_extractor
 from ..features.base import FeatureExtractor
 from .base import AudioCodec, ImageCodec
@@ -34,6 +34,7 @@ FORMAT = "teal-kmeans-codec"
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 CENTROIDS_NAME = "centroids.safetensors"
+WEIGHTED_KINDS = ("whisper", "hubert")  # extractors with a checkpoint of their own
 
 
 class _KMeansMixin:
@@ -140,47 +141,75 @@ def _check_name(directory: Path, config: dict[str, Any]) -> None:
             )
 
 
+def features_digest(features: dict[str, Any]) -> str:
+    """sha256 of a ``features`` block without where its checkpoint lay (``checkpoint``): the
+    extractor's identity, its weights' sha256 included."""
+    import hashlib
+
+    block = {k: v for k, v in features.items() if k != "checkpoint"}
+    return hashlib.sha256(json.dumps(block, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def load_codec_dir(directory: str | Path, *, name: str | None = None, features: FeatureExtractor | None = None,
-                   **extractor_overrides: Any):
+                   checkpoint: str | None = None, config: str | None = None, **extractor_overrides: Any):
     """Load a k-means codec directory.
 
     ``features`` is an extractor the caller intends to use (e.g. from ``--features ... --layer``);
-    it must match the stored one. ``name`` is what records will carry (default: the directory name).
+    it must match the stored one. ``checkpoint`` points a Whisper/HuBERT codec at its
+    extractor's weights elsewhere (they must have the recorded sha256). ``name`` is what
+    records will carry (default: the directory name). The codec's :attr:`weights_id` hashes
+    the centroids file and the stored extractor description (its weights' sha256 included).
+    Raises CodecError naming the file for a missing, corrupt or inconsistent directory.
     """
-    import torch
-    from safetensors.torch import load_file
+    from ..checkpoints import file_sha256, read_json, read_safetensors, weights_id
 
     directory = Path(directory)
     config_path = directory / CONFIG_NAME
-    try:
-        config = json.loads(config_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CodecError(f"{config_path}: cannot read codec config ({exc})") from None
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
+    if config is not None:
+        raise UsageError(f"--config {config}: a k-means codec directory ({directory}) takes no model config")
+    stored = read_json(config_path, "codec config")
+    if stored.get("format") != FORMAT:
         raise CodecError(f"{config_path}: not a teal k-means codec (expected \"format\": \"{FORMAT}\")")
-    if int(config.get("version", 0)) > FORMAT_VERSION:
-        raise CodecError(f"{config_path}: codec format version {config['version']} is newer than this teal reads")
-    _check_name(directory, config)
-    feat_cfg = config.get("features")
+    try:
+        version = int(stored.get("version", 0))
+    except (TypeError, ValueError):
+        raise CodecError(f"{config_path}: 'version' must be an integer, got {stored.get('version')!r:.40}") from None
+    if version > FORMAT_VERSION:
+        raise CodecError(f"{config_path}: codec format version {stored['version']} is newer than this teal reads")
+    _check_name(directory, stored)
+    feat_cfg = stored.get("features")
     if not isinstance(feat_cfg, dict):
         raise CodecError(f"{config_path}: missing 'features' block")
-    extractor = build_extractor(feat_cfg, **extractor_overrides)
+    if checkpoint is not None:
+        if feat_cfg.get("kind") not in WEIGHTED_KINDS:
+            raise UsageError(f"--checkpoint {checkpoint}: codec {directory} uses {feat_cfg.get('kind')} features, "
+                             "which have no weights to point elsewhere")
+        extractor_overrides["checkpoint"] = checkpoint
     if features is not None:
         features.check_compatible(feat_cfg, str(directory))
         extractor = features
-    try:
-        tensors = load_file(str(directory / CENTROIDS_NAME))
-        centroids = tensors["centroids"].to(torch.float32)
-    except (OSError, KeyError, Exception) as exc:  # safetensors raises its own error types
-        raise CodecError(f"{directory / CENTROIDS_NAME}: cannot read centroids ({exc})") from None
-    k, dim = config.get("k"), config.get("dim")
+    else:
+        extractor = build_extractor(feat_cfg, codec_dir=directory, **extractor_overrides)
+    centroids_path = directory / CENTROIDS_NAME
+    tensors = read_safetensors(centroids_path)
+    if "centroids" not in tensors:
+        raise CodecError(f"{centroids_path}: no 'centroids' tensor (found {', '.join(sorted(tensors)[:4]) or 'none'})")
+    centroids = tensors["centroids"]
+    if not centroids.is_floating_point():
+        raise CodecError(f"{centroids_path}: centroids are {centroids.dtype}, expected floats")
+    centroids = centroids.to(__import__("torch").float32)
+    k, dim = stored.get("k"), stored.get("dim")
     if centroids.ndim != 2 or centroids.shape[0] != k or centroids.shape[1] != dim or dim != extractor.dim:
         raise CodecError(
-            f"{directory}: centroids have shape {list(centroids.shape)}, config says k={k}, dim={dim} "
+            f"{centroids_path}: centroids have shape {list(centroids.shape)}, {CONFIG_NAME} says k={k}, dim={dim} "
             f"and the {extractor.kind} extractor gives dim={extractor.dim}"
         )
+    if not bool(centroids.isfinite().all()):
+        raise CodecError(f"{centroids_path}: centroids hold NaN or infinite values (a damaged file?)")
     cls = KMeansImageCodec if extractor.modality == "image" else KMeansAudioCodec
-    return cls(name or directory.name, extractor, centroids, config)
+    codec = cls(name or directory.name, extractor, centroids, stored)
+    codec.weights_id = weights_id(file_sha256(centroids_path), features_digest(feat_cfg))
+    return codec
 
 
 def save_codec_dir(directory: str | Path, extractor: FeatureExtractor, centroids: "torch.Tensor",

@@ -129,24 +129,41 @@ class _Level(nn.Module):
         self.attn = nn.ModuleList()
 
 
-def _check_ddconfig(dd: dict) -> dict:
+def _check_ddconfig(dd: Any, where: Any = "VQGAN config") -> dict:
+    """``ddconfig`` with every entry checked (a bad value is a one-line CodecError naming ``where``)."""
+    if not isinstance(dd, dict):
+        raise CodecError(f"{where}: ddconfig must be a mapping, got {type(dd).__name__}")
     required = ("ch", "ch_mult", "num_res_blocks", "z_channels")
     missing = [k for k in required if k not in dd]
     if missing:
-        raise CodecError(f"VQGAN ddconfig lacks {', '.join(missing)}")
+        raise CodecError(f"{where}: VQGAN ddconfig lacks {', '.join(missing)}")
     if not dd.get("resamp_with_conv", True):
-        raise CodecError("VQGAN ddconfig: resamp_with_conv=false (average-pool resampling) is not supported")
-    return {
-        "ch": int(dd["ch"]),
-        "out_ch": int(dd.get("out_ch", 3)),
-        "ch_mult": [int(m) for m in dd["ch_mult"]],
-        "num_res_blocks": int(dd["num_res_blocks"]),
-        "attn_resolutions": [int(r) for r in dd.get("attn_resolutions", [])],
-        "in_channels": int(dd.get("in_channels", 3)),
-        "resolution": int(dd.get("resolution", DEFAULT_RESOLUTION)),
-        "z_channels": int(dd["z_channels"]),
+        raise CodecError(f"{where}: VQGAN ddconfig: resamp_with_conv=false (average-pool resampling) is not supported")
+
+    def positive(key: str, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise CodecError(f"{where}: ddconfig.{key} must be a positive integer, got {value!r:.40}")
+        return value
+
+    def ints(key: str, value: Any, allow_empty: bool) -> list[int]:
+        if not isinstance(value, (list, tuple)) or (not value and not allow_empty):
+            raise CodecError(f"{where}: ddconfig.{key} must be a list of positive integers, got {value!r:.40}")
+        return [positive(key, v) for v in value]
+
+    out = {
+        "ch": positive("ch", dd["ch"]),
+        "out_ch": positive("out_ch", dd.get("out_ch", 3)),
+        "ch_mult": ints("ch_mult", dd["ch_mult"], False),
+        "num_res_blocks": positive("num_res_blocks", dd["num_res_blocks"]),
+        "attn_resolutions": ints("attn_resolutions", dd.get("attn_resolutions", []), True),
+        "in_channels": positive("in_channels", dd.get("in_channels", 3)),
+        "resolution": positive("resolution", dd.get("resolution", DEFAULT_RESOLUTION)),
+        "z_channels": positive("z_channels", dd["z_channels"]),
         "double_z": bool(dd.get("double_z", True)),
     }
+    if out["ch"] % 32 or any((out["ch"] * m) % 32 for m in out["ch_mult"]):
+        raise CodecError(f"{where}: ddconfig.ch {out['ch']} times ch_mult {out['ch_mult']} must be multiples of 32 (GroupNorm)")
+    return out
 
 
 class Encoder(nn.Module):
@@ -256,9 +273,9 @@ class Quantizer(nn.Module):
 class VQModel(nn.Module):
     """The parts of taming's ``VQModel`` that tokenize and detokenize."""
 
-    def __init__(self, ddconfig: dict, n_embed: int, embed_dim: int):
+    def __init__(self, ddconfig: dict, n_embed: int, embed_dim: int, where: Any = "VQGAN config"):
         super().__init__()
-        self.ddconfig = _check_ddconfig(ddconfig)
+        self.ddconfig = _check_ddconfig(ddconfig, where)
         self.n_embed, self.embed_dim = int(n_embed), int(embed_dim)
         self.encoder = Encoder(self.ddconfig)
         self.decoder = Decoder(self.ddconfig)
@@ -275,25 +292,29 @@ class VQModel(nn.Module):
 
 
 def read_config(path: str | Path) -> dict:
-    """``model.params`` of a taming ``model.yaml``: ``ddconfig``, ``n_embed``, ``embed_dim``."""
-    import yaml
+    """``model.params`` of a taming ``model.yaml``: ``ddconfig``, ``n_embed``, ``embed_dim``
+    (read by :func:`teal_cli.checkpoints.read_yaml`; every value checked)."""
+    from ..checkpoints import config_value, read_yaml
 
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise CodecError(f"{path}: cannot read VQGAN config ({exc})") from None
-    model = (data or {}).get("model", data) or {}
+    data = read_yaml(path, "VQGAN config")
+    model = data.get("model", data)
+    if not isinstance(model, dict):
+        raise CodecError(f"{path}: 'model' must be a mapping: not a taming VQGAN config")
     target = str(model.get("target", "taming.models.vqgan.VQModel"))
     if not target.endswith("VQModel") or "Gumbel" in target:
         raise CodecError(f"{path}: model.target {target} is not a taming VQModel (only VQModel checkpoints are supported)")
     params = model.get("params", model)
+    if not isinstance(params, dict):
+        raise CodecError(f"{path}: model.params must be a mapping: not a taming VQGAN config")
     if params.get("remap"):
         raise CodecError(f"{path}: index remapping (params.remap) is not supported")
     for key in ("ddconfig", "n_embed", "embed_dim"):
         if key not in params:
             raise CodecError(f"{path}: model.params.{key} is missing: not a taming VQGAN config")
-    return {"ddconfig": dict(params["ddconfig"]), "n_embed": int(params["n_embed"]), "embed_dim": int(params["embed_dim"])}
+    return {"ddconfig": _check_ddconfig(params["ddconfig"], path),
+            "n_embed": config_value(params, "n_embed", int, f"{path}: model.params", positive=True),
+            "embed_dim": config_value(params, "embed_dim", int, f"{path}: model.params", positive=True)}
 
 
 def infer_config(shapes: dict[str, tuple], resolution: int = DEFAULT_RESOLUTION) -> dict:
@@ -311,7 +332,7 @@ def infer_config(shapes: dict[str, tuple], resolution: int = DEFAULT_RESOLUTION)
         n_embed = shapes["quantize.embedding.weight"][0]
         double_z = shapes["encoder.conv_out.weight"][0] == 2 * z_channels
         out_ch = shapes["decoder.conv_out.weight"][0]
-    except (KeyError, ValueError, IndexError) as exc:
+    except (KeyError, ValueError, IndexError, TypeError, ZeroDivisionError) as exc:
         raise CodecError(f"cannot infer the VQGAN architecture from the checkpoint (missing {exc}); pass --config model.yaml") from None
     attn = [resolution // 2**i for i in range(levels) if f"encoder.down.{i}.attn.0.q.weight" in shapes]
     ddconfig = {
@@ -324,8 +345,9 @@ def infer_config(shapes: dict[str, tuple], resolution: int = DEFAULT_RESOLUTION)
 def read_state_dict(path: str | Path) -> dict[str, Any]:
     """The model tensors (as :class:`~.safe_pickle.TensorRef`) of a taming checkpoint, ``loss.*`` dropped."""
     from . import safe_pickle
+    from ..checkpoints import read_torch
 
-    root = safe_pickle.load(path)
+    root = read_torch(path)
     sd = root.get("state_dict", root) if isinstance(root, dict) else None
     if not isinstance(sd, dict):
         raise CodecError(f"{path}: no state_dict in this checkpoint: not a taming VQGAN Lightning checkpoint")
@@ -335,15 +357,21 @@ def read_state_dict(path: str | Path) -> dict[str, Any]:
 
 def build_model(checkpoint: str | Path, config: str | Path | None = None) -> VQModel:
     """A :class:`VQModel` with the weights of ``checkpoint`` (architecture from ``config`` or shapes)."""
-    from . import safe_pickle
+    from ..checkpoints import load_into
 
     refs = read_state_dict(checkpoint)
-    cfg = read_config(config) if config else infer_config({k: tuple(v.shape) for k, v in refs.items()})
+    if config:
+        cfg, where, hint = read_config(config), config, f"its config {config} describes another model"
+    else:
+        try:
+            shapes = {k: tuple(v.shape) for k, v in refs.items()}
+            cfg = infer_config(shapes)
+        except CodecError as exc:
+            raise CodecError(f"{checkpoint}: {exc}") from None
+        where, hint = checkpoint, ""
     with torch.device("meta"):
-        model = VQModel(cfg["ddconfig"], cfg["n_embed"], cfg["embed_dim"])
-    model = model.to_empty(device="cpu")
-    safe_pickle.load_strict(model, refs, str(checkpoint))
-    return model.eval().requires_grad_(False)
+        model = VQModel(cfg["ddconfig"], cfg["n_embed"], cfg["embed_dim"], where)
+    return load_into(model, refs, str(checkpoint), hint=hint)
 
 
 # ---------------------------------------------------------------- codec
@@ -448,7 +476,11 @@ def load(
         config = next((p for p in sibling if p.is_file()), None)
     if config is not None and not Path(config).is_file():
         raise UsageError(f"--config {config}: no such file")
-    return VQGANCodec(build_model(checkpoint, config), name=name, dtype=dtype)
+    if not Path(checkpoint).is_file():
+        raise UsageError(f"--checkpoint {checkpoint}: no such file")
+    codec = VQGANCodec(build_model(checkpoint, config), name=name, dtype=dtype)
+    codec.weights_files = (str(checkpoint),)
+    return codec
 
 
 __all__ = ["VQGANCodec", "VQModel", "build_model", "infer_config", "load", "read_config", "read_state_dict"]

@@ -11,7 +11,8 @@ the commonest silent failure with k-means units.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import CodecError, UsageError
 
@@ -90,3 +91,55 @@ def check_layer(layer: "int | str | None", depth: int, model: str, *, default: i
         raise UsageError(f"--layer {layer}: {model} has {depth} {unit}s; expected 0..{depth} "
                          f"(N = output of {unit} N counted from 1) or 'final'{final_note}")
     return layer
+
+
+def _recorded_candidates(recorded: str, codec_dir: Path | None) -> list[Path]:
+    """Where a codec's recorded checkpoint may be: the path itself when absolute; else beside
+    the codec directory, then from the working folder (codecs made before paths were stored
+    absolute); and a file or folder of that name inside the codec directory."""
+    if not recorded:
+        return []
+    path = Path(recorded).expanduser()
+    found = [path] if path.is_absolute() else [*([codec_dir / path] if codec_dir else []), Path.cwd() / path]
+    if codec_dir is not None and path.name:
+        found.append(codec_dir / path.name)
+    out: list[Path] = []
+    for p in found:
+        if p not in out:
+            out.append(p)
+    return out
+
+
+def find_recorded(config: dict[str, Any], codec_dir: Path | None, where: str, kind: str,
+                  official: Callable[[], Any] | None, locate: Callable[[str], tuple[Path, str, list[Path]]]) -> Any:
+    """The weights a codec's ``features`` block recorded, located on this machine.
+
+    The recorded checkpoint (see :func:`_recorded_candidates`) is used when it exists and its
+    sha256 is the recorded one; else ``official()`` (the named official download, which the
+    caller offers only when its digest is the recorded one); else CodecError naming the
+    recorded path and sha256 and the fix (``--checkpoint``). Returns ``(path, fmt, files,
+    sha)`` of the recorded copy, or what ``official()`` returned.
+    """
+    from ..checkpoints import files_sha256
+
+    recorded, sha = str(config.get("checkpoint") or ""), str(config.get("sha256") or "")
+    tried: list[str] = []
+    for candidate in _recorded_candidates(recorded, codec_dir):
+        if not candidate.exists():
+            continue
+        try:
+            path, fmt, files = locate(str(candidate))
+            digest = files_sha256(files)
+        except (CodecError, UsageError) as exc:
+            tried.append(f"{candidate} is unusable ({exc})")
+            continue
+        if sha and digest != sha:
+            tried.append(f"{candidate} has sha256 {digest[:16]}...")
+            continue
+        return path, fmt, files, digest
+    if official is not None:
+        return official()
+    state = "; ".join(tried) if tried else "not found"
+    raise CodecError(f"{where}: the {kind} weights it was fitted on are missing: recorded checkpoint "
+                     f"{recorded or '(none recorded)'} (sha256 {sha or 'not recorded'}): {state}; "
+                     "pass --checkpoint PATH to a copy of those weights")

@@ -54,7 +54,11 @@ class _Reader:
     def string(self) -> str:
         length = self.unpack("H")
         raw = bytes(self.take(length))
-        return raw.rstrip(b"\0").decode("utf-8")
+        try:
+            return raw.rstrip(b"\0").decode("utf-8")
+        except UnicodeDecodeError:
+            raise CodecError(f"{self.where}: corrupt CTranslate2 model file (a name at offset {self.pos - length} "
+                             "is not UTF-8)") from None
 
 
 def read_model_bin(path: str | Path) -> tuple[dict[str, "torch.Tensor"], dict[str, Any]]:
@@ -67,11 +71,17 @@ def read_model_bin(path: str | Path) -> tuple[dict[str, "torch.Tensor"], dict[st
     import torch
 
     path = Path(path)
-    data = path.read_bytes()
+    if not path.is_file():
+        raise CodecError(f"{path}: CTranslate2 model file not found")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CodecError(f"{path}: cannot read ({exc.strerror or exc})") from None
     r = _Reader(data, str(path))
     version = r.unpack("I")
     if version > MAX_BINARY_VERSION or version < 1:
-        raise CodecError(f"{path}: CTranslate2 binary version {version} is not supported (1..{MAX_BINARY_VERSION})")
+        raise CodecError(f"{path}: not a CTranslate2 model file, or of an unsupported binary version "
+                         f"({version}; this teal reads 1..{MAX_BINARY_VERSION})")
     spec, revision = "", 1
     if version >= 2:
         spec = r.string()
@@ -94,6 +104,13 @@ def read_model_bin(path: str | Path) -> tuple[dict[str, "torch.Tensor"], dict[st
                 raise CodecError(f"{path}: variable {name} has unsupported item size {item_size}")
             n_bytes = r.unpack("I") * item_size
         raw = r.take(n_bytes)
+        itemsize = 2 if dtype == "bfloat16" else np.dtype(dtype).itemsize
+        count = 1
+        for d in shape:
+            count *= d
+        if count * itemsize != n_bytes:
+            raise CodecError(f"{path}: corrupt CTranslate2 model file: variable {name} of shape {shape} ({dtype}) "
+                             f"holds {n_bytes} bytes")
         if dtype == "bfloat16":
             array = np.frombuffer(raw, dtype=np.int16).copy()
             tensor = torch.from_numpy(array).view(torch.bfloat16)
@@ -105,6 +122,8 @@ def read_model_bin(path: str | Path) -> tuple[dict[str, "torch.Tensor"], dict[st
             alias, target = r.string(), r.string()
             if target in variables:
                 variables[alias] = variables[target]
+    if r.pos != len(data):
+        raise CodecError(f"{path}: corrupt CTranslate2 model file ({len(data) - r.pos} bytes after its last entry)")
     return variables, {"version": version, "spec": spec, "revision": revision}
 
 
@@ -116,6 +135,8 @@ def dequantize(variables: dict[str, "torch.Tensor"], name: str) -> "torch.Tensor
     scale = variables.get(name + "_scale")
     if value.dtype in (torch.int8, torch.int16) and scale is not None:
         scale = scale.float()
+        if scale.numel() not in (1, value.shape[0] if value.dim() else 1):
+            raise CodecError(f"variable {name}_scale has {scale.numel()} values for {name} of shape {list(value.shape)}")
         if scale.dim() == 0 or scale.numel() == 1:
             return value.float() / scale.reshape(())
         shape = [-1] + [1] * (value.dim() - 1)

@@ -178,10 +178,13 @@ def set_compute_dtype(encoder: "torch.nn.Module", dtype: "torch.dtype") -> None:
 # ---------------------------------------------------------------- checkpoint formats
 
 
-def _split_qkv(prefix: str, get, state: dict, i: int) -> None:
+def _split_qkv(prefix: str, get, state: dict, i: int, where: Any = "model.bin") -> None:
     """Un-fuse CTranslate2's ``self_attention/linear_0`` ([3d, d]) into query, key, value."""
     weight = get(f"{prefix}/self_attention/linear_0/weight")
     bias = get(f"{prefix}/self_attention/linear_0/bias")
+    if weight.dim() != 2 or weight.shape[0] % 3 or bias.shape != weight.shape[:1]:
+        raise CodecError(f"{where}: {prefix}/self_attention/linear_0: fused QKV of shape {list(weight.shape)} "
+                         f"(bias {list(bias.shape)}) does not split in three")
     q, k, v = weight.chunk(3, dim=0)
     qb, _, vb = bias.chunk(3, dim=0)  # key has no bias; the converter fused zeros in its place
     state.update({f"blocks.{i}.attn.query.weight": q, f"blocks.{i}.attn.query.bias": qb,
@@ -197,23 +200,33 @@ def state_from_ct2(folder: Path) -> tuple[EncoderDims, dict[str, "torch.Tensor"]
     if header["spec"] and header["spec"] != "WhisperSpec":
         raise CodecError(f"{folder}: CTranslate2 model is a {header['spec']}, not a Whisper model")
 
+    where = folder / "model.bin"
+
     def get(name: str):
         if name not in variables:
-            raise CodecError(f"{folder / 'model.bin'}: variable {name} missing (not a Whisper model?)")
-        return dequantize(variables, name)
+            raise CodecError(f"{where}: variable {name} missing (not a Whisper model, or a damaged file?)")
+        try:
+            return dequantize(variables, name)
+        except CodecError as exc:
+            raise CodecError(f"{where}: {exc}") from None
 
     n_layer = sum(1 for k in variables if k.startswith("encoder/layer_") and k.endswith("/ffn/linear_0/weight"))
     pos = get("encoder/position_encodings/encodings")
     conv1 = get("encoder/conv1/weight")
-    dims = EncoderDims(n_mels=conv1.shape[1], n_audio_ctx=pos.shape[0], n_audio_state=pos.shape[1],
-                       n_audio_head=int(variables["encoder/num_heads"]), n_audio_layer=n_layer)
+    heads = variables.get("encoder/num_heads")
+    if heads is None or heads.numel() != 1 or pos.dim() != 2 or conv1.dim() != 3 or not n_layer:
+        raise CodecError(f"{where}: not a CTranslate2 Whisper encoder (num_heads, position encodings, conv1 or "
+                         "layers missing or misshapen)")
+    dims = _dims({"n_mels": conv1.shape[1], "n_audio_ctx": pos.shape[0], "n_audio_state": pos.shape[1],
+                  "n_audio_head": int(heads.reshape(())), "n_audio_layer": n_layer},
+                 ("n_mels", "n_audio_ctx", "n_audio_state", "n_audio_head", "n_audio_layer"), where)
     state = {"conv1.weight": conv1, "conv1.bias": get("encoder/conv1/bias"),
              "conv2.weight": get("encoder/conv2/weight"), "conv2.bias": get("encoder/conv2/bias"),
              "positional_embedding": pos,
              "ln_post.weight": get("encoder/layer_norm/gamma"), "ln_post.bias": get("encoder/layer_norm/beta")}
     for i in range(n_layer):
         p = f"encoder/layer_{i}"
-        _split_qkv(p, get, state, i)
+        _split_qkv(p, get, state, i, where)
         state.update({
             f"blocks.{i}.attn.out.weight": get(f"{p}/self_attention/linear_1/weight"),
             f"blocks.{i}.attn.out.bias": get(f"{p}/self_attention/linear_1/bias"),
@@ -252,68 +265,55 @@ def _hf_to_openai(key: str) -> str | None:
     return rest  # conv1.*, conv2.*
 
 
-def _hf_weight_files(folder: Path) -> list[Path]:
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [folder / s for s in shards]
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        if (folder / name).is_file():
-            return [folder / name]
-    raise CodecError(f"{folder}: no model.safetensors or pytorch_model.bin in this Hugging Face folder")
+def _dims(values: dict, keys: tuple[str, ...], where: Any) -> EncoderDims:
+    """EncoderDims from five config entries (``keys`` in EncoderDims' order), each checked."""
+    from ..checkpoints import config_value
+
+    numbers = [config_value(values, key, int, where, positive=True) for key in keys]
+    dims = EncoderDims(*numbers)
+    if dims.n_audio_state % dims.n_audio_head:
+        raise CodecError(f"{where}: width {dims.n_audio_state} is not divisible by {dims.n_audio_head} attention heads")
+    return dims
 
 
 def state_from_hf(folder: Path) -> tuple[EncoderDims, dict[str, "torch.Tensor"], list[Path]]:
-    """Encoder dims and an openai-named state dict from a Hugging Face Whisper folder."""
-    import torch
-    from safetensors import safe_open
+    """Encoder dims and an openai-named state dict from a Hugging Face Whisper folder
+    (``model.safetensors``, sharded safetensors with their index, or ``pytorch_model.bin``)."""
+    from ..checkpoints import hf_weight_files, read_json, read_weight_files
 
-    config = json.loads((folder / "config.json").read_text())
+    config_path = folder / "config.json"
+    config = read_json(config_path, "Hugging Face config")
     if config.get("model_type") != "whisper":
-        raise CodecError(f"{folder}: config.json has model_type {config.get('model_type')!r}, not 'whisper'")
-    dims = EncoderDims(n_mels=config["num_mel_bins"], n_audio_ctx=config["max_source_positions"],
-                       n_audio_state=config["d_model"], n_audio_head=config["encoder_attention_heads"],
-                       n_audio_layer=config["encoder_layers"])
-    files = _hf_weight_files(folder)
-    state: dict[str, torch.Tensor] = {}
-    for file in files:
-        if file.suffix == ".safetensors":
-            with safe_open(str(file), framework="pt") as f:
-                tensors = {k: f.get_tensor(k) for k in f.keys() if ".encoder." in "." + k}
-        else:
-            tensors = torch.load(file, map_location="cpu", weights_only=True)
-        for key, value in tensors.items():
-            name = _hf_to_openai(key)
-            if name is not None:
-                state[name] = value.float()
+        raise CodecError(f"{config_path}: model_type is {config.get('model_type')!r}, not 'whisper'")
+    dims = _dims(config, ("num_mel_bins", "max_source_positions", "d_model", "encoder_attention_heads", "encoder_layers"),
+                 config_path)
+    files = hf_weight_files(folder)
+    tensors = read_weight_files(files, keep=lambda k: _hf_to_openai(k) is not None)
+    state = {_hf_to_openai(k): v.float() for k, v in tensors.items()}
     return dims, state, files
 
 
 def state_from_openai(path: Path) -> tuple[EncoderDims, dict[str, "torch.Tensor"]]:
-    """Encoder dims and state dict from an openai-whisper ``.pt`` (tensors only, no code run)."""
-    import torch
+    """Encoder dims and state dict from an openai-whisper ``.pt`` (read by
+    :func:`teal_cli.checkpoints.read_torch`: tensors only, nothing in the file runs)."""
+    from ..checkpoints import load_refs, read_torch, tensor_refs
 
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not this format"
-        raise CodecError(f"{path}: not an openai-whisper checkpoint ({type(exc).__name__}: {exc})") from None
-    if not isinstance(checkpoint, dict) or "dims" not in checkpoint or "model_state_dict" not in checkpoint:
-        raise CodecError(f"{path}: expected an openai-whisper checkpoint with 'dims' and 'model_state_dict'")
-    d = checkpoint["dims"]
-    dims = EncoderDims(n_mels=d["n_mels"], n_audio_ctx=d["n_audio_ctx"], n_audio_state=d["n_audio_state"],
-                       n_audio_head=d["n_audio_head"], n_audio_layer=d["n_audio_layer"])
-    state = {k[len("encoder."):]: v.float() for k, v in checkpoint["model_state_dict"].items() if k.startswith("encoder.")}
-    return dims, state
+    checkpoint = read_torch(path)
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("dims"), dict) \
+            or not isinstance(checkpoint.get("model_state_dict"), dict):
+        raise CodecError(f"{path}: not an openai-whisper checkpoint (expected a dict with 'dims' and 'model_state_dict')")
+    dims = _dims(checkpoint["dims"], ("n_mels", "n_audio_ctx", "n_audio_state", "n_audio_head", "n_audio_layer"),
+                 f"{path}: dims")
+    refs = tensor_refs(checkpoint["model_state_dict"])
+    tensors = load_refs(refs, str(path), keep=lambda k: k.startswith("encoder."))
+    return dims, {k[len("encoder."):]: v.float() for k, v in tensors.items()}
 
 
 def _multi_sha256(files: list[Path]) -> str:
     """sha256 of one file; for sharded checkpoints, of the shards' digests joined."""
-    import hashlib
+    from ..checkpoints import files_sha256
 
-    from ..hub import sha256sum
-
-    digests = [sha256sum(f) for f in files]
-    return digests[0] if len(digests) == 1 else hashlib.sha256(" ".join(digests).encode()).hexdigest()
+    return files_sha256(files)
 
 
 def _size_name(dims: EncoderDims) -> str:
@@ -327,17 +327,55 @@ def _official(name: str) -> str | None:
     return short if short in OPENAI_CHECKPOINTS else None
 
 
+def _locate(source: str, option: str = "--checkpoint") -> tuple[Path, str, list[Path]]:
+    """``(absolute path, format, weight files)`` of a checkpoint path or Hugging Face repo id;
+    nothing is read but the folder listing (and a weights index)."""
+    from ..checkpoints import hf_weight_files
+
+    path = Path(source).expanduser()
+    if not path.exists():
+        if "/" in source and not source.startswith((".", "/", "~")):
+            path = _hf_snapshot(source)
+        else:
+            raise UsageError(f"{option} {source}: no such file or folder")
+    path = path.resolve()
+    if path.is_dir() and (path / "model.bin").exists():
+        return path, "ctranslate2", [path / "model.bin"]
+    if path.is_dir() and (path / "config.json").exists():
+        return path, "huggingface", hf_weight_files(path)
+    if path.is_file():
+        return path, "openai", [path]
+    raise CodecError(f"{path}: not an openai .pt file, a Hugging Face folder (config.json) or a CTranslate2 folder (model.bin)")
+
+
+def _read(path: Path, fmt: str, files: list[Path], source: str, sha: str = "") -> dict[str, Any]:
+    """Read a located checkpoint: ``{"model", "format", "path", "dims", "state", "sha256"}``."""
+    from ..checkpoints import files_sha256
+
+    if fmt == "ctranslate2":
+        dims, state = state_from_ct2(path)
+        model = _ct2_model_name(path, dims)
+    elif fmt == "huggingface":
+        dims, state, files = state_from_hf(path)
+        model = "whisper-" + (_official(path.name) or _official(Path(source).name) or _size_name(dims))
+    else:
+        dims, state = state_from_openai(path)
+        model = "whisper-" + (_official(path.stem) or _size_name(dims))
+    return {"model": model, "format": fmt, "path": str(path), "dims": dims, "state": state,
+            "sha256": sha or files_sha256(files)}
+
+
 def resolve_checkpoint(name: str, checkpoint: str | None = None, progress=None) -> dict[str, Any]:
     """Find the weights for ``--features NAME [--checkpoint PATH]``.
 
-    Returns ``{"model", "format", "path", "dims", "state", "sha256"}``. ``checkpoint`` may be
-    an openai ``.pt``, a Hugging Face folder or repo id (``openai/whisper-small``), or a
+    Returns ``{"model", "format", "path", "dims", "state", "sha256"}``; ``path`` is absolute
+    (a codec directory records it, and must work from any folder). ``checkpoint`` may be an
+    openai ``.pt``, a Hugging Face folder or repo id (``openai/whisper-small``), or a
     CTranslate2 folder; without it, ``name`` must be an official openai name.
     """
-    from ..hub import HubFile, fetch, sha256sum
+    from ..hub import HubFile, fetch
 
-    source = checkpoint
-    if source is None:
+    if checkpoint is None:
         short = _official(name)
         if short is None:
             known = ", ".join("whisper-" + n for n in [*OPENAI_CHECKPOINTS, *ALIASES])
@@ -345,32 +383,10 @@ def resolve_checkpoint(name: str, checkpoint: str | None = None, progress=None) 
         sha, file = OPENAI_CHECKPOINTS[short]
         path = fetch(HubFile(_URL.format(sha=sha, file=file), sha, "whisper"), progress=progress)
         dims, state = state_from_openai(path)
-        return {"model": "whisper-" + short, "format": "openai", "path": str(path), "dims": dims, "state": state, "sha256": sha}
-    path = Path(source).expanduser()
-    if not path.exists():
-        if "/" in source and not source.startswith((".", "/", "~")):
-            path = _hf_snapshot(source)
-        else:
-            raise UsageError(f"--checkpoint {source}: no such file or folder")
-    if path.is_dir() and (path / "model.bin").is_file():
-        dims, state = state_from_ct2(path)
-        fmt, files = "ctranslate2", [path / "model.bin"]
-        model = _ct2_model_name(path, dims)
-    elif path.is_dir() and (path / "config.json").is_file():
-        dims, state, files = state_from_hf(path)
-        fmt = "huggingface"
-        model = "whisper-" + _size_name(dims)
-        hinted = _official(path.name) or _official(Path(source).name)
-        if hinted:
-            model = "whisper-" + hinted
-    elif path.is_file():
-        dims, state = state_from_openai(path)
-        fmt, files = "openai", [path]
-        model = "whisper-" + (_official(path.stem) or _size_name(dims))
-    else:
-        raise CodecError(f"{path}: not an openai .pt file, a Hugging Face folder or a CTranslate2 folder")
-    sha = _multi_sha256(files) if len(files) > 1 else sha256sum(files[0])
-    return {"model": model, "format": fmt, "path": str(path), "dims": dims, "state": state, "sha256": sha}
+        return {"model": "whisper-" + short, "format": "openai", "path": str(path.resolve()), "dims": dims,
+                "state": state, "sha256": sha}
+    path, fmt, files = _locate(checkpoint)
+    return _read(path, fmt, files, checkpoint)
 
 
 def _ct2_model_name(folder: Path, dims: EncoderDims) -> str:
@@ -430,11 +446,14 @@ class WhisperFeatures(FeatureExtractor):
         self.format = fmt
         self.dim = dims.n_audio_state
         self.n_mels = dims.n_mels
-        self.encoder = build_encoder(dims)
-        missing, unexpected = self.encoder.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise CodecError(f"{checkpoint or model}: encoder weights do not fit "
-                             f"(missing {sorted(missing)[:4]}, unexpected {sorted(unexpected)[:4]})")
+        from ..checkpoints import check_shapes
+
+        with torch.device("meta"):  # shapes first: a config that disagrees costs no memory
+            encoder = build_encoder(dims)
+        check_shapes(encoder.state_dict(), state, checkpoint or model,
+                     hint="the checkpoint's config/dims disagree with its tensors (a damaged or mixed-up file?)")
+        self.encoder = encoder.to_empty(device="cpu")
+        self.encoder.load_state_dict(state, strict=True)
         self.encoder.eval().requires_grad_(False)
         self.dtype_spec = dtype
         self.batch_size = batch_size
@@ -452,16 +471,43 @@ class WhisperFeatures(FeatureExtractor):
                    checkpoint=found["path"], fmt=found["format"], dtype=dtype, device=device, batch_size=batch_size)
 
     @classmethod
-    def from_config(cls, config: dict[str, Any], **overrides: Any) -> "WhisperFeatures":
-        """Rebuild from a codec's ``features`` block: the recorded checkpoint (or the official
-        name, or ``checkpoint=`` given), refusing weights whose sha256 differs."""
-        checkpoint = overrides.pop("checkpoint", None)
-        if checkpoint is None and config.get("checkpoint") and Path(config["checkpoint"]).exists() \
-                and _official(config["model"]) is None:
-            checkpoint = config["checkpoint"]
-        extractor = cls.from_name(config["model"], layer=config.get("layer"), checkpoint=checkpoint,
-                                  **{k: v for k, v in overrides.items() if k in ("dtype", "device", "batch_size")})
-        extractor.check_compatible(config, f"whisper features {config['model']}")
+    def from_config(cls, config: dict[str, Any], *, checkpoint: str | None = None, codec_dir: Path | None = None,
+                    **overrides: Any) -> "WhisperFeatures":
+        """Rebuild from a codec's ``features`` block, refusing weights whose sha256 differs.
+
+        The weights: ``checkpoint`` when given (the same weights elsewhere); else the recorded
+        checkpoint (:func:`~teal_cli.features.base.find_recorded`: absolute, or relative to
+        ``codec_dir``) when it exists with the recorded sha256; else openai's download when
+        the recorded sha256 is that official file's; else a CodecError naming the recorded
+        path and sha256."""
+        from .base import find_recorded
+
+        model = config.get("model")
+        if not isinstance(model, str) or not model:
+            raise CodecError(f"{codec_dir or 'codec'}: features block has no Whisper 'model' name")
+        where = f"codec {codec_dir}" if codec_dir is not None else f"whisper features {model}"
+        sha = str(config.get("sha256") or "")
+        kwargs = {k: v for k, v in overrides.items() if k in ("dtype", "device", "batch_size")}
+        if checkpoint is not None:
+            from ..checkpoints import files_sha256
+
+            path, fmt, files = _locate(checkpoint)
+            digest = files_sha256(files)
+            if sha and digest != sha:
+                raise CodecError(f"--checkpoint {checkpoint}: its weights have sha256 {digest[:16]}..., but "
+                                 f"{where} was fitted on {config.get('checkpoint') or 'weights'} with sha256 {sha}")
+            found = _read(path, fmt, files, checkpoint, sha=digest)
+        else:
+            short = _official(model)
+            official_sha = OPENAI_CHECKPOINTS[short][0] if short else ""
+            use_official = bool(short) and (sha == official_sha or (not sha and config.get("format", "openai") == "openai"))
+            located = find_recorded(config, codec_dir, where, "Whisper",
+                                    (lambda: None) if use_official else None, _locate)
+            found = resolve_checkpoint(model) if located is None else _read(*located[:3], str(located[0]), sha=located[3])
+        found["model"] = model  # the same weights, whatever the folder is called now
+        extractor = cls(model, found["dims"], found["state"], config.get("layer"), sha256=found["sha256"],
+                        checkpoint=found["path"], fmt=found["format"], **kwargs)
+        extractor.check_compatible(config, where)
         return extractor
 
     def config(self) -> dict[str, Any]:
