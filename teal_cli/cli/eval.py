@@ -1,14 +1,83 @@
-"""teal eval: being built (see the open issue)."""
+"""teal eval: score a model's outputs (or existing predictions) with the paper's metrics."""
 
 from __future__ import annotations
 
-from .common import handle_errors
+from typing import Annotated, Optional
 
-HELP = """Not built yet."""
+import typer
+
+from .common import DeviceOpt, DtypeOpt, Log, OnErrorOpt, QuietOpt, SeedOpt, VerboseOpt, check_choice, handle_errors, output_stream
+
+HELP = """Score predictions against references; JSON results on stdout.
+
+TASK is caption (BLEU-1..4, CIDEr-D as the COCO evaluation computes them, sacreBLEU), mcq
+(accuracy of the chosen letter, per category), asr (WER, CER), classify (accuracy and
+confusion matrix of class-word answers), recon (a codec's PSNR, SSIM, log-mel distance and
+codebook usage on media; no model), gen (text -> image accuracy judged by a classifier) or
+ppl (per-token loss and perplexity per modality; needs --model).
+
+References (--data) are token records whose target segments ("role": "target", else the
+last segment) hold the answers; predictions are records as 'teal generate' writes them,
+matched to the references by id. --report DIR draws the pictures and an index.html.
+
+\b
+Examples:
+  teal eval caption --predictions gen.jsonl --data coco-val.tok.jsonl
+  teal eval caption --model runs/teal-7b --data coco-val.tok.jsonl --report report/
+  teal eval mcq --predictions answers.jsonl --data scienceqa.tok.jsonl --on-error skip
+  teal eval asr --predictions asr.jsonl --data speech-test.tok.jsonl
+  teal eval classify --predictions digits.jsonl --data digits-test.tok.jsonl --report report/
+  teal eval recon --codec codecs/patch-p4-k64 --data images/ --report report/
+  teal eval gen --predictions images.jsonl --data prompts.jsonl --report report/
+  teal eval ppl --model runs/teal-7b --data heldout.tok.jsonl
+"""
 
 
 @handle_errors
-def eval() -> None:
-    from ..errors import UsageError
+def eval(
+    task: Annotated[str, typer.Argument(help="caption, mcq, asr, classify, recon, gen or ppl.", show_default=False)],
+    data: Annotated[list[str], typer.Option("--data", "-d", help="Reference records (.jsonl); recon: media files, folders or manifests (repeatable).")] = [],
+    predictions: Annotated[Optional[str], typer.Option("--predictions", "-p", help="Prediction records (.jsonl, or - for stdin), matched by id.")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model directory: generate the predictions (defaults to $TEAL_MODEL when --predictions is not given).")] = None,
+    codec: Annotated[list[str], typer.Option("--codec", "-c", help="recon: the codec to measure; once per modality.")] = [],
+    judge: Annotated[Optional[str], typer.Option("--judge", help="gen: a judge file (.npz linear classifier; see the docs) [default: built-in digits judge].")] = None,
+    report: Annotated[Optional[str], typer.Option("--report", help="Write pictures (PNG) and index.html to this folder.")] = None,
+    curves: Annotated[Optional[str], typer.Option("--curves", help="Training curves for the report: a metrics.jsonl or a model directory [default: --model's].")] = None,
+    output: Annotated[Optional[str], typer.Option("-o", "--output", help="Write the JSON results to this file (atomically) instead of stdout.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="recon: media items encoded together; ppl: records per forward pass.", min=1)] = 16,
+    on_error: OnErrorOpt = "fail",
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    seed: SeedOpt = 0,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    import json
+    import os
 
-    raise UsageError("teal eval is not built yet")
+    from ..evaluate import TASKS, EvalOptions, run_eval
+
+    log = Log(quiet, verbose)
+    check_choice(task, TASKS, "TASK")
+    check_choice(on_error, ("fail", "skip"), "--on-error")
+    if model is None and predictions is None and task not in ("recon",):
+        model = os.environ.get("TEAL_MODEL") or None
+    dev, dt = "cpu", None
+    if model or task == "recon":
+        from .common import setup_torch
+
+        dev, dt = setup_torch(device, dtype, seed)
+    options = EvalOptions(task=task, data=list(data), predictions=predictions, model=model, codecs=list(codec),
+                          judge=judge, on_error=on_error, seed=seed, batch_size=batch_size, device=dev, dtype=dt)
+    result = run_eval(options, warn=log.warn, info=log.info)
+    if report:
+        from ..evaluate.report import write_report
+
+        files = write_report(result, report, curves or model)
+        log.info(f"report: {len(files)} file(s) in {report}")
+    with output_stream(output) as stream:
+        stream.write(json.dumps(result.to_json(), ensure_ascii=False, indent=2, allow_nan=False) + "\n")
+    skipped = sum(result.counts.get(k, 0) for k in ("missing", "extra", "duplicates", "bad", "skipped"))
+    if skipped:
+        log.info(f"skipped {skipped} item(s); see the warnings above")
+        raise typer.Exit(1)

@@ -1,0 +1,95 @@
+"""What ``teal eval`` needs from a model: predictions by generation, and per-token losses.
+
+Both go through the model package's public interface (``teal_cli.model``): ``TealModel.from_dir``,
+``model.encode_record(record) -> EncodedSequence(ids, target, modality)``,
+``model(input_ids, attention_mask).logits`` and ``teal_cli.model.generate.generate``, so
+``teal eval --model`` generates exactly as ``teal generate`` does.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Any, Iterable, Iterator
+
+from ..errors import UsageError
+from ..records import Record
+from .pairs import split_roles
+from .result import EvalResult
+
+
+def load_model(path: str, device: Any, dtype: Any):
+    """``TealModel.from_dir(path)``, or a UsageError when the model package is missing."""
+    try:
+        from ..model import TealModel
+    except ImportError as exc:
+        raise UsageError(f"--model needs teal's model package, which this install lacks ({exc}); "
+                         "score existing outputs with --predictions P.jsonl") from None
+    return TealModel.from_dir(path, device=device, dtype=dtype)
+
+
+def prompts_of(references: Iterable[Record]) -> Iterator[Record]:
+    """Each reference with its target segments removed: what the model is asked."""
+    for ref in references:
+        prompt, _ = split_roles(ref)
+        yield replace(ref, segments=[replace(s, extra={k: v for k, v in s.extra.items() if k != "role"}) for s in prompt])
+
+
+def generate_predictions(model, references: list[Record], options: Any = None) -> list[Record]:
+    """Predictions for ``references`` by ``teal_cli.model.generate.generate`` (ids kept)."""
+    from ..model.generate import GenerateOptions, generate
+
+    return list(generate(model, prompts_of(references), options or GenerateOptions()))
+
+
+def score_ppl(model, records: Iterable[Record], *, batch_size: int = 8, device: Any = "cpu") -> EvalResult:
+    """Per-token loss (nats) and perplexity of the target positions of token records,
+    overall and per modality.
+
+    The loss at position ``t`` is the cross-entropy of ``ids[t]`` under the logits at
+    ``t - 1`` (next-token prediction over the joint vocabulary), for every ``t`` the
+    encoding marks as a target; a record's first position is never scored. Records are
+    padded to the longest of their batch (right padding, masked out).
+    """
+    import torch
+
+    totals: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    n_records = 0
+
+    def run(batch: list) -> None:
+        width = max(len(e.ids) for e in batch)
+        ids = torch.zeros((len(batch), width), dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, e in enumerate(batch):
+            ids[i, : len(e.ids)] = torch.tensor(e.ids, dtype=torch.long)
+            mask[i, : len(e.ids)] = 1
+        with torch.inference_mode():
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().cpu()
+        logp = torch.log_softmax(logits[:, :-1], dim=-1)
+        nll = -logp.gather(-1, ids[:, 1:, None])[..., 0]
+        for i, e in enumerate(batch):
+            for t in range(1, len(e.ids)):
+                if e.target[t]:
+                    m = e.modality[t]
+                    totals[m] = totals.get(m, 0.0) + float(nll[i, t - 1])
+                    counts[m] = counts.get(m, 0) + 1
+
+    batch: list = []
+    for record in records:
+        batch.append(model.encode_record(record))
+        n_records += 1
+        if len(batch) == batch_size:
+            run(batch)
+            batch = []
+    if batch:
+        run(batch)
+    total, tokens = sum(totals.values()), sum(counts.values())
+    metrics = {"loss": total / tokens if tokens else 0.0, "perplexity": math.exp(total / tokens) if tokens else 0.0}
+    for m in sorted(totals):
+        metrics[f"{m}_loss"] = totals[m] / counts[m]
+        metrics[f"{m}_perplexity"] = math.exp(totals[m] / counts[m])
+    return EvalResult("ppl", metrics, {"records": n_records, "target_tokens": tokens,
+                                       **{f"{m}_tokens": counts[m] for m in sorted(counts)}},
+                      {"loss": "mean next-token cross-entropy (nats) over target positions, joint vocabulary",
+                       "batch_size": batch_size})

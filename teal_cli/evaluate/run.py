@@ -1,0 +1,118 @@
+"""One evaluation end to end: read, match (or generate), score, draw."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ..errors import UsageError
+from .result import EvalResult
+
+TASKS = ("caption", "mcq", "asr", "classify", "recon", "gen", "ppl")
+
+
+@dataclass
+class EvalOptions:
+    """How to evaluate.
+
+    Attributes:
+        task: one of :data:`TASKS`.
+        data: the reference records (one JSONL file; ``recon``: media files, folders, manifests).
+        predictions: a JSONL file of prediction records (or ``-``), matched by id.
+        model: a model directory: generate the predictions (``ppl``: score the references).
+        codecs: ``recon``: the codecs to test, one per modality.
+        judge: ``gen``: a judge file (:mod:`~teal_cli.evaluate.judge`); None: the digits judge.
+        on_error: ``fail`` or ``skip`` (report, count, go on).
+        seed: the digits judge's split.
+        batch_size: recon tokenize batches; ppl batches.
+        device, dtype: where codecs and the model run (resolved values).
+    """
+
+    task: str
+    data: list[str]
+    predictions: str | None = None
+    model: str | None = None
+    codecs: list[str] = field(default_factory=list)
+    judge: str | None = None
+    on_error: str = "fail"
+    seed: int = 0
+    batch_size: int = 16
+    device: Any = "cpu"
+    dtype: Any = None
+
+
+def _check(o: EvalOptions) -> None:
+    if o.task not in TASKS:
+        raise UsageError(f"task {o.task!r}: expected one of {', '.join(TASKS)}")
+    if o.on_error not in ("fail", "skip"):
+        raise UsageError(f"--on-error {o.on_error}: expected fail or skip")
+    if not o.data:
+        raise UsageError("--data is required (reference records; for recon, media files, folders or manifests)")
+    if o.task == "recon":
+        if not o.codecs:
+            raise UsageError("recon needs --codec (the codec whose reconstructions are measured)")
+        if o.predictions or o.model:
+            raise UsageError("recon measures a codec on media: it takes --codec and --data, not --model/--predictions")
+        return
+    if len(o.data) > 1:
+        raise UsageError(f"{o.task} takes one --data file of reference records, got {len(o.data)}")
+    if o.task == "ppl":
+        if not o.model:
+            raise UsageError("ppl needs --model (the model whose per-token loss is measured)")
+        return
+    if bool(o.predictions) == bool(o.model):
+        raise UsageError(f"{o.task} needs exactly one of --model DIR (generate, then score) or --predictions P.jsonl")
+
+
+def run_eval(o: EvalOptions, warn: Callable[[str], None] | None = None,
+             info: Callable[[str], None] | None = None) -> EvalResult:
+    """Evaluate ``o.task`` as :class:`EvalOptions` says; returns the scores.
+
+    Errors: :class:`~teal_cli.errors.UsageError` for a bad combination of options,
+    :class:`~teal_cli.errors.DataError` for a bad or unmatched record (one line naming the
+    id and the file), unless ``on_error="skip"``.
+    """
+    from .pairs import MatchStats, match, read_file
+
+    _check(o)
+    info = info or (lambda message: None)
+    if o.task == "recon":
+        from ..codecs.registry import load_codec
+        from ..inputs import iter_input_records
+        from ..tokenize import check_codecs
+        from .recon import score_recon
+
+        codecs = [load_codec(name, device=o.device) for name in o.codecs]
+        check_codecs(codecs)
+        return score_recon(iter_input_records(o.data), codecs, batch_size=o.batch_size, on_error=o.on_error, warn=warn)
+
+    references = read_file(o.data[0])
+    if o.task == "ppl":
+        from .modeling import load_model, score_ppl
+
+        model = load_model(o.model, o.device, o.dtype)
+        return score_ppl(model, references, batch_size=o.batch_size, device=o.device)
+
+    if o.model:
+        from .modeling import generate_predictions, load_model
+
+        model = load_model(o.model, o.device, o.dtype)
+        info(f"generating {len(references)} prediction(s) with {o.model}")
+        predictions, pred_name = generate_predictions(model, references), f"generations of {o.model}"
+    else:
+        predictions, pred_name = read_file(o.predictions), o.predictions
+    stats = MatchStats()
+    pairs, stats = match(references, predictions, o.data[0], pred_name, o.on_error, warn, stats)
+    if o.task == "gen":
+        from ..codecs.registry import CodecCache
+        from .gen import score_gen
+        from .judge import digits_judge, load_judge
+
+        judge = load_judge(o.judge) if o.judge else digits_judge(o.seed)
+        result = score_gen(pairs, stats, o.data[0], judge, CodecCache(device=o.device), o.on_error, warn)
+    else:
+        from .tasks import TEXT_TASKS
+
+        result = TEXT_TASKS[o.task](pairs, stats, o.data[0], o.on_error, warn)
+    result.settings["source"] = f"model {o.model}" if o.model else f"predictions {o.predictions}"
+    return result
