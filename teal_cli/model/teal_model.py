@@ -128,6 +128,7 @@ class TealModel(nn.Module):
         params = inspect.signature(self.backbone.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._prefix_ids = list(self.tokenizer("", add_special_tokens=True).input_ids)
+        self.directory: Path | None = None  # set by from_dir; generation records it
         self.to(next(self.llm.parameters()).device)
 
     # ------------------------------------------------------------------ the LLM's parts
@@ -420,6 +421,7 @@ class TealModel(nn.Module):
         base = load_base_llm(name, revision=revision, dtype=dtype, device=device)
         model = cls(config, base)
         model.load_adapter(adapter_path)
+        model.directory = directory
         return model.to(device)
 
     def load_adapter(self, path: str | Path) -> None:

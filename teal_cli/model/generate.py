@@ -1,0 +1,510 @@
+"""Generation with the segment grammar: text, and image/audio segments a TEAL model writes.
+
+:func:`generate` continues each prompt record (its segments without ``role: target``) and
+yields one record per prompt, in input order, with the generated segments and a
+``generation`` field saying how they were made. Decoding follows the grammar of segments
+(DESIGN.md §4), enforced by a vocabulary mask per decoder state, prepared once per run:
+
+- **text**: text ids (EOS included) and the ``<open>`` token of every modality the model can
+  write (none with ``output_modality="text"``); text ends at EOS or after ``max_new_tokens``
+  text-state tokens (a ``<img>`` the model opens counts as one);
+- **image**: after ``<img>`` only that modality's output-codec ids, exactly ``H*W`` of them (the
+  codec's ``segment.shape``; the first id picks the codec when the model writes several, or
+  ``codec`` names it), then ``</img>`` is forced and decoding returns to text;
+- **audio**: codec ids or ``</aud>``; ``</aud>`` is forced after
+  ``max_audio_seconds * frame_rate`` ids;
+- ``output_modality="image"|"audio"`` forces ``<open>`` as the first token and stops once that
+  segment closes.
+
+Masks are boolean ``[S, V]`` tensors (S states, V the joint vocabulary); each step selects one
+row per sequence (``masks[state]``) and keeps logits where it is true. Logits are computed
+only for the blocks of the joint vocabulary some sequence's state can emit (the frozen LM
+head is skipped while every sequence is inside an image segment).
+
+Sampling: greedy (``temperature=0``), temperature, top-k, top-p. Each prompt has its own
+``torch.Generator`` (on the CPU, so the draws are the same on any device) seeded from
+``(seed, record id, how many times that id came before)``; its k-th sampled token uses its
+k-th uniform draw (inverse-CDF sampling). A record's output therefore does not depend on
+the batch it shares or its position in the input; only the float logits do, in the last
+bits (batched kernels, left padding), which can flip a greedy near-tie or a draw that lands
+on a boundary between two tokens. Classifier-free guidance (``cfg_scale != 1``) adds one
+unconditional row per prompt whose context is the tokenizer's prefix and the ``<open>``
+token only (as image-token generators do, e.g. Chameleon/Lumina-mGPT); inside modality
+segments ``logits = uncond + s * (cond - uncond)``; text is never guided.
+
+Batches (``batch_size``) are left-padded, positions follow the attention mask, and the KV
+cache is transformers' ``DynamicCache``. Errors: a prompt that fills the base LLM's context
+is a one-line :class:`~teal_cli.errors.DataError` naming the record; unknown codecs and ids
+out of range come from :meth:`TealModel.encode_record`; bad options are
+:class:`~teal_cli.errors.UsageError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
+
+import torch
+
+from ..errors import DataError, UsageError
+from ..records import Record, Segment
+from .config import CodecEntry, ModelDirError
+
+if TYPE_CHECKING:
+    from .teal_model import TealModel
+
+OUTPUT_MODALITIES = ("image", "audio", "text")
+_UNIFORM_CHUNK = 64  # uniforms drawn per sequence at a time (one per sampled token)
+
+
+@dataclass
+class GenerateOptions:
+    """How :func:`generate` decodes.
+
+    Attributes:
+        max_new_tokens: text-state tokens per prompt (EOS, text ids, and ``<open>`` tokens the
+            model emits itself); a segment once opened always completes.
+        temperature: 0 = greedy; otherwise logits are divided by it before sampling.
+        top_k: keep the k most likely allowed tokens (None: all).
+        top_p: nucleus sampling, keep the smallest set of allowed tokens with mass >= top_p.
+        seed: seeds each prompt's generator (see the module docstring).
+        cfg_scale: classifier-free guidance inside image/audio segments (1 = off).
+        output_modality: ``image``/``audio``: the answer is one segment of that modality;
+            ``text``: the model may not open segments; None: the model decides.
+        codec: the output codec (name) when the model writes several for a modality.
+        max_audio_seconds: longest audio segment, in seconds of the codec's frame rate.
+        batch_size: prompts decoded together.
+        echo: output records start with the prompt's segments.
+    """
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int = 0
+    cfg_scale: float = 1.0
+    output_modality: str | None = None
+    codec: str | None = None
+    max_audio_seconds: float = 10.0
+    batch_size: int = 8
+    echo: bool = False
+
+    def check(self) -> None:
+        """Raise UsageError (naming the CLI option) for a value out of range."""
+        if self.max_new_tokens < 0:
+            raise UsageError(f"--max-new-tokens {self.max_new_tokens}: expected 0 or more")
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            raise UsageError(f"--temperature {self.temperature}: expected a finite number >= 0 (0 = greedy)")
+        if self.top_k is not None and self.top_k < 1:
+            raise UsageError(f"--top-k {self.top_k}: expected 1 or more")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise UsageError(f"--top-p {self.top_p}: expected a number in (0, 1]")
+        if not (self.cfg_scale >= 0 and math.isfinite(self.cfg_scale)):
+            raise UsageError(f"--cfg-scale {self.cfg_scale}: expected a finite number >= 0 (1 = no guidance)")
+        if self.output_modality is not None and self.output_modality not in OUTPUT_MODALITIES:
+            raise UsageError(f"--output-modality {self.output_modality}: expected one of {', '.join(OUTPUT_MODALITIES)}")
+        if not (self.max_audio_seconds > 0 and math.isfinite(self.max_audio_seconds)):
+            raise UsageError(f"--max-audio-seconds {self.max_audio_seconds}: expected a positive number")
+        if self.batch_size < 1:
+            raise UsageError(f"--batch-size {self.batch_size}: expected 1 or more")
+
+    @property
+    def sampling(self) -> bool:
+        return self.temperature > 0
+
+
+# ---------------------------------------------------------------------- the grammar
+
+# Blocks of the joint vocabulary: TEXT (the LM head), BOUNDARY, then one per codec index.
+TEXT_BLOCK, BOUNDARY_BLOCK = -2, -1
+
+
+@dataclass
+class State:
+    """One decoder state: what it may emit and what comes after."""
+
+    kind: str                      # text | force_open | open | codec | close | done
+    modality: str | None = None
+    entry: CodecEntry | None = None
+    limit: int = 0                 # codec states: ids in a segment (H*W, or the audio cap)
+    blocks: frozenset = frozenset()
+    guided: bool = False           # classifier-free guidance applies
+
+
+class Grammar:
+    """The decoder's states and their masks for one model and one set of options.
+
+    Attributes: ``states`` (list of :class:`State`), ``masks`` (``[S, V]`` bool on the model's
+    device), ``text``/``done`` (state indices), ``force_open``/``open``/``close`` (per modality),
+    ``codec_state`` (per codec key), ``open_ids``/``close_ids`` (joint id -> modality).
+    """
+
+    def __init__(self, model: "TealModel", options: GenerateOptions):
+        cfg = model.config
+        self.eos = model.eos_id
+        self.vocab_size = cfg.vocab_size
+        writable = self._writable(cfg, options)
+        self.forced = options.output_modality in ("image", "audio")
+        self.modalities = list(writable)
+        self.states: list[State] = []
+        self.allowed: list[list[tuple[int, int]]] = []  # per state: [start, stop) id ranges
+        t_vocab = cfg.text_vocab_size
+        self.open_ids = {cfg.boundary_id(m): m for m in writable}
+        self.close_ids = {cfg.boundary_id(m, closing=True): m for m in writable}
+        self.codec_index = {entry.key: i for i, entry in enumerate(cfg.codecs)}
+
+        def add(state: State, ranges: list[tuple[int, int]]) -> int:
+            self.states.append(state)
+            self.allowed.append(ranges)
+            return len(self.states) - 1
+
+        text_ranges = [(0, t_vocab)]
+        if options.output_modality != "text":
+            text_ranges += [(i, i + 1) for i in self.open_ids]
+        self.text = add(State("text", blocks=frozenset({TEXT_BLOCK, BOUNDARY_BLOCK})), text_ranges)
+        # DONE emits EOS as filler; it needs no logits (uncomputed blocks are finite zeros).
+        self.done = add(State("done"), [(self.eos, self.eos + 1)])
+        self.force_open, self.open, self.close, self.codec_state = {}, {}, {}, {}
+        guided = options.cfg_scale != 1.0
+        audio_cap = {}
+        for modality, entries in writable.items():
+            open_id, close_id = cfg.boundary_id(modality), cfg.boundary_id(modality, closing=True)
+            codec_blocks = frozenset(self.codec_index[e.key] for e in entries)
+            codec_ranges = [(e.offset, e.offset + e.vocab_size) for e in entries]
+            may_close = [(close_id, close_id + 1)] if modality == "audio" else []
+            boundary = frozenset({BOUNDARY_BLOCK}) if may_close else frozenset()
+            self.force_open[modality] = add(State("force_open", modality, blocks=frozenset({BOUNDARY_BLOCK})),
+                                            [(open_id, open_id + 1)])
+            self.open[modality] = add(State("open", modality, blocks=codec_blocks | boundary, guided=guided),
+                                      codec_ranges + may_close)
+            self.close[modality] = add(State("close", modality, blocks=frozenset({BOUNDARY_BLOCK})),
+                                       [(close_id, close_id + 1)])
+            for e in entries:
+                if modality == "image":
+                    limit = e.tokens_per_item
+                    if not limit:
+                        raise ModelDirError(f"codec '{e.name}' has no segment shape in the model's config.json, so an image "
+                                            "cannot be generated; re-run 'teal init-embeddings' with --image-size")
+                else:
+                    rate = float(e.segment.get("frame_rate") or 0)
+                    if rate <= 0:
+                        raise ModelDirError(f"codec '{e.name}' has no frame_rate in the model's config.json")
+                    limit = max(1, int(options.max_audio_seconds * rate))
+                    audio_cap[e.key] = limit
+                self.codec_state[e.key] = add(
+                    State("codec", modality, e, limit, frozenset({self.codec_index[e.key]}) | boundary, guided=guided),
+                    [(e.offset, e.offset + e.vocab_size)] + may_close)
+        masks = torch.zeros(len(self.states), self.vocab_size, dtype=torch.bool)
+        for s, ranges in enumerate(self.allowed):
+            for start, stop in ranges:
+                masks[s, start:stop] = True
+        self.masks = masks.to(model.device)
+        self.guided = torch.tensor([s.guided for s in self.states], device=model.device)
+        self.entries = {e.key: e for es in writable.values() for e in es}
+        self._ranges = sorted((e.offset, e.offset + e.vocab_size, e) for e in self.entries.values())
+
+    @staticmethod
+    def _writable(cfg, options: GenerateOptions) -> dict[str, list[CodecEntry]]:
+        """Output codecs per modality the model may write under ``options``."""
+        writable = {m: cfg.output_codecs(m) for m in ("image", "audio") if m in cfg.boundary and cfg.output_codecs(m)}
+        if options.codec is not None:
+            try:
+                entry = cfg.codec(options.codec)
+            except ModelDirError as exc:
+                raise UsageError(f"--codec {options.codec}: {exc}") from None
+            if not entry.output:
+                raise UsageError(f"--codec {options.codec}: the model reads this codec but does not write it")
+            if options.output_modality in ("image", "audio") and entry.modality != options.output_modality:
+                raise UsageError(f"--codec {options.codec} is an {entry.modality} codec, but --output-modality is {options.output_modality}")
+            writable[entry.modality] = [entry]
+        if options.output_modality in ("image", "audio") and options.output_modality not in writable:
+            can = ", ".join(writable) or "text only"
+            raise UsageError(f"--output-modality {options.output_modality}: this model writes no {options.output_modality} "
+                             f"codec (it writes {can}); add one with 'teal init-embeddings --codec'")
+        return writable
+
+    def codec_of(self, token: int) -> CodecEntry | None:
+        for start, stop, entry in self._ranges:
+            if start <= token < stop:
+                return entry
+        return None
+
+    def initial(self, options: GenerateOptions) -> int:
+        if self.forced:
+            return self.force_open[options.output_modality]
+        return self.text if options.max_new_tokens > 0 else self.done
+
+
+# ---------------------------------------------------------------------- logits and sampling
+
+
+def block_logits(model: "TealModel", hidden: torch.Tensor, blocks: set, vocab_size: int) -> torch.Tensor:
+    """``[R, d_llm]`` hidden states to ``[R, V]`` float32 joint logits, computed only for
+    ``blocks`` (TEXT_BLOCK, BOUNDARY_BLOCK, codec indices) with the very operations of
+    :meth:`TealModel.logits`; other columns are 0 (callers mask them)."""
+    cfg = model.config
+    out = hidden.new_zeros((hidden.shape[0], vocab_size), dtype=torch.float32)
+    if TEXT_BLOCK in blocks:
+        out[:, :cfg.text_vocab_size] = model.lm_head(hidden).float()
+    nb = len(cfg.boundary_list)
+    if BOUNDARY_BLOCK in blocks and nb:
+        out[:, cfg.boundary_offset:cfg.boundary_offset + nb] = hidden.float() @ model.boundary_out.t()
+    for i, entry in enumerate(cfg.codecs):
+        if i in blocks and entry.output:
+            out[:, entry.offset:entry.offset + entry.vocab_size] = model.heads[entry.key].logits(hidden)
+    return out
+
+
+def choose_tokens(logits: torch.Tensor, options: GenerateOptions, uniforms: torch.Tensor | None) -> torch.Tensor:
+    """One token per row of masked ``[B, V]`` logits (-inf = not allowed): argmax when greedy,
+    else temperature / top-k / top-p and inverse-CDF sampling with ``uniforms`` ``[B]`` in [0, 1)."""
+    if not options.sampling:
+        return logits.argmax(-1)
+    logits = logits / options.temperature
+    if options.top_k is not None and options.top_k < logits.shape[-1]:
+        kth = logits.topk(options.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    order = None
+    if options.top_p is not None and options.top_p < 1:
+        logits, order = logits.sort(dim=-1, descending=True)
+        probs = logits.softmax(-1)
+        # Drop a token when the mass before it already reaches top_p (the first always stays).
+        logits = logits.masked_fill(probs.cumsum(-1) - probs >= options.top_p, float("-inf"))
+    probs = logits.softmax(-1)
+    cdf = probs.cumsum(-1)
+    target = uniforms.to(cdf.device, cdf.dtype)[:, None] * cdf[:, -1:]
+    index = torch.searchsorted(cdf, target, right=True)
+    # Rounding can put the target at the very top of the CDF: take the last token with mass.
+    last = torch.where(probs > 0, torch.arange(probs.shape[-1], device=probs.device), 0).amax(-1, keepdim=True)
+    index = torch.minimum(index, last)
+    if order is not None:
+        index = order.gather(-1, index)
+    return index[:, 0]
+
+
+def row_seed(seed: int, record_id: str, repeat: int) -> int:
+    """The generator seed of one prompt: a hash of the run's seed, its id and how many
+    prompts with that id came before (so repeated prompts get distinct samples)."""
+    digest = hashlib.blake2b(f"{seed}\0{record_id}\0{repeat}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+# ---------------------------------------------------------------------- decoding a batch
+
+
+@dataclass
+class _Row:
+    prompt_len: int
+    state: int
+    ids: list[int] = field(default_factory=list)
+    budget: int = 0
+    count: int = 0                 # ids in the open segment
+    finish: str | None = None
+    in_segment: bool = False       # the last fed token is inside a modality segment
+    segment_fed: int = 0           # tokens of the current segment fed (for the unconditional row)
+
+
+@dataclass
+class Generated:
+    """One prompt's generation: joint ids (EOS excluded) and why it stopped (``eos``,
+    ``max_new_tokens``, ``segment`` (the forced segment closed) or ``context``)."""
+
+    ids: list[int]
+    finish: str
+
+
+def _advance(row: _Row, token: int, grammar: Grammar, context: int | None) -> None:
+    """Record ``token`` and move ``row`` to its next state (Python per row: a few integer
+    comparisons a step; the vocabulary constraint itself is the precomputed masks)."""
+    st = grammar.states[row.state]
+    kind = st.kind
+    if kind == "done":
+        return
+    if kind == "text" and token == grammar.eos:
+        row.state, row.finish = grammar.done, "eos"
+        return
+    row.ids.append(token)
+    if kind == "text":
+        row.budget -= 1
+        if token in grammar.open_ids:
+            row.state, row.count = grammar.open[grammar.open_ids[token]], 0
+        elif row.budget <= 0:
+            row.state, row.finish = grammar.done, "max_new_tokens"
+    elif kind == "force_open":
+        row.state, row.count = grammar.open[st.modality], 0
+    elif kind in ("open", "codec"):
+        if token in grammar.close_ids:
+            _after_close(row, grammar)
+        else:
+            entry = st.entry if kind == "codec" else grammar.codec_of(token)
+            row.count += 1
+            limit = grammar.states[grammar.codec_state[entry.key]].limit
+            row.state = grammar.close[st.modality] if row.count >= limit else grammar.codec_state[entry.key]
+    elif kind == "close":
+        _after_close(row, grammar)
+    if row.finish is None and context and row.prompt_len + len(row.ids) >= context:
+        row.state, row.finish = grammar.done, "context"
+
+
+def _after_close(row: _Row, grammar: Grammar) -> None:
+    if grammar.forced:
+        row.state, row.finish = grammar.done, "segment"
+    elif row.budget <= 0:
+        row.state, row.finish = grammar.done, "max_new_tokens"
+    else:
+        row.state = grammar.text
+
+
+@torch.inference_mode()
+def generate_ids(model: "TealModel", prompts: list[list[int]], options: GenerateOptions, grammar: Grammar,
+                 seeds: list[int] | None = None) -> list[Generated]:
+    """Decode a batch of prompts (joint ids) together; see the module docstring.
+
+    ``seeds`` (one per prompt) seed the per-prompt generators when sampling."""
+    device = model.device
+    B = len(prompts)
+    cfg_on = options.cfg_scale != 1.0 and any(s.guided for s in grammar.states)
+    prefix = list(model._prefix_ids)
+    P = len(prefix)
+    R = 2 * B if cfg_on else B
+    context = model.context_length
+    rows = [_Row(len(p), grammar.initial(options), budget=options.max_new_tokens) for p in prompts]
+    for r in rows:
+        if r.state == grammar.done:
+            r.finish = "max_new_tokens"
+    width = max(len(p) for p in prompts)
+    pad = grammar.eos
+    seqs = list(prompts) + ([prefix] * B if cfg_on else [])
+    ids = torch.tensor([[pad] * (width - len(s)) + list(s) for s in seqs], dtype=torch.long, device=device)
+    attn = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], dtype=torch.long, device=device)
+    generators = uniforms = None
+    if options.sampling:
+        generators = [torch.Generator().manual_seed(s) for s in (seeds or [options.seed] * B)]
+    scale = float(options.cfg_scale)
+    neg_inf = torch.tensor(float("-inf"), device=device)
+
+    hidden, cache = model.hidden_states(ids, attn, use_cache=True)
+    hidden = hidden[:, -1]
+    step = 0
+    while True:
+        states = [r.state for r in rows]
+        blocks = set().union(*(grammar.states[s].blocks for s in set(states)))
+        logits = block_logits(model, hidden, blocks, grammar.vocab_size)
+        state_t = torch.tensor(states, device=device)
+        if cfg_on:
+            cond, uncond = logits[:B], logits[B:]
+            guided = grammar.guided[state_t]
+            logits = torch.where(guided[:, None], uncond + scale * (cond - uncond), cond)
+        logits = torch.where(grammar.masks[state_t], logits, neg_inf)
+        if generators is not None and step % _UNIFORM_CHUNK == 0:
+            uniforms = torch.stack([torch.rand(_UNIFORM_CHUNK, generator=g, dtype=torch.float64) for g in generators])
+        draw = uniforms[:, step % _UNIFORM_CHUNK] if uniforms is not None else None
+        tokens = choose_tokens(logits, options, draw).tolist()
+        for r, t in zip(rows, tokens):
+            _advance(r, t, grammar, context)
+        step += 1
+        if all(r.finish is not None for r in rows):
+            break
+        # Feed the sampled tokens (EOS as filler for finished rows).
+        feed = [t if r.finish is None else pad for r, t in zip(rows, tokens)]
+        positions = [min(r.prompt_len + step - 1, (context or 1 << 30) - 1) for r in rows]
+        column = [1] * B
+        if cfg_on:
+            # The unconditional row attends to the prefix and the current segment only.
+            for i, (r, t) in enumerate(zip(rows, feed)):
+                if t in grammar.open_ids and r.finish is None:
+                    attn[B + i, width:] = 0
+                    r.in_segment, r.segment_fed = True, 0
+                elif t in grammar.close_ids:
+                    r.in_segment = False
+            column += [int(r.in_segment) for r in rows]
+            positions += [P + r.segment_fed if r.in_segment else 0 for r in rows]
+            for r in rows:
+                r.segment_fed += r.in_segment
+            feed = feed + feed
+        attn = torch.cat([attn, torch.tensor(column, dtype=attn.dtype, device=device)[:, None]], dim=1)
+        ids = torch.tensor(feed, dtype=torch.long, device=device)[:, None]
+        pos = torch.tensor(positions, dtype=torch.long, device=device)[:, None]
+        hidden, cache = model.hidden_states(ids, attn, position_ids=pos, past_key_values=cache, use_cache=True)
+        hidden = hidden[:, -1]
+    return [Generated(r.ids, r.finish) for r in rows]
+
+
+# ---------------------------------------------------------------------- records in, records out
+
+
+def provenance(model: "TealModel", options: GenerateOptions) -> dict[str, Any]:
+    """The ``generation`` field's run-wide part: model directory and adapter sha256 (when the
+    model was loaded from a directory), base LLM, dtype, every option, teal version."""
+    import teal_cli
+
+    directory = getattr(model, "directory", None)
+    settings = asdict(options)
+    settings.pop("echo")
+    return {
+        "model": str(directory) if directory else None,
+        "adapter_sha256": model.adapter_sha256(directory) if directory else None,
+        "base_llm": model.config.llm.get("name"),
+        "dtype": str(next(model.llm.parameters()).dtype).removeprefix("torch."),
+        **settings,
+        "teal_version": teal_cli.__version__,
+    }
+
+
+def generate(model: "TealModel", records: Iterable[Record], options: GenerateOptions) -> Iterator[Record]:
+    """Continue each prompt record; yield one record per prompt, in input order.
+
+    The prompt is the record's segments without ``role: target``
+    (``model.encode_record(record, prompt_only=True)``). Records are decoded
+    ``options.batch_size`` at a time and yielded as each batch finishes. Each output record
+    keeps the prompt's id and other top-level fields; ``segments`` are the generated ones
+    (after the prompt's with ``echo``); ``generation`` holds :func:`provenance` plus
+    ``finish`` (see :class:`Generated`) and, for a repeated id, ``repeat`` (its seed input).
+
+    Raises UsageError for bad options, DataError naming the record for a prompt that does not
+    fit the context (or leaves no room for a forced image segment).
+    """
+    options.check()
+    model.eval()
+    grammar = Grammar(model, options)
+    info = provenance(model, options)
+    context = model.context_length
+    seen: Counter[str] = Counter()
+    need = 1
+    if grammar.forced and options.output_modality == "image":
+        need = 2 + max(grammar.states[grammar.codec_state[e.key]].limit for e in grammar.entries.values()
+                       if e.modality == "image")
+
+    def run(batch: list[tuple[Record, list[int], int]]) -> Iterator[Record]:
+        seeds = [row_seed(options.seed, rec.id, repeat) for rec, _, repeat in batch]
+        results = generate_ids(model, [ids for _, ids, _ in batch], options, grammar, seeds)
+        for (rec, _, repeat), res in zip(batch, results):
+            segments = [s for s in rec.segments if s.extra.get("role") != "target"] if options.echo else []
+            generation = {**info, "finish": res.finish}
+            if repeat:
+                generation["repeat"] = repeat
+            yield Record(id=rec.id, segments=segments + model.decode_ids(res.ids),
+                         extra={**rec.extra, "generation": generation})
+
+    batch: list[tuple[Record, list[int], int]] = []
+    for record in records:
+        ids = model.encode_record(record, prompt_only=True).ids
+        if context and len(ids) + need > context:
+            room = "no room for a token" if need == 1 else f"no room for the {need - 2}-id image segment"
+            raise DataError(f"record '{record.id}': the prompt has {len(ids)} tokens and the base LLM's context is "
+                            f"{context}: {room}; shorten the prompt")
+        batch.append((record, ids, seen[record.id]))
+        seen[record.id] += 1
+        if len(batch) == options.batch_size:
+            yield from run(batch)
+            batch = []
+    if batch:
+        yield from run(batch)
+
+
+def text_prompt(text: str, record_id: str = "prompt") -> Record:
+    """A prompt record holding one text segment (what ``teal generate --text`` makes)."""
+    return Record(id=record_id, segments=[Segment(modality="text", text=text)])
