@@ -21,7 +21,6 @@ HuBERT feature reader does, so memory stays bounded.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,9 +42,10 @@ MAX_CHUNK = 1_600_000  # samples (100 s at 16 kHz), fairseq's HubertFeatureReade
 _EPS = 1e-7  # Hugging Face's Wav2Vec2FeatureExtractor zero_mean_unit_var_norm
 
 
-def _load_model(source: str):
-    """(HubertModel, local folder, weight files) for a folder or hub repo id."""
-    import transformers
+def _locate(source: str, option: str = "--checkpoint") -> tuple[Path, str, list[Path]]:
+    """``(absolute folder, "huggingface", weight files)`` for a folder or hub repo id; checks
+    the config's model type and that every weight file (shard) is there, reads no weights."""
+    from ..checkpoints import hf_weight_files, read_json
 
     path = Path(source).expanduser()
     if not path.exists():
@@ -58,16 +58,76 @@ def _load_model(source: str):
                 raise CodecError(f"{source}: cannot get it from the Hugging Face hub ({type(exc).__name__}); "
                                  "download the repository and pass its folder with --checkpoint") from None
         else:
-            raise UsageError(f"--checkpoint {source}: no such folder")
-    if not (path / "config.json").is_file():
-        raise CodecError(f"{path}: not a Hugging Face model folder (no config.json)")
-    model_type = json.loads((path / "config.json").read_text()).get("model_type")
-    if model_type != "hubert":
-        raise CodecError(f"{path}: config.json has model_type {model_type!r}, not 'hubert'")
-    files = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
-    if not files:
-        raise CodecError(f"{path}: no model weights (*.safetensors or pytorch_model.bin)")
-    model = transformers.HubertModel.from_pretrained(str(path), use_safetensors=files[0].suffix == ".safetensors")
+            raise UsageError(f"{option} {source}: no such folder")
+    path = path.resolve()
+    if not path.is_dir():
+        raise CodecError(f"{path}: not a Hugging Face model folder (a file; pass the folder that holds config.json)")
+    config = read_json(path / "config.json", "Hugging Face config")
+    if config.get("model_type") != "hubert":
+        raise CodecError(f"{path / 'config.json'}: model_type is {config.get('model_type')!r}, not 'hubert'")
+    return path, "huggingface", hf_weight_files(path)
+
+
+def _checkpoint_names(name: str) -> str:
+    """A checkpoint tensor name as ``HubertModel.state_dict()`` spells it (the ``hubert.``
+    prefix of ``HubertForCTC`` files dropped, legacy weight-norm names renamed)."""
+    name = name.removeprefix("hubert.")
+    return name.replace(".weight_g", ".parametrizations.weight.original0").replace(
+        ".weight_v", ".parametrizations.weight.original1")
+
+
+def _check_weights(folder: Path, files: list[Path]):
+    """The HubertConfig of ``folder``, after checking its weight files against it: every
+    file readable (safetensors headers against file sizes, torch pickles unpickled safely),
+    every shape what the config asks for, every tensor the model needs present. transformers
+    would otherwise fill missing tensors with random values (a warning only) and end a
+    size mismatch in a multi-line traceback."""
+    import torch
+    import transformers
+
+    from ..checkpoints import check_shapes, read_json, read_torch, safetensors_header, tensor_refs
+
+    config_path = folder / "config.json"
+    try:
+        config = transformers.HubertConfig.from_dict(read_json(config_path, "Hugging Face config"))
+        with torch.device("meta"):
+            expected = transformers.HubertModel(config).state_dict()
+    except CodecError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - transformers' own checks of a config: one line naming it
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise CodecError(f"{config_path}: transformers cannot build a HuBERT from this config "
+                         f"({type(exc).__name__}: {first[:160]})") from None
+    found: set[str] = set()
+    for file in files:
+        if file.suffix == ".safetensors":
+            shapes = {k: shape for k, (_, shape) in safetensors_header(file).items()}
+        else:
+            root = read_torch(file)
+            shapes = {k: tuple(v.shape) for k, v in tensor_refs(root if isinstance(root, dict) else {}).items()}
+        named = {_checkpoint_names(k): v for k, v in shapes.items()}
+        check_shapes(expected, named, file, missing_ok=True, unexpected_ok=True,
+                     hint=f"{config_path.name} describes another model")
+        found.update(named)
+    missing = sorted(set(expected) - found - {"masked_spec_embed"})
+    if missing:
+        raise CodecError(f"{folder}: the weights lack {len(missing)} tensor(s) its config.json asks for "
+                         f"({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}): a config/weights mismatch "
+                         "or an incomplete download")
+    return config
+
+
+def _load_model(source: str, located: tuple[Path, str, list[Path]] | None = None):
+    """(HubertModel, local folder, weight files) for a folder or hub repo id."""
+    import transformers
+
+    path, _, files = located or _locate(source)
+    _check_weights(path, files)
+    try:
+        model = transformers.HubertModel.from_pretrained(str(path), use_safetensors=files[0].suffix == ".safetensors")
+    except Exception as exc:  # noqa: BLE001 - anything the checks above did not foresee: one line naming the folder
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise CodecError(f"{path}: transformers cannot load this HuBERT checkpoint ({type(exc).__name__}: {first[:160]})") from None
     return model.eval().requires_grad_(False), path, files
 
 
@@ -113,7 +173,9 @@ class HubertFeatures(FeatureExtractor):
     @classmethod
     def from_name(cls, name: str, layer: int | str | None = None, checkpoint: str | None = None,
                   normalize: bool | None = None, dtype: str | None = None, device: str | None = None,
-                  batch_size: int | None = None, **_: Any) -> "HubertFeatures":
+                  batch_size: int | None = None, *, located: tuple | None = None, **_: Any) -> "HubertFeatures":
+        from ..checkpoints import files_sha256
+
         source = checkpoint
         if source is None:
             repo = HUBERT_MODELS.get(name.lower())
@@ -121,22 +183,39 @@ class HubertFeatures(FeatureExtractor):
                 raise UsageError(f"--features {name}: unknown HuBERT model; known: {', '.join(HUBERT_MODELS)} "
                                  "(or pass --checkpoint with a Hugging Face folder or repo id)")
             source = repo
-        model, folder, files = _load_model(source)
+        model, folder, files = _load_model(source, located)
         display = name if name.lower() in HUBERT_MODELS else _display_name(folder, source)
-        from .whisper import _multi_sha256
-
-        return cls(model, display, layer, sha256=_multi_sha256(files), checkpoint=str(folder), normalize=normalize,
+        return cls(model, display, layer, sha256=files_sha256(files), checkpoint=str(folder), normalize=normalize,
                    dtype=dtype, device=device, batch_size=batch_size)
 
     @classmethod
-    def from_config(cls, config: dict[str, Any], **overrides: Any) -> "HubertFeatures":
-        checkpoint = overrides.pop("checkpoint", None)
-        if checkpoint is None and config.get("checkpoint") and Path(config["checkpoint"]).exists():
-            checkpoint = config["checkpoint"]
-        extractor = cls.from_name(config["model"], layer=config.get("layer"), checkpoint=checkpoint,
-                                  normalize=config.get("normalize"),
+    def from_config(cls, config: dict[str, Any], *, checkpoint: str | None = None, codec_dir: Path | None = None,
+                    **overrides: Any) -> "HubertFeatures":
+        """Rebuild from a codec's ``features`` block: ``checkpoint`` when given, else the recorded
+        folder (absolute, or relative to ``codec_dir``) when its sha256 is the recorded one, else
+        the named model from the Hugging Face hub (cache); the sha256 must match either way."""
+        from ..checkpoints import files_sha256
+        from .base import find_recorded
+
+        model = config.get("model")
+        if not isinstance(model, str) or not model:
+            raise CodecError(f"{codec_dir or 'codec'}: features block has no HuBERT 'model' name")
+        where = f"codec {codec_dir}" if codec_dir is not None else f"hubert features {model}"
+        sha = str(config.get("sha256") or "")
+        if checkpoint is not None:
+            located = _locate(checkpoint)
+            digest = files_sha256(located[2])
+            if sha and digest != sha:
+                raise CodecError(f"--checkpoint {checkpoint}: its weights have sha256 {digest[:16]}..., but "
+                                 f"{where} was fitted on {config.get('checkpoint') or 'weights'} with sha256 {sha}")
+        else:
+            official = (lambda: _locate(HUBERT_MODELS[model.lower()])) if model.lower() in HUBERT_MODELS else None
+            located = find_recorded(config, codec_dir, where, "HuBERT", official, _locate)[:3]
+        extractor = cls.from_name(model, layer=config.get("layer"),
+                                  checkpoint=str(located[0]), normalize=config.get("normalize"), located=located,
                                   **{k: v for k, v in overrides.items() if k in ("dtype", "device", "batch_size")})
-        extractor.check_compatible(config, f"hubert features {config['model']}")
+        extractor.model_name = model  # the same weights, whatever the folder is called now
+        extractor.check_compatible(config, where)
         return extractor
 
     def config(self) -> dict[str, Any]:
