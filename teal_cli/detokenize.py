@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable
 
-from .codecs.base import AudioCodec, ImageCodec
+from .codecs.base import AudioCodec, ImageCodec, check_segment_weights
 from .codecs.registry import CodecCache
 from .errors import DataError, TealError, UsageError
 from .media import modality_of
@@ -60,6 +60,7 @@ def decode_segment(seg: Segment, codec, where: str, vocoder: "UnitVocoder | None
 
     if seg.modality != codec.modality:
         raise DataError(f"{where}: {seg.modality} segment names {codec.modality} codec '{codec.name}'")
+    check_segment_weights(seg, codec, where)
     if vocoder is not None and isinstance(codec, AudioCodec):
         vocoder.check_codec(codec)
         ids = torch.tensor(seg.tokens, dtype=torch.long)

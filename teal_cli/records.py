@@ -7,7 +7,9 @@ One JSON object per line is one example, an ordered list of segments::
       {"modality": "text", "text": "A cat on a mat."}]}
 
 Token ids are codec-local (``0 <= id < vocab_size``). A segment carries what a decoder needs
-to invert it (``codec``, ``shape``, ``frame_rate``, ``durations``). Readers reject a newer
+to invert it (``codec``, ``shape``, ``frame_rate``, ``durations``) and which exact weights
+made it (``weights``: 16 hex digits of the checkpoint's sha256, see
+:func:`teal_cli.codecs.base.check_segment_weights`; optional, absent in older records). Readers reject a newer
 ``v`` and keep unknown keys so that records pass through teal unchanged.
 
 Manifests use the same reader: a record without ``segments`` names media by path
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import IO, Any, Iterable, Iterator
 
@@ -30,7 +33,8 @@ RECORD_VERSION = 1
 MODALITIES = ("text", "image", "audio")
 MEDIA_MODALITIES = ("image", "audio")
 
-_SEGMENT_KEYS = ("modality", "codec", "shape", "frame_rate", "tokens", "durations", "text", "path")
+_SEGMENT_KEYS = ("modality", "codec", "weights", "shape", "frame_rate", "tokens", "durations", "text", "path")
+_WEIGHTS = re.compile(r"[0-9a-f]{8,64}")
 _RECORD_KEYS = ("v", "id", "segments")
 
 
@@ -38,12 +42,15 @@ _RECORD_KEYS = ("v", "id", "segments")
 class Segment:
     """One run of a single modality: text, or the token ids of one image/audio clip.
 
-    ``path`` is set only on media that is still to be tokenized (manifests).
+    ``path`` is set only on media that is still to be tokenized (manifests). ``weights`` is
+    the codec's :attr:`~teal_cli.codecs.base.Codec.weights_id` when the tokens were made (16
+    hex digits of a sha256; absent in records from before teal wrote it).
     """
 
     modality: str
     text: str | None = None
     codec: str | None = None
+    weights: str | None = None
     tokens: list[int] | None = None
     shape: list[int] | None = None
     frame_rate: float | None = None
@@ -130,6 +137,12 @@ def parse_segment(obj: Any, where: str, index: int) -> Segment:
     if not isinstance(codec, str) or not codec:
         raise _fail(where, f"field '{pre}.codec': expected the codec name as a string, got {json.dumps(codec)}")
     seg.codec = codec
+    if "weights" in obj:
+        weights = obj["weights"]
+        if not isinstance(weights, str) or not _WEIGHTS.fullmatch(weights):
+            raise _fail(where, f"field '{pre}.weights': expected the codec's weights id (8 to 64 lowercase hex digits), "
+                               f"got {json.dumps(weights)[:80]}")
+        seg.weights = weights
     if "shape" in obj:
         shape = _expect_int_list(obj["shape"], where, f"{pre}.shape", minimum=1)
         if math.prod(shape) != len(seg.tokens):

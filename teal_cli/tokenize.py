@@ -151,6 +151,8 @@ def tokenize_records(
     options = options or TokenizeOptions()
     stats = stats if stats is not None else TokenizeStats()
     check_codecs(codecs)
+    for codec in codecs:  # hashed (once per file, cached) before the first batch, not inside it
+        codec.weights_id
     if options.on_error not in ("fail", "skip"):
         raise UsageError(f"--on-error {options.on_error}: expected fail or skip")
     raw_bytes = _raw_bytes(options.resize_on)
@@ -309,11 +311,13 @@ def _encode_images(codec: ImageCodec, group: list[_Item]) -> Callable[[], None]:
     pixels = parts[0] if len(parts) == 1 else torch.cat(parts)
     ids = host_copy_later(codec.encode(codec.normalize(pixels)))
 
+    weights = codec.weights_id or None
+
     def finish() -> None:
         grids = ids()
         shape = list(grids.shape[1:])
         for item, tokens in zip(group, grids.reshape(len(group), -1).tolist()):  # one conversion for the batch
-            item.segment_out = Segment(modality="image", codec=codec.name, shape=list(shape), tokens=tokens)
+            item.segment_out = Segment(modality="image", codec=codec.name, weights=weights, shape=list(shape), tokens=tokens)
             if item.size is not None:
                 item.segment_out.extra["size"] = list(item.size)
 
@@ -357,7 +361,7 @@ def _encode_audio(codec: Codec, group: list[_Item], dedup: bool) -> Callable[[],
 def _audio_segment(codec: Codec, ids: "torch.Tensor", dedup: bool) -> Segment:
     import torch
 
-    seg = Segment(modality="audio", codec=codec.name, **codec.segment_fields())
+    seg = Segment(modality="audio", codec=codec.name, weights=codec.weights_id or None, **codec.segment_fields())
     if dedup:
         values, counts = torch.unique_consecutive(ids, return_counts=True)
         seg.tokens, seg.durations = values.tolist(), counts.tolist()
