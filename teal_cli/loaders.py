@@ -247,7 +247,7 @@ def load_image_job(prep, path: str, raw_bytes: int = 0) -> tuple:
         if window is not None:
             pixels = rgbx_array(image)
             return rgb_array(image) if pixels is None else pixels, None, window
-    pixels, size = prep.apply(image)
+    pixels, size = prep.apply(image, path)
     return pixels, size, None
 
 

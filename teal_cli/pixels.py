@@ -12,11 +12,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from .errors import DataError
+
 if TYPE_CHECKING:
     import numpy as np
     from PIL import Image
 
 RESIZES = ("shorter", "shorter_rounded", "square")
+# Largest resize target (pixels) computed whole. A thin image's "shorter side to 256" can be
+# enormous (1 x 200,000 px -> 256 x 51,200,000, 39 GB) although only a centre crop is kept:
+# above this, only the kept window is resized (PixelPrep.apply), the same bytes.
+MAX_RESIZED_PIXELS = 1 << 24
 
 
 def as_rgb(image: "Image.Image") -> "Image.Image":
@@ -203,6 +209,15 @@ class PixelPrep:
             return self.size, self.size
         return w, h
 
+    def _crop_window(self, rw: int, rh: int) -> "tuple[int, int, int, int] | None":
+        """``(left, top, width, height)`` of the crop in a ``rw x rh`` resized image, when a
+        crop keeps a window of it (no padding) and its filter has a finite support; else None."""
+        from .resample import FILTERS
+
+        if not self.crop or rw < self.crop or rh < self.crop or self.resample not in FILTERS:
+            return None
+        return (*crop_origin(rw, rh, self.crop), self.crop, self.crop)
+
     def window(self, w: int, h: int) -> "tuple[int, int, int, int, int, int] | None":
         """For a ``w`` x ``h`` image: ``(resized w, resized h, left, top, out w, out h)``, the
         part of the resized image this geometry keeps, when it is a plain window of it (no
@@ -212,6 +227,8 @@ class PixelPrep:
         if self.resample not in FILTERS or (self.pad_multiple > 1 and self.fixed_shape is None):
             return None
         rw, rh = self.resized_size(w, h)
+        if rw * rh > MAX_RESIZED_PIXELS:  # the loaders resize only the window (apply)
+            return None
         if self.crop:
             if rw < self.crop or rh < self.crop:
                 return None
@@ -223,17 +240,34 @@ class PixelPrep:
             return None
         return rw, rh, left, top, out[0], out[1]
 
-    def apply(self, image: "Image.Image") -> "tuple[np.ndarray, tuple[int, int] | None]":
-        """``(pixels [H, W, 3] uint8, content (H, W) when padded else None)``."""
+    def apply(self, image: "Image.Image", where: str = "image") -> "tuple[np.ndarray, tuple[int, int] | None]":
+        """``(pixels [H, W, 3] uint8, content (H, W) when padded else None)``.
+
+        A resize target above ``MAX_RESIZED_PIXELS`` (a thin image's shorter side brought to
+        the codec's size) is computed for the crop's window only
+        (:func:`teal_cli.resample.resize_window_host`: Pillow's bytes, where
+        :func:`~teal_cli.resample.exact_here`); without a crop to bound it, it is a
+        :class:`DataError` naming ``where``."""
         import numpy as np
 
         image = as_rgb(image)
-        if self.resize == "shorter":
-            image = resize_shorter(image, self.size, self.resample)
-        elif self.resize == "shorter_rounded":
-            image = resize_shorter_rounded(image, self.size, self.resample)
-        elif self.resize == "square":
-            image = image.resize((self.size, self.size), self.resample)
+        w, h = image.size
+        rw, rh = self.resized_size(w, h)
+        if (rw, rh) != (w, h) and rw * rh > MAX_RESIZED_PIXELS:
+            window = self._crop_window(rw, rh)
+            if window is None:
+                raise DataError(f"{where}: resizing {w}x{h} to {rw}x{rh} ({rw * rh} pixels) is over the limit "
+                                f"of {MAX_RESIZED_PIXELS} pixels, and this geometry keeps all of it; "
+                                "crop or shrink the image first")
+            from PIL import Image as PILImage
+
+            from .resample import resize_window_host, window_source
+
+            box = window_source(w, h, (rw, rh, *window), self.resample)
+            pixels = resize_window_host(rgb_array(image.crop(box)), (rw, rh, *window), self.resample, (w, h, *box[:2]))
+            image, rw, rh = PILImage.fromarray(pixels, "RGB"), self.crop, self.crop
+        if (rw, rh) != image.size:  # resize_shorter, resize_shorter_rounded or square
+            image = image.resize((rw, rh), self.resample)
         if self.crop:
             image = center_crop(image, self.crop)
         pixels = rgb_array(image)

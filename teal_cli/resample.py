@@ -122,10 +122,18 @@ def axis_weights(in_size: int, out_size: int, resample: int) -> tuple[tuple[int,
 
     An axis whose size does not change is left alone by Pillow; it gets the identity here
     (weight ``2**22`` on the pixel itself), which gives the same bytes."""
+    return axis_weights_range(in_size, out_size, resample, 0, out_size)
+
+
+def axis_weights_range(in_size: int, out_size: int, resample: int, first: int,
+                       count: int) -> tuple[tuple[int, ...], tuple[tuple[int, ...], ...]]:
+    """:func:`axis_weights` of outputs ``first`` .. ``first + count - 1`` only: the same
+    numbers, in work proportional to ``count`` (a thin image's resize target can have
+    millions of outputs along an axis of which a crop keeps a few hundred)."""
     if resample not in FILTERS:
         raise ValueError(f"resample filter {resample}: expected one of {sorted(FILTERS)} (nearest is not supported)")
     if in_size == out_size:
-        return tuple(range(out_size)), ((1 << PRECISION_BITS,),) * out_size
+        return tuple(range(first, first + count)), ((1 << PRECISION_BITS,),) * count
     fn, base_support = FILTERS[resample]
     scale = in_size / out_size
     filterscale = max(scale, 1.0)
@@ -133,11 +141,11 @@ def axis_weights(in_size: int, out_size: int, resample: int) -> tuple[tuple[int,
     inv = 1.0 / filterscale
     one = float(1 << PRECISION_BITS)
     starts, weights = [], []
-    for xx in range(out_size):
+    for xx in range(first, first + count):
         center = (xx + 0.5) * scale
         xmin = max(int(center - support + 0.5), 0)
-        count = min(int(center + support + 0.5), in_size) - xmin
-        k = [fn((x + xmin - center + 0.5) * inv) for x in range(count)]
+        taps = min(int(center + support + 0.5), in_size) - xmin
+        k = [fn((x + xmin - center + 0.5) * inv) for x in range(taps)]
         total = 0.0
         for w in k:  # in order, as the C loop adds them
             total += w
@@ -155,15 +163,73 @@ def window_taps(in_size: int, out_size: int, resample: int, first: int, count: i
     with weight 0. Cached: treat the arrays as read-only."""
     import numpy as np
 
-    starts, weights = axis_weights(in_size, out_size, resample)
-    taps = max(len(w) for w in weights[first : first + count])
+    starts, weights = axis_weights_range(in_size, out_size, resample, first, count)
+    taps = max(len(w) for w in weights)
     index = np.zeros((count, taps), np.int64)
     value = np.zeros((count, taps), np.int32)
-    for row, out in enumerate(range(first, first + count)):
-        w = weights[out]
-        index[row, : len(w)] = np.arange(starts[out], starts[out] + len(w))
+    for row, (start, w) in enumerate(zip(starts, weights)):
+        index[row, : len(w)] = np.arange(start, start + len(w))
         value[row, : len(w)] = w
     return index, value
+
+
+def window_source(w: int, h: int, window: tuple[int, int, int, int, int, int], resample: int) -> tuple[int, int, int, int]:
+    """``(left, top, right, bottom)``: the part of a ``w x h`` image that the resize window
+    ``window`` (``(rw, rh, left, top, ow, oh)``) reads, filter support included."""
+    rw, rh, left, top, ow, oh = window
+    x0, x1 = _reads(w, rw, resample, left, ow)
+    y0, y1 = _reads(h, rh, resample, top, oh)
+    return x0, y0, x1, y1
+
+
+def _reads(in_size: int, out_size: int, resample: int, first: int, count: int) -> tuple[int, int]:
+    """The span of inputs that outputs ``first`` .. ``first + count - 1`` of one axis read."""
+    if in_size == out_size:
+        return first, first + count
+    starts, weights = axis_weights_range(in_size, out_size, resample, first, count)
+    return min(starts), max(start + len(k) for start, k in zip(starts, weights))
+
+
+def resize_window_host(pixels: "np.ndarray", window: tuple[int, int, int, int, int, int], resample: int,
+                       source: "tuple[int, int, int, int] | None" = None) -> "np.ndarray":
+    """:func:`resize_window` of one ``[H, W, 3]`` (or ``[H, W, 4]``) uint8 numpy image, in
+    numpy (torch-free, for the loaders): ``[oh, ow, 3]`` uint8, Pillow's bytes, with work and
+    memory bounded by the window rather than by the resize target ``rw x rh``.
+
+    ``source`` is ``(w, h, x, y)`` when ``pixels`` is only the part of a ``w x h`` image from
+    ``(x, y)`` on, covering at least :func:`window_source` (so that a caller converts only
+    that part of a large image to an array). Pillow's two passes in its order
+    (:func:`horizontal_first`): the first runs only on the source rows (or columns) the
+    second reads; an axis whose size does not change is not resampled (Pillow skips it
+    too). Each pass sums ``pixel * weight`` in int64 (exact) with the weights of
+    :func:`window_taps`, then ``clip((sum + 2**21) >> 22, 0, 255)``."""
+    import numpy as np
+
+    rw, rh, left, top, ow, oh = window
+    w, h, x0, y0 = source if source is not None else (pixels.shape[1], pixels.shape[0], 0, 0)
+
+    def one_pass(x: "np.ndarray", axis: int, in_size: int, out_size: int, first: int, count: int,
+                 origin: int) -> "np.ndarray":
+        # ``x`` holds the axis from input ``origin`` on (at least the part the taps read)
+        if in_size == out_size:
+            return x[first - origin : first - origin + count] if axis == 0 else x[:, first - origin : first - origin + count]
+        index, value = window_taps(in_size, out_size, resample, first, count)
+        acc = None
+        for t in range(index.shape[1]):
+            at = np.clip(index[:, t] - origin, 0, x.shape[axis] - 1)  # unused taps (weight 0) point at input 0
+            picked = (x[at] if axis == 0 else x[:, at]).astype(np.int64)
+            weight = value[:, t].astype(np.int64).reshape((-1, 1, 1) if axis == 0 else (1, -1, 1))
+            acc = picked * weight if acc is None else acc + picked * weight
+        return np.clip((acc + (1 << (PRECISION_BITS - 1))) >> PRECISION_BITS, 0, 255).astype(np.uint8)
+
+    x = pixels[..., :3]
+    if horizontal_first(w, h, rw, rh):
+        r0, r1 = _reads(h, rh, resample, top, oh)
+        across = one_pass(x[r0 - y0 : r1 - y0], 1, w, rw, left, ow, x0)
+        return np.ascontiguousarray(one_pass(across, 0, h, rh, top, oh, r0))
+    c0, c1 = _reads(w, rw, resample, left, ow)
+    down = one_pass(x[:, c0 - x0 : c1 - x0], 0, h, rh, top, oh, y0)
+    return np.ascontiguousarray(one_pass(down, 1, w, rw, left, ow, c0))
 
 
 def _pass(x: "torch.Tensor", index: "torch.Tensor", value: "torch.Tensor", dim: int) -> "torch.Tensor":
