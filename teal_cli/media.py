@@ -70,7 +70,7 @@ def load_image(path: str | Path) -> "Image.Image":
             # for a 500 x 375 JPEG): only images with an orientation to apply go through it.
             if im.getexif().get(ExifTags.Base.Orientation, 1) in _TRANSPOSED:
                 im = ImageOps.exif_transpose(im)
-            return to_rgb(im)
+            return to_rgb(im, path)
     except Image.DecompressionBombError as exc:
         raise DataError(f"{path}: image too large ({exc}); refused as a possible decompression bomb "
                         "(raise TEAL_MAX_IMAGE_PIXELS if it is genuine)") from None
@@ -96,8 +96,9 @@ def _silence_bomb_warning() -> None:
         _bomb_warning_silenced = True
 
 
-def to_rgb(im: "Image.Image") -> "Image.Image":
-    """Any Pillow mode to 8-bit RGB."""
+def to_rgb(im: "Image.Image", where: "str | Path" = "image") -> "Image.Image":
+    """Any Pillow mode to 8-bit RGB. A float image (mode ``F``) with NaN or infinite pixels
+    is a :class:`DataError` naming ``where``: no 8-bit value stands for them."""
     from PIL import Image
 
     if im.mode == "RGB":
@@ -108,6 +109,10 @@ def to_rgb(im: "Image.Image") -> "Image.Image":
         import numpy as np
 
         arr = np.asarray(im, dtype=np.float64)
+        if im.mode == "F" and not np.isfinite(arr).all():
+            bad = int(arr.size - np.isfinite(arr).sum())
+            raise DataError(f"{where}: float image has {bad} NaN or infinite pixel value(s) of {arr.size}; "
+                            "replace them (or save the image as 8/16-bit) and retry")
         peak = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
         arr = np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
         im = Image.fromarray(arr, mode="L")

@@ -35,6 +35,10 @@ class Log:
         self.quiet = quiet
         self.verbose = verbose
         self.interactive = sys.stderr.isatty() and not quiet
+        if quiet:  # the bars and logs of the libraries models load through, too
+            from ..quiet import quiet_libraries
+
+            quiet_libraries()
         if self.interactive:
             from .. import hub
 
