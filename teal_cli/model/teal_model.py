@@ -426,12 +426,12 @@ class TealModel(nn.Module):
 
     def load_adapter(self, path: str | Path) -> None:
         """Load ``adapter.safetensors`` into the adapter parameters; every name and shape must match."""
-        from safetensors import SafetensorsError
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         try:
             tensors = load_file(str(path))
-        except (OSError, SafetensorsError, Exception) as exc:
+        except (OSError, SafetensorError, Exception) as exc:
             raise ModelDirError(f"{path}: cannot read the adapter ({exc})") from None
         own = self.adapter_state_dict()
         missing = sorted(set(own) - set(tensors))
