@@ -214,7 +214,13 @@ def hf_weight_files(folder: str | Path) -> list[Path]:
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (folder / name).is_file():
             return [folder / name]
-    raise CodecError(f"{folder}: no model weights (model.safetensors, a sharded index, or pytorch_model.bin)")
+    for stem in ("model", "pytorch_model"):
+        shards = sorted(folder.glob(f"{stem}-*-of-*.*"))
+        if shards:
+            index = "model.safetensors.index.json" if shards[0].suffix == ".safetensors" else "pytorch_model.bin.index.json"
+            raise CodecError(f"{folder / index}: not found, though {len(shards)} shard(s) ({shards[0].name}...) are "
+                             "there; the index says which tensors each holds: download it too")
+    raise CodecError(f"{folder}: model weights not found (no model.safetensors, sharded index or pytorch_model.bin)")
 
 
 def read_weight_files(files: Iterable[Path], keep: Callable[[str], bool] | None = None) -> dict[str, "torch.Tensor"]:

@@ -156,6 +156,9 @@ def load_codec(name: str, *, device: Any = "cpu", **kwargs: Any) -> "Codec":
         from .kmeans_codec import load_codec_dir
 
         return load_codec_dir(directory, name=record_name(name, directory), **kwargs).to(device)
+    if Path(name).expanduser().is_dir():
+        raise CodecError(f"{Path(name) / 'config.json'}: not found, so {name} is not a codec directory "
+                         "(a codec directory made by 'teal cluster' holds config.json and centroids.safetensors)")
     names = ", ".join(s.name for s in available_codecs())
     folders = ", ".join(str(p) for p in codec_search_path())
     raise CodecError(

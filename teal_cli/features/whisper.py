@@ -345,6 +345,8 @@ def _locate(source: str, option: str = "--checkpoint") -> tuple[Path, str, list[
         return path, "huggingface", hf_weight_files(path)
     if path.is_file():
         return path, "openai", [path]
+    if path.is_dir() and any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin")):
+        raise CodecError(f"{path / 'config.json'}: not found: a Hugging Face folder needs its config beside the weights")
     raise CodecError(f"{path}: not an openai .pt file, a Hugging Face folder (config.json) or a CTranslate2 folder (model.bin)")
 
 
@@ -546,6 +548,13 @@ class WhisperFeatures(FeatureExtractor):
         return self
 
     # -- extraction
+
+    @property
+    def min_samples(self) -> int:
+        """320 samples, one encoder frame's hop. Whisper pads every clip with 30 s of zeros,
+        so any clip gives ``ceil(samples / 320)`` frames; a frame with less than its own
+        320 samples of audio would be mostly that padding, and is refused instead."""
+        return SAMPLES_PER_FRAME
 
     def windows(self, wave: "torch.Tensor") -> tuple["torch.Tensor", list[int]]:
         """One clip's mel windows ``[W, n_mels, 3000]`` and the real encoder frames of each."""
