@@ -45,6 +45,7 @@ def eval(
     curves: Annotated[Optional[str], typer.Option("--curves", help="Training curves for the report: a metrics.jsonl or a model directory [default: --model's].")] = None,
     output: Annotated[Optional[str], typer.Option("-o", "--output", help="Write the JSON results to this file (atomically) instead of stdout.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="recon: media items encoded together; ppl: records per forward pass.", min=1)] = 16,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="With --model: text tokens generated per answer (greedy decoding).", min=0)] = 64,
     on_error: OnErrorOpt = "fail",
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -68,7 +69,8 @@ def eval(
 
         dev, dt = setup_torch(device, dtype, seed)
     options = EvalOptions(task=task, data=list(data), predictions=predictions, model=model, codecs=list(codec),
-                          judge=judge, on_error=on_error, seed=seed, batch_size=batch_size, device=dev, dtype=dt)
+                          judge=judge, on_error=on_error, seed=seed, batch_size=batch_size, device=dev, dtype=dt,
+                          max_new_tokens=max_new_tokens)
     result = run_eval(options, warn=log.warn, info=log.info)
     if report:
         from ..evaluate.report import write_report

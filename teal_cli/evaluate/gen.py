@@ -65,7 +65,7 @@ def score_gen(pairs: Pairs, stats: MatchStats, ref_name: str, judge: LinearJudge
         guess.append(g)
         items.append((by_key[key], g == key))
         if image is not None and len(grid.setdefault(by_key[key], [])) < GRID_PER_CLASS:
-            grid[by_key[key]].append((image, g == key))
+            grid[by_key[key]].append((image, by_key.get(g, g)))
     labels = sort_labels(keys) + ([NO_CLASS] if NO_CLASS in guess else [])
     metrics = {"accuracy": M.accuracy([ok for _, ok in items])}
     if judge.test_accuracy is not None:

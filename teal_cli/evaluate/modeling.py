@@ -25,7 +25,7 @@ def load_model(path: str, device: Any, dtype: Any):
     except ImportError as exc:
         raise UsageError(f"--model needs teal's model package, which this install lacks ({exc}); "
                          "score existing outputs with --predictions P.jsonl") from None
-    return TealModel.from_dir(path, device=device, dtype=dtype)
+    return TealModel.from_dir(path, device=device, dtype=dtype).eval()
 
 
 def prompts_of(references: Iterable[Record]) -> Iterator[Record]:

@@ -30,12 +30,12 @@ def _role(seg: Segment, record: Record, index: int) -> str | None:
 
 
 def split_roles(record: Record) -> tuple[list[Segment], list[Segment]]:
-    """``(prompt segments, target segments)`` of a reference record, in order."""
+    """``(prompt segments, target segments)`` of a reference record, in order: the same rule
+    as the model's ``segment_role`` (when any segment has a role, unmarked ones are prompt;
+    when none has, the last segment is the target)."""
     roles = [_role(s, record, i) for i, s in enumerate(record.segments)]
-    if not record.segments:
-        return [], []
-    if "target" not in roles:
-        roles = [r or "prompt" for r in roles[:-1]] + ["target"]
+    if all(r is None for r in roles):
+        roles = ["prompt"] * (len(roles) - 1) + ["target"] if roles else []
     prompt = [s for s, r in zip(record.segments, roles) if r != "target"]
     target = [s for s, r in zip(record.segments, roles) if r == "target"]
     return prompt, target

@@ -74,7 +74,7 @@ def recon_png(pairs: list, path: Path) -> None:
     for j, (rid, original, recon) in enumerate(pairs):
         for i, (img, label) in enumerate(((original, "original"), (recon, "reconstruction"))):
             ax = axes[i][j]
-            ax.imshow(img, interpolation="nearest" if max(img.shape[:2]) < 64 else "antialiased")
+            ax.imshow(img, interpolation="nearest" if max(img.shape[:2]) <= 64 else "antialiased")
             ax.set_xticks([])
             ax.set_yticks([])
             if j == 0:
@@ -85,26 +85,31 @@ def recon_png(pairs: list, path: Path) -> None:
 
 
 def gen_png(grid: dict[str, list], path: Path) -> None:
-    """One row per prompt class; each generation framed green (judged right) or red (wrong)."""
+    """One row per prompt class; each generation framed green (judged right) or red (wrong,
+    with the judge's class above it)."""
     plt = _pyplot()
     rows = list(grid)
     cols = max((len(v) for v in grid.values()), default=1)
-    fig, axes = plt.subplots(len(rows), cols, figsize=(1.3 * cols + 0.8, 1.3 * len(rows) + 0.3), squeeze=False)
+    fig, axes = plt.subplots(len(rows), cols, figsize=(1.25 * cols + 0.6, 1.4 * len(rows) + 0.5), squeeze=False,
+                             layout="constrained")
     for i, cls in enumerate(rows):
         for j in range(cols):
             ax = axes[i][j]
             ax.set_xticks([])
             ax.set_yticks([])
             if j < len(grid[cls]):
-                image, ok = grid[cls][j]
+                image, judged = grid[cls][j]
+                ok = judged == cls
                 ax.imshow(image, interpolation="nearest")
                 for spine in ax.spines.values():
                     spine.set_edgecolor("tab:green" if ok else "tab:red")
                     spine.set_linewidth(3)
+                if not ok:
+                    ax.set_title(f"judged {judged}", fontsize=8, color="tab:red", pad=2)
             else:
                 ax.axis("off")
             if j == 0:
-                ax.set_ylabel(cls, rotation=0, ha="right", va="center", fontsize=12)
+                ax.set_ylabel(cls, rotation=0, ha="right", va="center", fontsize=13, labelpad=8)
     fig.suptitle("generations per prompt class (green: judged right, red: wrong)", fontsize=10)
     _save(fig, path)
 

@@ -24,7 +24,9 @@ class EvalOptions:
         judge: ``gen``: a judge file (:mod:`~teal_cli.evaluate.judge`); None: the digits judge.
         on_error: ``fail`` or ``skip`` (report, count, go on).
         seed: the digits judge's split.
-        batch_size: recon tokenize batches; ppl batches.
+        batch_size: recon tokenize batches; ppl and generation batches.
+        max_new_tokens: generation with --model: text tokens per answer (image segments
+            always complete).
         device, dtype: where codecs and the model run (resolved values).
     """
 
@@ -39,6 +41,7 @@ class EvalOptions:
     batch_size: int = 16
     device: Any = "cpu"
     dtype: Any = None
+    max_new_tokens: int = 64
 
 
 def _check(o: EvalOptions) -> None:
@@ -98,7 +101,11 @@ def run_eval(o: EvalOptions, warn: Callable[[str], None] | None = None,
 
         model = load_model(o.model, o.device, o.dtype)
         info(f"generating {len(references)} prediction(s) with {o.model}")
-        predictions, pred_name = generate_predictions(model, references), f"generations of {o.model}"
+        from ..model.generate import GenerateOptions
+
+        options = GenerateOptions(max_new_tokens=o.max_new_tokens, seed=o.seed, batch_size=o.batch_size,
+                                  output_modality="image" if o.task == "gen" else "text")
+        predictions, pred_name = generate_predictions(model, references, options), f"generations of {o.model}"
     else:
         predictions, pred_name = read_file(o.predictions), o.predictions
     stats = MatchStats()
