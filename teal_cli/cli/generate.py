@@ -1,14 +1,87 @@
-"""teal generate: being built (see the open issue)."""
+"""teal generate: token-record prompts -> generated token records, with a TEAL model."""
 
 from __future__ import annotations
 
-from .common import handle_errors
+from typing import Annotated, Optional
 
-HELP = """Not built yet."""
+import typer
+
+from .common import DeviceOpt, DtypeOpt, Log, QuietOpt, SeedOpt, VerboseOpt, handle_errors, output_stream, setup_torch
+
+HELP = """Continue prompts with a TEAL model: text, image or audio segments (JSONL on stdout).
+
+Prompts are token records (files, '-' or a pipe; any mix of text/image/audio segments;
+segments with "role": "target" are left out) or --text. Each prompt gives one record, in
+input order, with the generated segments and a 'generation' field (model, adapter sha256,
+seed, sampling settings) that says how it was made. Decoding follows the segment grammar:
+inside an image segment only that codec's ids, exactly H x W of them; audio until </aud>
+or --max-audio-seconds; text until EOS or --max-new-tokens. --output-modality image|audio
+makes the answer one segment of that modality; text forbids segments.
+
+\b
+Examples:
+  export TEAL_MODEL=runs/teal-digits
+  teal tokenize seven.png --codec codecs/patch-p2-k64 | teal generate -q
+  teal generate --text "Draw a handwritten seven:" --output-modality image | teal detokenize -o seven.png
+  teal tokenize img.png --codec codecs/patch-p2-k64 | teal generate --output-modality image | teal detokenize -o out.png
+  teal generate prompts.tok.jsonl --model runs/teal-7b --temperature 0.8 --top-p 0.95 --seed 1 -o answers.jsonl
+  teal generate --text "Say seven:" --output-modality audio --cfg-scale 3 --max-audio-seconds 2 | teal detokenize -o '{id}.wav'
+"""
 
 
 @handle_errors
-def generate() -> None:
+def generate(
+    inputs: Annotated[Optional[list[str]], typer.Argument(help="Token record files (.jsonl), or - for stdin.", show_default=False)] = None,
+    text: Annotated[list[str], typer.Option("--text", "-t", help="A text prompt (repeatable); its record id is 'text-N'.", show_default=False)] = [],
+    model: Annotated[Optional[str], typer.Option("--model", "-m", envvar="TEAL_MODEL", show_envvar=True, help="Model directory made by 'teal init-embeddings' or 'teal train'.", show_default=False)] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Text tokens per prompt (a segment the model opens counts as one and always completes).", min=0)] = 64,
+    temperature: Annotated[float, typer.Option("--temperature", help="0 = greedy; higher = more random.", min=0.0)] = 0.0,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", help="Sample among the k most likely allowed tokens.", min=1, show_default=False)] = None,
+    top_p: Annotated[Optional[float], typer.Option("--top-p", help="Nucleus sampling: the smallest set of tokens with this much probability.", show_default=False)] = None,
+    seed: SeedOpt = 0,
+    cfg_scale: Annotated[float, typer.Option("--cfg-scale", help="Classifier-free guidance inside image/audio segments (1 = off; 3-5 is common).", min=0.0)] = 1.0,
+    output_modality: Annotated[Optional[str], typer.Option("--output-modality", help="image | audio: answer with one segment of it; text: never open a segment. Default: the model decides.", show_default=False)] = None,
+    codec: Annotated[Optional[str], typer.Option("--codec", "-c", help="Output codec, when the model writes several for a modality.", show_default=False)] = None,
+    max_audio_seconds: Annotated[float, typer.Option("--max-audio-seconds", help="Longest generated audio segment.", min=0.0)] = 10.0,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Prompts decoded together.", min=1)] = 8,
+    echo: Annotated[bool, typer.Option("--echo", help="Output records start with the prompt's segments.")] = False,
+    output: Annotated[Optional[str], typer.Option("-o", "--output", help="Write JSONL to this file (atomically) instead of stdout.", show_default=False)] = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
     from ..errors import UsageError
+    from ..inputs import iter_input_records, stdin_or_usage_error
+    from ..records import RecordWriter
 
-    raise UsageError("teal generate is not built yet")
+    log = Log(quiet, verbose)
+    if not model:
+        raise UsageError("no model given: pass --model DIR or export TEAL_MODEL=DIR (a directory made by 'teal init-embeddings')")
+    if output_modality is not None and output_modality not in ("image", "audio", "text"):
+        raise UsageError(f"--output-modality {output_modality}: expected one of image, audio, text")
+    sources = (inputs or []) if text else stdin_or_usage_error(inputs or [], "prompts")
+    dev, dt = setup_torch(device, dtype, seed)
+
+    from ..model.generate import GenerateOptions, generate as generate_records, text_prompt
+    from ..model.teal_model import TealModel
+
+    options = GenerateOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                              cfg_scale=cfg_scale, output_modality=output_modality, codec=codec,
+                              max_audio_seconds=max_audio_seconds, batch_size=batch_size, echo=echo)
+    options.check()  # before loading the model: a bad option should not cost the load
+    teal_model = TealModel.from_dir(model, device=dev, dtype=dt)
+    log.debug(f"model {model}: base {teal_model.config.llm.get('name')}, codecs "
+              + ", ".join(f"{c.name} ({c.modality}{', writes' if c.output else ''})" for c in teal_model.config.codecs))
+
+    def prompts():
+        yield from iter_input_records(sources)
+        for i, t in enumerate(text):
+            yield text_prompt(t, f"text-{i}")
+
+    with log.progress("generate") as advance, output_stream(output) as stream:
+        writer = RecordWriter(stream)
+        for record in generate_records(teal_model, prompts(), options):
+            writer.write(record)
+            advance()
+    log.info(f"generated {writer.count} record(s)")
