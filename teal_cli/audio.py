@@ -89,6 +89,8 @@ def log_mel(wave: "torch.Tensor", n_mels: int = N_MELS, padding: int = 0, extend
     if padding:
         wave = torch.nn.functional.pad(wave, (0, padding))
     frames = wave.shape[-1] // HOP_LENGTH
+    if frames == 0 and not extend_to:  # under one hop: no frames (and no floor to take)
+        return wave.new_zeros((*wave.shape[:-1], n_mels, 0), dtype=torch.float32)
     if wave.shape[-1] <= N_FFT // 2:
         # stft's reflect padding needs more than half a window; zeros past the end of a
         # clip this short only touch frames that are trimmed off below.

@@ -63,7 +63,8 @@ def _load(extractor: FeatureExtractor, path: str, options: ClusterOptions) -> "t
     if extractor.modality == "image":
         return extractor.prepare(load_image(path), options.image_size)  # type: ignore[attr-defined]
     wave = load_audio(path, extractor.sample_rate)
-    check_duration(wave, extractor.sample_rate, extractor.frame_rate, path, f"{extractor.kind} features")
+    check_duration(wave, extractor.sample_rate, extractor.frame_rate, path, f"{extractor.kind} features",
+                   extractor.min_samples)
     return wave
 
 

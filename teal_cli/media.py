@@ -28,6 +28,10 @@ AUDIO_EXTENSIONS = frozenset({".wav", ".flac", ".mp3", ".ogg", ".opus", ".aiff",
 # Pillow's own default guard (~89 Mpx) only warns; teal refuses instead. Override with
 # TEAL_MAX_IMAGE_PIXELS for legitimately huge scans.
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+# Longest audio read (seconds, from the file's header, before any sample is decoded): an hour
+# is 230 MB at 16 kHz (1.4 GB as 48 kHz stereo while reading), and a header can claim years.
+# Override with TEAL_MAX_AUDIO_SECONDS for longer recordings.
+DEFAULT_MAX_AUDIO_SECONDS = 3600.0
 
 
 def modality_of(path: str | Path) -> str | None:
@@ -153,15 +157,20 @@ def load_audio(path: str | Path, sample_rate: int) -> "torch.Tensor":
     """Read any soundfile-readable file as a mono float32 waveform at ``sample_rate``.
 
     Channels are averaged; resampling uses soxr (high quality). Empty, silent-by-NaN or
-    unreadable files are a :class:`DataError`.
+    unreadable files, and files longer than ``TEAL_MAX_AUDIO_SECONDS`` (default an hour, read
+    from the header before decoding) are a :class:`DataError`.
     """
     import numpy as np
     import soundfile as sf
     import torch
 
+    limit = float(os.environ.get("TEAL_MAX_AUDIO_SECONDS", DEFAULT_MAX_AUDIO_SECONDS))
     try:
         with sf.SoundFile(str(path)) as f:
             rate = f.samplerate
+            if f.frames > limit * rate:
+                raise DataError(f"{path}: audio too long ({f.frames} samples at {rate} Hz = {f.frames / rate:.0f} s, "
+                                f"limit {limit:g} s); split it, or raise TEAL_MAX_AUDIO_SECONDS if it is genuine")
             if f.format == "WAV" and f.subtype == "PCM_16":
                 # libsndfile's own conversion is sample * 2^-15 in float32, exact; done here
                 # on int16 samples it is 2.7x faster (10 s: 0.23 -> 0.09 ms), the same floats.
@@ -171,6 +180,9 @@ def load_audio(path: str | Path, sample_rate: int) -> "torch.Tensor":
                 data = f.read(dtype="float32", always_2d=True)
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
+    except MemoryError:
+        raise DataError(f"{path}: not enough memory to read its {f.frames} samples x {f.channels} channels "
+                        "(a header claiming more than the file holds?); lower TEAL_MAX_AUDIO_SECONDS") from None
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
         raise DataError(f"{path}: cannot read audio ({exc})") from None
     if data.size == 0:
@@ -181,9 +193,12 @@ def load_audio(path: str | Path, sample_rate: int) -> "torch.Tensor":
     return torch.from_numpy(resample(wave, rate, sample_rate))
 
 
-def check_duration(wave: "torch.Tensor", sample_rate: int, frame_rate: float, path: str | Path, what: str) -> None:
-    """Refuse audio shorter than one frame of ``what`` (it would give no tokens at all)."""
-    need = math.ceil(sample_rate / frame_rate)
+def check_duration(wave: "torch.Tensor", sample_rate: int, frame_rate: float, path: str | Path, what: str,
+                   min_samples: int | None = None) -> None:
+    """Refuse audio shorter than one frame of ``what`` (it would give no tokens at all):
+    ``min_samples`` (the codec's or extractor's ``min_samples``, its first frame's receptive
+    field), else one hop, ``sample_rate / frame_rate``."""
+    need = math.ceil(sample_rate / frame_rate) if min_samples is None else min_samples
     if wave.shape[-1] < need:
         raise DataError(f"{path}: audio is {wave.shape[-1]} samples at {sample_rate} Hz, shorter than one "
                         f"{frame_rate:g} Hz frame of {what} ({need} samples)")

@@ -92,13 +92,14 @@ class _Item:
     load: "ImageLoads | None" = None  # image items: their window's loads, and their index there
     index: int = 0
     segment_out: Segment | None = None
+    error: "TealError | None" = None  # found once encoded (no tokens at all)
 
 
 def _load_audio(codec: AudioCodec, path: str) -> "torch.Tensor":
     from .media import check_duration, load_audio
 
     wave = load_audio(path, codec.sample_rate)
-    check_duration(wave, codec.sample_rate, codec.frame_rate, path, f"codec '{codec.name}'")
+    check_duration(wave, codec.sample_rate, codec.frame_rate, path, f"codec '{codec.name}'", codec.min_samples)
     return wave
 
 
@@ -227,7 +228,10 @@ def tokenize_records(
 
         def emit(launched) -> Iterator[Record]:
             window, items, failed, complete = launched
-            complete()
+            for r, exc in complete().items():
+                if options.on_error == "fail":
+                    raise exc
+                failed.setdefault(r, str(exc))
             for r, record in enumerate(window):
                 if r in failed:
                     stats.skipped += 1
@@ -244,9 +248,10 @@ def tokenize_records(
             loaders.close()
 
 
-def _encode(items: list[_Item], options: TokenizeOptions) -> Callable[[], None]:
+def _encode(items: list[_Item], options: TokenizeOptions) -> Callable[[], dict[int, TealError]]:
     """Queue the encoding of loaded items (images grouped by codec and size, audio by codec);
-    the returned function waits for the ids and puts the new segments in place."""
+    the returned function waits for the ids, puts the new segments in place and returns the
+    errors found then (item ``error``), by record index in the window."""
     import torch
 
     groups: dict[tuple, list[_Item]] = {}
@@ -262,13 +267,18 @@ def _encode(items: list[_Item], options: TokenizeOptions) -> Callable[[], None]:
             else:
                 finishers.append(_encode_audio(codec, group, options.dedup))
 
-    def complete() -> None:
+    def complete() -> dict[int, TealError]:
         for finish in finishers:
             finish()
         # Segments are replaced after all encodes succeeded, so a failing batch leaves records untouched.
+        errors: dict[int, TealError] = {}
         for item in items:
-            item.target.segments[item.segment] = item.segment_out
+            if item.error is not None:
+                errors.setdefault(item.record, item.error)
+            else:
+                item.target.segments[item.segment] = item.segment_out
             item.data = None
+        return errors
 
     return complete
 
@@ -353,6 +363,10 @@ def _encode_audio(codec: Codec, group: list[_Item], dedup: bool) -> Callable[[],
 
     def finish() -> None:
         for item, seq in zip(group, ids().split(lengths)):
+            if seq.numel() == 0:  # a codec whose min_samples is too small: never an empty segment
+                item.error = DataError(f"{item.where}: codec '{codec.name}' gave no tokens for "
+                                       f"{item.data.shape[-1]} samples (too short for its first frame)")
+                continue
             item.segment_out = _audio_segment(codec, seq, dedup)
 
     return finish

@@ -201,6 +201,15 @@ class AudioCodec(Codec):
     sample_rate: int = 16000
     frame_rate: float = 50.0
 
+    @property
+    def min_samples(self) -> int:
+        """The shortest waveform (samples at :attr:`sample_rate`) that gives at least one id;
+        shorter clips are refused when loaded (:func:`teal_cli.media.check_duration`). By
+        default one frame's hop; codecs whose first frame needs more say so."""
+        import math
+
+        return math.ceil(self.sample_rate / self.frame_rate)
+
     def encode(self, waves: "list[torch.Tensor]") -> "list[torch.Tensor]":
         """Mono float waveforms at :attr:`sample_rate` to one int64 id vector each."""
         raise NotImplementedError

@@ -98,6 +98,11 @@ class KMeansAudioCodec(_KMeansMixin, AudioCodec):
         self.sample_rate = extractor.sample_rate
         self.frame_rate = extractor.frame_rate
 
+    @property
+    def min_samples(self) -> int:
+        """The extractor's (:attr:`~teal_cli.features.base.FeatureExtractor.min_samples`)."""
+        return self.extractor.min_samples
+
     def encode(self, waves: "list[torch.Tensor]") -> "list[torch.Tensor]":
         """Ids ``[frames]`` per clip. The batch's frames are assigned together: one distance
         pass (about 10 kernels on a GPU) where one per clip launched that many per clip."""

@@ -54,6 +54,17 @@ class FeatureExtractor:
         self.device = device
         return self
 
+    @property
+    def min_samples(self) -> int:
+        """Audio: the shortest waveform, in samples at :attr:`sample_rate`, that gives at
+        least one frame (from the extractor's own frame rule: its receptive field, windows,
+        padding). Shorter clips are refused before extraction (:func:`teal_cli.media.check_duration`)
+        rather than tokenized to nothing. This default is one hop, ``sample_rate / frame_rate``;
+        extractors whose first frame needs more override it."""
+        import math
+
+        return math.ceil(self.sample_rate / self.frame_rate)
+
     def extract(self, batch: Any) -> Any:
         raise NotImplementedError
 

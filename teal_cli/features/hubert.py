@@ -245,10 +245,18 @@ class HubertFeatures(FeatureExtractor):
         return self
 
     def n_frames(self, samples: int) -> int:
+        """Frames of a clip of ``samples``: the conv front end's output length (no padding)."""
         n = samples
         for kernel, stride in zip(self.model.config.conv_kernel, self.model.config.conv_stride):
             n = (n - kernel) // stride + 1 if n >= kernel else 0
         return n
+
+    @property
+    def min_samples(self) -> int:
+        """The conv front end's receptive field, the samples its first frame sees: 400 for
+        HuBERT's (kernels 10,3,3,3,3,2,2, strides 5,2,2,2,2,2,2), though its hop is 320.
+        Walked back from one output frame through each layer: ``(n - 1) * stride + kernel``."""
+        return receptive_field(self.model.config.conv_kernel, self.model.config.conv_stride)
 
     def _forward(self, waves: "torch.Tensor", lengths: list[int]) -> "torch.Tensor":
         """``[B, frames, dim]`` for zero-padded waveform rows of ``lengths`` samples.
@@ -311,7 +319,7 @@ class HubertFeatures(FeatureExtractor):
         for i in range(0, len(order), batch):
             ids = order[i : i + batch]
             lengths = [len(chunks[j][1]) for j in ids]
-            if max(lengths) < 400:  # shorter than one frame's receptive field
+            if max(lengths) < self.min_samples:  # shorter than one frame's receptive field
                 for j in ids:
                     results[j] = torch.zeros(0, self.dim, device=self.device)
                 continue
@@ -326,12 +334,21 @@ class HubertFeatures(FeatureExtractor):
         return [torch.cat(parts) for parts in outputs]
 
 
+def receptive_field(kernels, strides) -> int:
+    """Input samples a stack of unpadded 1-d convolutions needs for one output."""
+    n = 1
+    for kernel, stride in reversed(list(zip(kernels, strides))):
+        n = (n - 1) * stride + kernel
+    return n
+
+
 def _first_layer_each(model, waves: "torch.Tensor", lengths: list[int]) -> "torch.Tensor":
     """The feature encoder's first conv layer on each row's first ``lengths[row]`` samples
     alone, zero-padded into ``[B, channels, frames]``. A row shorter than the model's
     receptive field (400 samples) has no frames, and goes in padded to that length."""
     first = model.feature_extractor.conv_layers[0]
-    outs = [first(waves[row : row + 1, : max(n, 400)][:, None])[0] for row, n in enumerate(lengths)]
+    field = receptive_field(model.config.conv_kernel, model.config.conv_stride)
+    outs = [first(waves[row : row + 1, : max(n, field)][:, None])[0] for row, n in enumerate(lengths)]
     batch = outs[0].new_zeros(len(outs), outs[0].shape[0], max(o.shape[-1] for o in outs))
     for row, out in enumerate(outs):
         batch[row, :, : out.shape[-1]] = out
