@@ -317,7 +317,7 @@ def load_into(model: "torch.nn.Module", refs: Mapping[str, Any], where: str | Pa
 # ---------------------------------------------------------------- digests
 
 
-_DIGESTS: dict[tuple[str, int, int], str] = {}
+_DIGESTS: dict[tuple, str] = {}
 
 
 def _digest_cache() -> Path:
@@ -327,20 +327,21 @@ def _digest_cache() -> Path:
 
 
 def file_sha256(path: str | Path) -> str:
-    """The sha256 hex digest of a file, remembered by (absolute path, size, mtime) in this
-    process and in ``$TEAL_CACHE_DIR/digests.json``, so a 1 GB checkpoint is hashed once."""
+    """The sha256 hex digest of a file, remembered by (absolute path, size, mtime, ctime,
+    inode) in this process and in ``$TEAL_CACHE_DIR/digests.json``, so a 1 GB checkpoint is
+    hashed once; a file rewritten or replaced in place changes its inode or ctime."""
     from .hub import sha256sum
 
     path = Path(path)
     try:
         stat = path.stat()
-        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
     except OSError as exc:
         raise CodecError(f"{path}: cannot read ({exc.strerror or exc})") from None
     if key in _DIGESTS:
         return _DIGESTS[key]
     cache = _digest_cache()
-    stamp = f"{key[1]} {key[2]}"
+    stamp = " ".join(str(v) for v in key[1:])
     stored: dict[str, Any] = {}
     try:
         stored = json.loads(cache.read_text())

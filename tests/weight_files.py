@@ -126,9 +126,9 @@ def _ct2_string(text: str) -> bytes:
     return struct.pack("<H", len(raw)) + raw
 
 
-def whisper_ct2(folder: Path, seed: int = 0) -> Path:
+def whisper_ct2(folder: Path, seed: int = 0, width: int = 32, layers: int = 2) -> Path:
     """A CTranslate2 Whisper folder (binary version 6, float32), written by hand."""
-    dims, st = whisper_state(seed)
+    dims, st = whisper_state(seed, width, layers)
     var: dict[str, torch.Tensor] = {
         "encoder/conv1/weight": st["conv1.weight"], "encoder/conv1/bias": st["conv1.bias"],
         "encoder/conv2/weight": st["conv2.weight"], "encoder/conv2/bias": st["conv2.bias"],
