@@ -47,18 +47,21 @@ def confusion_png(labels: list[str], matrix: list[list[int]], path: Path, title:
     plt = _pyplot()
     m = np.asarray(matrix, dtype=float)
     n = len(labels)
+    rows_shown = list(labels)
+    if labels and labels[-1] == "(none)" and not m[-1].any():
+        m, rows_shown = m[:-1], rows_shown[:-1]  # no true class is "(none)": only its column says something
     side = max(3.5, 0.55 * n + 1.8)
     fig, ax = plt.subplots(figsize=(side + 0.8, side))
     rows = m.sum(axis=1, keepdims=True)
     share = np.divide(m, rows, out=np.zeros_like(m), where=rows > 0)  # colour: share of the true class
     im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
-    for i in range(n):
+    for i in range(len(rows_shown)):
         for j in range(n):
             if m[i, j]:
                 ax.text(j, i, str(int(m[i, j])), ha="center", va="center", fontsize=9,
                         color="white" if share[i, j] > 0.5 else "black")
     ax.set_xticks(range(n), labels, rotation=45 if max(map(len, labels), default=0) > 3 else 0, ha="right" if max(map(len, labels), default=0) > 3 else "center")
-    ax.set_yticks(range(n), labels)
+    ax.set_yticks(range(len(rows_shown)), rows_shown)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)
