@@ -82,7 +82,8 @@ def log_mel(wave: "torch.Tensor", n_mels: int = N_MELS, padding: int = 0, extend
     (max - 8) is taken over each whole clip, padding included, exactly as Whisper does.
     ``extend_to`` adds frames up to that many with the value of a frame of silence, without
     computing them: what appending zeros to ``wave`` would give when ``wave`` already ends in
-    at least ``N_FFT`` zeros (each frame after it sees zeros only), floor included.
+    at least ``N_FFT`` zeros (each frame after it sees zeros only), floor included, up to
+    float rounding (the FFTs then run over another length: values may differ by an ulp).
     """
     import torch
 

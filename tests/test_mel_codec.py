@@ -69,8 +69,10 @@ def test_very_short_clips(wav_file, cli, tmp_path):
 
 
 def test_log_mel_extended_with_silence_equals_computing_the_zeros():
-    """Rows cut one FFT after the longest clip, extended with silent frames, give exactly the
-    30 s rows' log-mels (Whisper's singles path relies on it)."""
+    """Rows cut one FFT after the longest clip, extended with silent frames, give the 30 s
+    rows' log-mels (Whisper's singles path relies on it): the same frames and floor, up to
+    float rounding, since the FFTs and the filterbank product run over other batch lengths
+    (on an AMD EPYC 30 values of [401, 200, 1] differ by one float32 ulp)."""
     import torch
 
     g = torch.Generator().manual_seed(0)
@@ -83,12 +85,14 @@ def test_log_mel_extended_with_silence_equals_computing_the_zeros():
             cut[i, :n] = wave
         expected = audio.log_mel(full)[..., : audio.N_FRAMES]
         got = audio.log_mel(cut, extend_to=audio.N_FRAMES)[..., : audio.N_FRAMES]
-        assert got.shape == expected.shape and torch.equal(got, expected), lengths
+        assert got.shape == expected.shape, lengths
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=lambda m: f"{lengths}: {m}")
     for n in (audio.N_SAMPLES + 12345, 2 * audio.N_SAMPLES, 70 * audio.SAMPLE_RATE + 7):  # long clips, Whisper's padding
         wave = 0.1 * torch.randn(n, generator=g)
         expected = audio.log_mel(wave, padding=audio.N_SAMPLES)
         got = audio.log_mel(wave, padding=audio.N_FFT, extend_to=(n + audio.N_SAMPLES) // audio.HOP_LENGTH)
-        assert got.shape == expected.shape and torch.equal(got, expected), n
+        assert got.shape == expected.shape, n
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=lambda m: f"{n}: {m}")
 
 
 def test_audio_codec_assigns_a_batch_as_each_clip_alone(wav_file, cli, speechlike_wave):

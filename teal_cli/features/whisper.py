@@ -595,8 +595,8 @@ class WhisperFeatures(FeatureExtractor):
         Clips of up to 30 s (one window each) get their log-mels computed together, on rows
         as long as the batch's longest clip + one FFT of zeros; the frames after that see
         zeros only and are filled with a silent frame's value (``log_mel(extend_to=...)``), so
-        the frames and the per-clip floor are the same as with Whisper's 30 s of padding, at a
-        third of the front end's work for 10 s clips. Longer clips take :meth:`windows`.
+        the frames and the per-clip floor are those of Whisper's 30 s of padding (up to float
+        rounding), at a third of the front end's work for 10 s clips. Longer clips take :meth:`windows`.
         Windows of all clips share encoder batches.
         """
         import torch
