@@ -98,7 +98,7 @@ def test_legacy_torch_format(tmp_path):
     x = _pixels(6, batch=2)
     ids = codec.encode(x)
     assert torch.equal(ids, _reference_ids(encoder, x))
-    assert torch.equal(codec.decode(ids), _reference_pixels(decoder, ids))
+    torch.testing.assert_close(codec.decode(ids), _reference_pixels(decoder, ids), rtol=1e-5, atol=1e-6)  # another kernel (a lookup for the one-hot conv)
 
 
 def test_whole_pipeline_from_images(official):
