@@ -16,7 +16,9 @@ WORDS = ["zero", "one", "two", "three"]
 
 
 def make_model_dir(root: str | Path, arch: str = "llama", *, seed: int = 0, hidden: int = 32, layers: int = 2,
-                   context: int = 256) -> Path:
+                   context: int = 256, audio: bool = True) -> Path:
+    """A model directory over a tiny ``arch`` LLM (:func:`tiny_llm.make_tiny_llm`) with the patch codec
+    and, with ``audio``, the mel codec."""
     import torch
 
     from teal_cli.codecs.kmeans_codec import load_codec_dir, save_codec_dir
@@ -31,16 +33,16 @@ def make_model_dir(root: str | Path, arch: str = "llama", *, seed: int = 0, hidd
     gen = torch.Generator().manual_seed(seed)
     patch = save_codec_dir(root / "codecs" / "patch-p2-k16", PatchFeatures(2, image_size=8), torch.rand(16, 12, generator=gen), {})
     mel = save_codec_dir(root / "codecs" / "mel-80-k32", MelFeatures(80), torch.randn(32, 80, generator=gen), {})
-    codecs = [load_codec_dir(patch), load_codec_dir(mel)]
+    dirs = [patch, mel] if audio else [patch]
     base = load_base_llm(str(llm))
-    model = init_model(base, codecs, image_size=8, seed=seed, codec_paths=[str(patch), str(mel)])
+    model = init_model(base, [load_codec_dir(p) for p in dirs], image_size=8, seed=seed, codec_paths=[str(p) for p in dirs])
     out = root / "model"
     model.save(out)
     return out
 
 
 def image_tokens(label: int, rng: random.Random) -> list[int]:
-    """16 patch ids for class ``label``: mostly ids 4*label .. 4*label+3, in random order."""
+    """16 patch ids for class ``label``: drawn from ids 4*label .. 4*label+3."""
     return [4 * label + rng.randrange(4) for _ in range(16)]
 
 

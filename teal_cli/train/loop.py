@@ -105,7 +105,7 @@ class TrainResult:
     directory: Path
     trainable: list[str]
     trainable_params: int
-    finished: bool = True
+    model: Any = None  # the trained TealModel
 
 
 def param_group(name: str) -> str | None:
@@ -460,7 +460,7 @@ class Trainer:
                       f"{f', val loss {val_loss:.4f}' if val_loss is not None else ''})")
         dist.barrier()
         return TrainResult(steps=step, losses=losses, val_loss=val_loss, directory=self.directory,
-                           trainable=groups, trainable_params=n_params)
+                           trainable=groups, trainable_params=n_params, model=model)
 
 
 def train(directory: str | Path, options: TrainOptions, **kwargs) -> TrainResult:
