@@ -10,6 +10,12 @@ The name records provenance (``<extractor stem>-k<K>``, e.g. ``whisper-small-l11
 On load the name of the directory is checked against its config: a directory called
 ``...-l11-k2048`` that holds layer-9 or k=1024 centroids is refused, because a layer or k
 mismatch is the commonest silent failure with k-means units.
+
+A Whisper/HuBERT extractor's checkpoint is recorded as an absolute path with its sha256;
+on load it is looked for there, relative to the codec directory, and inside it, and used
+when its digest matches (``--checkpoint`` points elsewhere; an official download is used
+only when its digest is the recorded one). The codec's ``weights_id`` hashes the centroids
+file and the stored extractor block, so a refit in place gives new ids.
 """
 
 from __future__ import annotations
