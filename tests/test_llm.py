@@ -324,6 +324,9 @@ def test_convert_gguf_matches_the_original_model(tiny_dirs, tiny_gguf, tmp_path)
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no leftover part folder
     config = json.loads((out / "config.json").read_text())
     assert config["tie_word_embeddings"] is False and "quantization_config" not in config
+    assert "rope_theta" in config  # where transformers 4.x reads it
+    tok_config = json.loads((out / "tokenizer_config.json").read_text())
+    assert tok_config["tokenizer_class"] == "PreTrainedTokenizerFast" and tok_config["model_max_length"] == 256
     from safetensors import safe_open
 
     with safe_open(str(out / "model.safetensors"), "pt") as f:

