@@ -151,38 +151,67 @@ def _sq_norms(x: Tensor, chunk: int, name: str = "x") -> Tensor:
     return out
 
 
+class _Buffers:
+    """Per-fit scratch of ``_nearest``: allocated once and reused by every pass.
+
+    A fresh 16 MiB distance buffer per pass is fresh memory from the OS on every pass (glibc
+    maps big blocks and unmaps them on free): page faults on first touch, every iteration.
+    """
+
+    def __init__(self, n: int, k: int, d: int, chunk: int, dtype: torch.dtype, device: torch.device):
+        rows = min(chunk, n)
+        self.buf = torch.empty(rows, k, dtype=torch.float32, device=device)
+        self.scratch = None if dtype == torch.float32 else torch.empty(rows, d, device=device)
+        self.ids = torch.empty(n, dtype=torch.int64, device=device)
+        self.dist = torch.empty(n, dtype=torch.float32, device=device)
+
+
 def _nearest(
     x: Tensor,
     centroids: Tensor,
     x_sq: Tensor,
     chunk: int,
-    sums: Tensor | None = None,
+    deviations: Tensor | None = None,
+    buffers: _Buffers | None = None,
+    exact: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Nearest centroid of every row and its squared distance; one pass over x.
 
-    When ``sums`` ([k, d] fp32) is given, every row is also added into the sum of its
-    cluster, in the same pass, while the chunk is still hot.
+    The argmin comes from the ``||c||² − 2x·c`` GEMM. The distances returned are
+    ``||x||² + that`` (rounding error ~1e-7 of ``||x||²`` per row), or with ``exact`` (or
+    ``deviations``) ``||x − c||²`` from the explicit differences of each chunk while it is
+    still in cache: exactly 0 for a row equal to its centroid.
+
+    With ``deviations`` ([k, d] fp32), ``x_i − c_ids[i]`` is added into row ``ids[i]``
+    (``index_add_``, chunk by chunk): per-cluster sums measured from the current centroid,
+    so their fp32 rounding scales with the spread of the cluster, not with its magnitude
+    and size (plain fp32 sums of 50,000 equal rows were off by 1e-3 relative).
+    With ``buffers`` the returned ``ids``/``dist`` are its tensors, overwritten by the next call.
     """
     n, k = x.shape[0], centroids.shape[0]
-    device = x.device
+    if buffers is None:
+        buffers = _Buffers(n, k, x.shape[1], chunk, x.dtype, x.device)
+    buf, scratch, ids, dist = buffers.buf, buffers.scratch, buffers.ids, buffers.dist
+    exact = exact or deviations is not None
     # -2·c is exact in floating point, and folding it in up front lets addmm add ||c||²
     # as its bias (fused into the GEMM epilogue by cuBLASLt) with alpha=1.
     neg2c_t = centroids.mul(-2.0).t()
     c_sq = torch.linalg.vecdot(centroids, centroids)
-    buf = torch.empty(min(chunk, n), k, dtype=torch.float32, device=device)
-    scratch = None if x.dtype == torch.float32 else torch.empty(min(chunk, n), x.shape[1], device=device)
-    ids = torch.empty(n, dtype=torch.int64, device=device)
-    dist = torch.empty(n, dtype=torch.float32, device=device)
     for s in range(0, n, chunk):
         e = min(s + chunk, n)
         rows = _chunk_fp32(x, s, e, scratch)
         part = buf[: e - s]
         torch.addmm(c_sq, rows, neg2c_t, out=part)
         torch.min(part, dim=1, out=(dist[s:e], ids[s:e]))
-        if sums is not None:
-            sums.index_add_(0, ids[s:e], rows)
-    # Back to true squared distances; rounding can push a zero distance slightly negative.
-    dist.add_(x_sq).clamp_min_(0.0)
+        if exact:
+            diff = rows - centroids.index_select(0, ids[s:e])
+            torch.linalg.vector_norm(diff, dim=1, out=dist[s:e])
+            dist[s:e].square_()
+            if deviations is not None:
+                deviations.index_add_(0, ids[s:e], diff)
+    if not exact:
+        # Back to true squared distances; rounding can push a zero distance slightly negative.
+        dist.add_(x_sq).clamp_min_(0.0)
     return ids, dist
 
 
@@ -269,7 +298,7 @@ def _reseed_farthest(x: Tensor, ids: Tensor, dist: Tensor, sums: Tensor, counts:
     iteration start from it. Deterministic: no randomness, ties broken by topk.
     """
     far = torch.topk(dist, empty_ids.numel()).indices
-    rows = x[far].float()
+    rows = x[far].to(sums.dtype)
     owners = ids[far]
     sums.index_add_(0, owners, rows, alpha=-1.0)
     counts.index_add_(0, owners, torch.full_like(owners, -1, dtype=counts.dtype))
@@ -351,7 +380,7 @@ def _kmeans_faiss(x: Tensor, x_sq: Tensor, init: Tensor, iters: int, seed: int, 
     else:
         centroids = init.detach().cpu().float().clone()
     # faiss's objective is that of the centroids before each update; report the returned ones'.
-    _, dist = _nearest(x, centroids, x_sq, chunk)
+    _, dist = _nearest(x, centroids, x_sq, chunk, exact=True)
     inertia = float(dist.sum(dtype=torch.float64))
     history.append(inertia)
     if progress is not None:
@@ -454,30 +483,42 @@ def _lloyd(x, x_sq, centroids, iters, tol, chunk, empty, generator, all_reduce_f
     n, k = x.shape[0], centroids.shape[0]
     tf32 = tf32 and x.device.type == "cuda"
     distributed = all_reduce_fn is not None
-    sums = torch.zeros(k, x.shape[1], dtype=torch.float32, device=x.device)  # this process's rows only
-    prev_ids, rebuild = None, True
+    # Per-cluster sums of this process's rows, in float64: exact for up to 2^29 equal rows, so
+    # a cluster of identical points gets exactly that point back, and incremental updates do
+    # not drift. Rebuilt from fp32 deviations to the current centroids (see _nearest).
+    sums = torch.zeros(k, x.shape[1], dtype=torch.float64, device=x.device)
+    deviations = torch.zeros(k, x.shape[1], dtype=torch.float32, device=x.device)
+    buffers = _Buffers(n, k, x.shape[1], chunk, x.dtype, x.device)
+    prev_ids = torch.empty(n, dtype=torch.int64, device=x.device)
+    have_prev, rebuild = False, True
     history: list[float] = []
     iterations = 0
     for it in range(iters + 1):
         last = it == iters
-        # Per-cluster sums are rebuilt inside the pass (index_add_ of each chunk while it is
-        # hot) while many points move, and every REBUILD_EVERY iterations to flush the
-        # rounding of incremental updates; otherwise only the rows that changed cluster are
-        # moved between sums, which late in a fit is a small fraction of N.
+        # Per-cluster sums are rebuilt inside the pass (deviations of each chunk while it is
+        # hot) while many points move, and every REBUILD_EVERY iterations; otherwise only the
+        # rows that changed cluster are moved between sums, late in a fit a small fraction
+        # of N. The last pass measures exact distances (differences, full fp32 even under
+        # TF32), so the returned inertia is exact for the returned centroids.
         fused = rebuild and not last
         if fused:
-            sums.zero_()
+            deviations.zero_()
         with _cuda_tf32(tf32, x.device):
-            ids, dist = _nearest(x, centroids, x_sq, chunk, sums if fused else None)
-        moved = None if prev_ids is None else (ids != prev_ids).nonzero().squeeze(1)
+            ids, dist = _nearest(x, centroids, x_sq, chunk, deviations if fused else None, buffers, exact=last)
+        moved = (ids != prev_ids).nonzero().squeeze(1) if have_prev else None
         n_moved = n if moved is None else moved.numel()
-        if not fused and not last and n_moved:
-            rows = x[moved].float()
-            sums.index_add_(0, ids[moved], rows)
-            sums.index_add_(0, prev_ids[moved], rows, alpha=-1.0)
+        local_counts = torch.bincount(ids, minlength=k)
+        if fused:
+            torch.addcmul(deviations.double(), local_counts.double()[:, None], centroids.double(), out=sums)
+        elif not last and n_moved:
+            # One index_add_ moves the rows: + into their new cluster, − out of the old one.
+            rows = torch.empty(2 * n_moved, x.shape[1], dtype=torch.float64, device=x.device)
+            rows[:n_moved] = x[moved]
+            torch.neg(rows[:n_moved], out=rows[n_moved:])
+            sums.index_add_(0, torch.cat([ids[moved], prev_ids[moved]]), rows)
         # One small reduction carries counts (exact in float64), inertia and points moved.
         stats = torch.empty(k + 2, dtype=torch.float64, device=x.device)
-        stats[:k] = torch.bincount(ids, minlength=k)
+        stats[:k] = local_counts
         stats[k] = dist.sum(dtype=torch.float64)
         stats[k + 1] = n_moved
         if distributed:
@@ -498,19 +539,19 @@ def _lloyd(x, x_sq, centroids, iters, tol, chunk, empty, generator, all_reduce_f
             all_reduce_fn(total)
         elif empty == "reseed" and empty_ids.numel():
             _reseed_farthest(x, ids, dist, sums, counts, empty_ids)
-        means = total / counts.clamp_min(1).to(torch.float32)[:, None]
+        means = (total / counts.clamp_min(1)[:, None]).float()
         # Clusters still empty keep their old centroid (for "keep", and for "reseed" a
         # cluster whose only point was moved away).
         centroids = torch.where((counts > 0)[:, None], means, centroids)
         if distributed and empty == "reseed" and empty_ids.numel():
             _reseed_split(centroids, counts, empty_ids, generator)
-        prev_ids, rebuild = ids, 4 * n_moved > n or (it + 1) % REBUILD_EVERY == 0
+        prev_ids.copy_(ids)  # ids is the reused buffer of the next pass
+        have_prev, rebuild = True, 4 * n_moved > n or (it + 1) % REBUILD_EVERY == 0
         iterations += 1
 
-    if tf32:
-        # TF32 picked the clusters; measure the distances to them in full fp32, so the
-        # inertia is exact for this assignment (which can differ from the fp32 argmin only
-        # on near ties, by the TF32 error of those few points).
+    if not last:
+        # Stopped early (fixed point or tol): that pass's distances came from the expansion;
+        # measure the returned centroids' inertia by explicit differences.
         total = _exact_sq_dist(x, centroids, ids, chunk).sum(dtype=torch.float64).view(1)
         if distributed:
             all_reduce_fn(total)
@@ -626,13 +667,13 @@ def kmeans_streaming(
             for b, b_sq in _batches_on(batches, device, centroids.shape[1]):
                 chunk = chunk_size or auto_chunk_size(b.shape[0], k, device)
                 with _cuda_tf32(allow_tf32 and not last, torch.device(device)):
-                    ids, dist = _nearest(b, centroids, b_sq, chunk, None if last else sums)
+                    ids, dist = _nearest(b, centroids, b_sq, chunk, None if last else sums, exact=last)
                 counts += torch.bincount(ids, minlength=k)
                 total += dist.sum(dtype=torch.float64)
             history.append(float(total))
             if progress is not None:
                 progress(p, history[-1])
-            if not last:
-                means = sums / counts.clamp_min(1).to(torch.float32)[:, None]
+            if not last:  # sums holds deviations from the pass's centroids (see _nearest)
+                means = centroids + sums / counts.clamp_min(1).to(torch.float32)[:, None]
                 centroids = torch.where((counts > 0)[:, None], means, centroids)
     return KMeansResult(centroids, history[-1], fit.iterations + passes, history, "torch")
