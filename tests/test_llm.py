@@ -237,7 +237,7 @@ def test_hub_id_offline_reads_the_hub_cache(tiny_dirs, tmp_path, monkeypatch):
     assert base.weights_sha256 == base_llm_fingerprint(str(tiny_dirs["llama"]))[2]
     assert not any(p.name.endswith(".sha256") for p in snap.iterdir())
     assert all(not p.requires_grad for p in base.model.parameters())
-    with pytest.raises(DownloadError, match=r"someone/other is not in the Hugging Face cache and offline mode is on: .*huggingface-cli download someone/other") as exc:
+    with pytest.raises(DownloadError, match=r"someone/other is not a local directory, nor in the Hugging Face cache, and offline mode is on: .*hf download someone/other") as exc:
         load_base_llm("someone/other")
     one_line(exc)
 

@@ -215,11 +215,11 @@ def _hub_error(repo_id: str, revision: str | None, exc: Exception, local_only: b
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if local_only:
         return DownloadError(
-            f"{at} is not in the Hugging Face cache and offline mode is on: on a machine with hub access run "
-            f"`huggingface-cli download {repo_id}` (or save the model to a directory and give its path), "
+            f"{at} is not a local directory, nor in the Hugging Face cache, and offline mode is on: on a machine with hub access run "
+            f"`hf download {repo_id}` (or save the model to a directory and give its path), "
             f"or use teal's offline default {DEFAULT_LLM}")
-    return DownloadError(f"cannot get {at} from the Hugging Face hub ({type(exc).__name__}: {first}); "
-                         f"check the name, or give a local model directory")
+    return DownloadError(f"{at} is not a local directory, and the Hugging Face hub does not give it "
+                         f"({type(exc).__name__}: {first}); check the name, or give a local model directory")
 
 
 # --- weight files and their digest -----------------------------------------------------------
