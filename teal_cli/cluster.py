@@ -192,6 +192,14 @@ def import_codec(km_path: str | Path, extractor: FeatureExtractor, output: str |
     return save_codec_dir(out, extractor, centroids, {"fit": {"imported_from": str(km_path)}})
 
 
+def _distinct_rows(centroids: "torch.Tensor") -> int:
+    """Number of distinct rows of ``centroids`` ([k, d]); k-means gives equal centroids only
+    when the data has fewer than k distinct points (clusters left empty keep a copy)."""
+    import torch
+
+    return int(torch.unique(centroids.cpu(), dim=0).shape[0])
+
+
 def fit_codec(items: list[tuple[str, str]], extractor: FeatureExtractor, output: str | Path | None,
               options: ClusterOptions, *, device: Any = "cpu", cache=None,
               warn: Callable[[str], None] | None = None,
@@ -208,6 +216,9 @@ def fit_codec(items: list[tuple[str, str]], extractor: FeatureExtractor, output:
 
     if options.k < 1:
         raise UsageError(f"--k {options.k}: must be >= 1")
+    if options.sample is not None and options.sample < options.k:
+        raise UsageError(f"--sample {options.sample} is smaller than --k {options.k}: the fit needs at least k "
+                         f"vectors; raise --sample to {options.k} or more, or lower --k")
     if not items:
         raise UsageError(f"no {extractor.modality} files among the inputs")
     extractor.to(device)
@@ -237,7 +248,7 @@ def fit_codec(items: list[tuple[str, str]], extractor: FeatureExtractor, output:
         if fit_x is not x:
             from .kmeans import assign
 
-            result.inertia = float(assign(x, result.centroids)[1].double().sum())
+            result.inertia = float(assign(x, result.centroids, exact=True)[1].double().sum())
         report.result = result
     else:
         del held
@@ -256,6 +267,11 @@ def fit_codec(items: list[tuple[str, str]], extractor: FeatureExtractor, output:
                                          seed=options.seed, device=device, progress=progress,
                                          allow_tf32=options.tf32)
 
+    distinct = _distinct_rows(report.result.centroids)
+    if distinct < options.k and warn is not None:
+        warn(f"only {distinct} distinct centroids for --k {options.k}: the features hold fewer than {options.k} "
+             f"distinct vectors, so {options.k - distinct} ids duplicate others and are never produced; "
+             f"use --k {distinct} or more varied data")
     out = Path(output) if output else Path("codecs") / codec_name(extractor, options.k)
     provenance = {
         "fit": {
@@ -270,6 +286,7 @@ def fit_codec(items: list[tuple[str, str]], extractor: FeatureExtractor, output:
             "backend": report.result.backend,
             "tf32": options.tf32 and torch.device(device).type == "cuda",
             "streaming": report.streaming,
+            "distinct_centroids": distinct,
         },
     }
     report.directory = save_codec_dir(out, extractor, report.result.centroids, provenance)

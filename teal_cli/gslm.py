@@ -234,6 +234,12 @@ def read_centroids(path: str | Path) -> "torch.Tensor":
 # ---------------------------------------------------------------- export
 
 
+KM_CLASS = ("sklearn.cluster", "MiniBatchKMeans")
+# What the written pickle refers to by name; each exists in scikit-learn 0.21 (the GSLM era)
+# through current releases and in numpy 1.x and 2.x.
+KM_GLOBALS = {KM_CLASS, ("numpy.core.multiarray", "_reconstruct"), ("numpy", "ndarray"), ("numpy", "dtype")}
+
+
 class _Writer:
     """Just enough of the pickle protocol (2) to describe an estimator holding arrays."""
 
@@ -310,7 +316,14 @@ class _Writer:
 def write_km(path: str | Path, centroids: "torch.Tensor | np.ndarray", *, seed: int | None = None,
              sklearn_version: str | None = None) -> Path:
     """Write ``centroids`` ([k, dim]) as a fairseq/GSLM ``km.bin``: a ``MiniBatchKMeans``
-    pickle that ``joblib.load`` / ``pickle.load`` turn into a fitted estimator."""
+    pickle that ``joblib.load`` / ``pickle.load`` turn into a fitted estimator (atomically).
+
+    Loads in scikit-learn 0.21 through current: protocol 2, only the names in
+    ``KM_GLOBALS``, and the state that each version's ``predict`` reads (0.21:
+    ``cluster_centers_``, ``batch_size``, ``verbose``; 1.x adds ``_n_threads`` and
+    ``n_features_in_``), checked against the 0.21.3 source. 0.21's ``BaseEstimator.__setstate__``
+    pops ``_sklearn_version`` and only warns when it differs from the running version.
+    """
     import numpy as np
 
     centers = np.asarray(centroids.detach().cpu().numpy() if hasattr(centroids, "detach") else centroids, dtype=np.float32)
@@ -335,10 +348,16 @@ def write_km(path: str | Path, centroids: "torch.Tensor | np.ndarray", *, seed: 
     if sklearn_version:
         state["_sklearn_version"] = sklearn_version
     w = _Writer()
-    w.global_("sklearn.cluster._kmeans", "MiniBatchKMeans")
+    # The public path: sklearn.cluster has exported MiniBatchKMeans in every release, while
+    # the defining module moved (k_means_ up to 0.21, _kmeans from 0.22; 0.21 has no
+    # _kmeans, so a file naming it does not load in GSLM-era environments).
+    w.global_(*KM_CLASS)
     w.op(pickle.EMPTY_TUPLE + pickle.NEWOBJ)
     w.value(state)
     w.op(pickle.BUILD + pickle.STOP)
+    from .media import atomic_output
+
     path = Path(path)
-    path.write_bytes(w.out.getvalue())
+    with atomic_output(path, binary=True) as f:
+        f.write(w.out.getvalue())
     return path

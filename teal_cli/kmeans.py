@@ -215,10 +215,14 @@ def _nearest(
     return ids, dist
 
 
-def assign(x: Tensor, centroids: Tensor, *, chunk_size: int | None = None) -> tuple[Tensor, Tensor]:
+def assign(
+    x: Tensor, centroids: Tensor, *, chunk_size: int | None = None, exact: bool = False
+) -> tuple[Tensor, Tensor]:
     """Nearest centroid of each row of ``x``: ``(ids int64 [N], squared distance float32 [N])``.
 
-    Math is fp32 whatever the dtype of ``x`` (half input is upcast a chunk at a time).
+    Math is fp32 whatever the dtype of ``x`` (half input is upcast a chunk at a time). The
+    distances come from ``||x||² − 2x·c + ||c||²`` (error ~1e-7 of ``||x||²``), or with
+    ``exact`` from explicit differences (0 for a row equal to its centroid; ~10 % slower).
     """
     _check_data(x, finite=False)
     _check_data(centroids, "centroids")
@@ -227,7 +231,7 @@ def assign(x: Tensor, centroids: Tensor, *, chunk_size: int | None = None) -> tu
     with torch.no_grad():
         c = centroids.to(device=x.device, dtype=torch.float32)
         chunk = chunk_size or auto_chunk_size(x.shape[0], c.shape[0], x.device)
-        return _nearest(x, c, _sq_norms(x, chunk), chunk)
+        return _nearest(x, c, _sq_norms(x, chunk), chunk, exact=exact)
 
 
 # ---------------------------------------------------------------------------- initialisation
@@ -334,6 +338,75 @@ def _reseed_split(centroids: Tensor, counts: Tensor, empty_ids: Tensor, generato
         counts[big] -= counts[j]
 
 
+# ---------------------------------------------------------------------------- backend choice
+
+BACKEND_RECORD = "kmeans-backend.json"  # in $TEAL_CACHE_DIR, written by benchmarks/kmeans.py
+# faiss must be at least this much faster per iteration for "auto" to take it: the two
+# differ in how they refill empty clusters, so a near tie is not worth a change of method.
+FAISS_MARGIN = 1.1
+
+
+def machine_key(faiss_version: str | None = None) -> dict:
+    """What a backend timing depends on: CPU model, torch threads, torch and faiss versions."""
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    if faiss_version is None:
+        faiss = _faiss_module(required=False)
+        faiss_version = getattr(faiss, "__version__", None) if faiss is not None else None
+    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__, "faiss": faiss_version}
+
+
+def _record_path():
+    from .hub import cache_dir
+
+    return cache_dir() / BACKEND_RECORD
+
+
+def record_backend_timings(torch_s: float, faiss_s: float, *, faiss_version: str | None = None):
+    """Store seconds per Lloyd iteration of both backends on this machine (atomically);
+    ``backend="auto"`` reads it. Returns the file's path."""
+    import json
+
+    from .media import atomic_output
+
+    path = _record_path()
+    with atomic_output(path) as f:
+        json.dump({**machine_key(faiss_version), "torch_s_per_iter": torch_s, "faiss_s_per_iter": faiss_s}, f)
+        f.write("\n")
+    return path
+
+
+def auto_prefers_faiss() -> bool:
+    """``backend="auto"``'s choice, made from a measurement, never from timing at run time.
+
+    faiss's speed is not a property of faiss: its wheel bundles OpenBLAS 0.3.15, which falls
+    back to its SSE3 kernels on some CPUs (a KVM Ice Lake Xeon: 8 GFLOP/s against MKL's 240,
+    faiss 7x slower than teal), while on an AMD EPYC it was 3x faster than teal was then. So
+    "auto" takes faiss only where ``benchmarks/kmeans.py`` recorded it faster by
+    ``FAISS_MARGIN`` on this CPU, thread count and torch/faiss versions. The same record
+    gives the same choice, so results do not depend on timing noise.
+    """
+    import json
+
+    faiss = _faiss_module(required=False)
+    if faiss is None:
+        return False
+    try:
+        record = json.loads(_record_path().read_text(encoding="utf-8"))
+        key = machine_key(getattr(faiss, "__version__", None))
+        if any(record.get(name) != value for name, value in key.items()):
+            return False
+        return float(record["faiss_s_per_iter"]) * FAISS_MARGIN < float(record["torch_s_per_iter"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
 def _resolve_backend(backend: str, x: Tensor, all_reduce_fn, tol: float) -> str:
     if backend not in BACKENDS:
         raise UsageError(f"unknown k-means backend {backend!r}; expected one of {', '.join(BACKENDS)}")
@@ -341,7 +414,7 @@ def _resolve_backend(backend: str, x: Tensor, all_reduce_fn, tol: float) -> str:
         return "torch"
     if backend == "auto":
         usable = x.device.type == "cpu" and all_reduce_fn is None and tol == 0
-        return "faiss" if usable and _faiss_module(required=False) is not None else "torch"
+        return "faiss" if usable and auto_prefers_faiss() else "torch"
     if x.device.type != "cpu":
         raise UsageError("backend='faiss' uses faiss-cpu and needs CPU data; move x to CPU or use backend='torch'")
     if all_reduce_fn is not None or tol != 0:
@@ -417,7 +490,8 @@ def kmeans(
       centroid (with ``all_reduce_fn``: splits the biggest cluster instead); ``"keep"``
       leaves its centroid where it was.
     - ``backend``: ``"torch"``; ``"faiss"`` (faiss-cpu's loop from the same init);
-      ``"auto"``: faiss when importable, x is on CPU and no torch-only option is used.
+      ``"auto"``: faiss when x is on CPU, no torch-only option is used and faiss was
+      measured faster on this machine (see ``auto_prefers_faiss``), else torch.
     - ``all_reduce_fn``: in-place sum across processes; each process passes its own shard
       and the same ``init`` tensor, and gets the same centroids back.
     - ``progress(i, inertia)`` is called after each assignment pass.

@@ -76,3 +76,24 @@ def test_export_is_a_working_sklearn_estimator(tmp_path, fitted):
     with open(path, "rb") as f:
         assert type(pickle.load(f)).__name__ == "MiniBatchKMeans"
     torch.testing.assert_close(read_centroids(path), centers, rtol=0, atol=0)  # and back through our reader
+
+
+def test_export_loads_in_gslm_era_scikit_learn(tmp_path):
+    """scikit-learn 0.21 (GSLM) has sklearn.cluster.k_means_, not _kmeans: the file must name the
+    class by its public path, stay at protocol 2 and carry what 0.21's predict reads."""
+    import pickletools
+
+    from teal_cli.gslm import KM_GLOBALS
+
+    path = write_km(tmp_path / "km.bin", torch.randn(8, 4), seed=0)
+    ops = list(pickletools.genops(path.read_bytes()))
+    assert ops[0][0].name == "PROTO" and ops[0][1] <= 2
+    names = {tuple(arg.split(" ", 1)) for op, arg, _ in ops if op.name == "GLOBAL"}
+    assert names <= KM_GLOBALS and ("sklearn.cluster", "MiniBatchKMeans") in names
+    assert not any("_kmeans" in module or "k_means_" in module for module, _ in names)
+    state = read_estimator(path).__dict__
+    # MiniBatchKMeans.predict in 0.21.3: check_is_fitted(cluster_centers_), _check_test_data
+    # (cluster_centers_.shape), _labels_inertia_minibatch (verbose, batch_size).
+    assert {"cluster_centers_", "verbose", "batch_size", "n_clusters"} <= state.keys()
+    assert isinstance(state["batch_size"], int) and state["verbose"] == 0
+    assert not list(tmp_path.glob(".km.bin*"))  # written atomically, no temp file left

@@ -3,6 +3,7 @@ determinism, half input, streaming, distributed reduction and user errors."""
 
 from __future__ import annotations
 
+import json
 import sys
 import threading
 
@@ -292,6 +293,36 @@ def test_non_finite_data_is_a_data_error(bad):
         kmeans_streaming(_stream(x, 3), 2)
 
 
+# ---------------------------------------------------------------------------- exactness
+
+
+@pytest.mark.parametrize("n", [1000, 50_000])
+def test_constant_data_gives_that_point_and_zero_inertia(n):
+    row = torch.randn(1, 64, generator=torch.Generator().manual_seed(3)) * 3 + 0.1
+    x = row.repeat(n, 1)
+    fit = kmeans(x, 4, iters=3)
+    assert torch.equal(fit.centroids, row.expand(4, -1))  # the mean of equal rows is that row
+    assert fit.inertia == 0.0 and fit.history[-1] == 0.0
+    assert float(assign(x, fit.centroids, exact=True)[1].sum()) == 0.0
+
+
+def test_big_cluster_means_are_accurate():
+    """fp32 running sums of 50,000 rows were 1e-3 off; float64 sums of deviations are not."""
+    g = torch.Generator().manual_seed(4)
+    x = 100.0 + torch.rand(50_000, 16, generator=g)
+    fit = kmeans(x, 1, iters=1)
+    torch.testing.assert_close(fit.centroids[0].double(), x.double().mean(0), rtol=1e-7, atol=0)
+    assert fit.inertia == pytest.approx(float(((x.double() - x.double().mean(0)) ** 2).sum()), rel=1e-6)
+
+
+def test_fewer_distinct_points_than_k_leaves_duplicates_the_argmin_never_picks():
+    x = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]]).repeat(20, 1)
+    fit = kmeans(x, 5, iters=5)
+    assert torch.unique(fit.centroids, dim=0).shape[0] == 3 and fit.inertia == 0.0
+    ids, _ = assign(x, fit.centroids)
+    assert ids.unique().numel() == 3
+
+
 # ---------------------------------------------------------------------------- faiss
 
 
@@ -311,7 +342,23 @@ def test_faiss_backend_agrees_with_torch():
     assert theirs.backend == "faiss" and theirs.centroids.dtype == torch.float32
     assert abs(theirs.inertia - ours.inertia) <= 0.005 * ours.inertia
     assert theirs.inertia == pytest.approx(true_inertia(x, theirs.centroids), rel=1e-5)
-    assert kmeans(x, 12, iters=1, init=init, backend="auto").backend == "faiss"
+
+
+def test_auto_takes_faiss_only_where_recorded_faster_here():
+    require("faiss")
+    x = blobs(n=500, seed=11)
+    assert kmeans(x, 4, iters=1, backend="auto").backend == "torch"  # no measurement yet
+    km.record_backend_timings(torch_s=1.0, faiss_s=0.5)
+    assert kmeans(x, 4, iters=1, backend="auto").backend == "faiss"
+    assert kmeans(x, 4, iters=1, backend="auto", tol=1e-4).backend == "torch"  # a torch-only option
+    km.record_backend_timings(torch_s=1.0, faiss_s=0.95)  # within FAISS_MARGIN: not worth a switch
+    assert kmeans(x, 4, iters=1, backend="auto").backend == "torch"
+    path = km.record_backend_timings(torch_s=1.0, faiss_s=0.5)
+    record = json.loads(path.read_text())
+    path.write_text(json.dumps({**record, "threads": record["threads"] + 1}))
+    assert not km.auto_prefers_faiss()  # measured under another thread count
+    path.write_text("{not json")
+    assert not km.auto_prefers_faiss()
 
 
 # ---------------------------------------------------------------------------- CUDA
@@ -331,3 +378,46 @@ def test_cpu_and_cuda_agree():
     assert torch.equal(kmeans_plusplus(x.cuda(), 12, generator=torch.Generator().manual_seed(0)).cpu(), init)
     tf32 = kmeans(x.cuda().half(), 12, iters=8, init=init.cuda(), allow_tf32=True)
     assert tf32.inertia == pytest.approx(true_inertia(x.half().float(), tf32.centroids.cpu()), rel=1e-5)
+
+
+# ---------------------------------------------------------------------------- teal cluster's fit
+
+
+def _patch_items(tmp_path, pixels):
+    from PIL import Image
+
+    path = tmp_path / "flat.png"
+    Image.fromarray(pixels).save(path)
+    return [("flat", str(path))]
+
+
+def test_cluster_sample_smaller_than_k_names_both_options(tmp_path):
+    import numpy as np
+
+    from teal_cli.cluster import ClusterOptions, fit_codec
+    from teal_cli.features import extractor_for
+
+    items = _patch_items(tmp_path, np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    with pytest.raises(UsageError, match=r"--sample 4 is smaller than --k 8.*raise --sample") as err:
+        fit_codec(items, extractor_for("patch", patch_size=4), tmp_path / "c", ClusterOptions(k=8, sample=4, iters=2))
+    assert "number of points" not in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "c").exists()
+
+
+def test_cluster_warns_when_fewer_distinct_vectors_than_k(tmp_path):
+    import json as _json
+
+    import numpy as np
+
+    from teal_cli.cluster import ClusterOptions, fit_codec
+    from teal_cli.features import extractor_for
+
+    pixels = np.zeros((32, 32, 3), dtype=np.uint8)
+    pixels[:16] = 200  # two distinct 4x4 patches
+    warnings: list[str] = []
+    report = fit_codec(_patch_items(tmp_path, pixels), extractor_for("patch", patch_size=4), tmp_path / "c",
+                       ClusterOptions(k=8, iters=3), warn=warnings.append)
+    assert len(warnings) == 1 and "only 2 distinct centroids for --k 8" in warnings[0] and "--k 2" in warnings[0]
+    assert report.result.inertia == 0.0
+    fit = _json.loads((tmp_path / "c" / "config.json").read_text())
+    assert _json.dumps(fit).count('"distinct_centroids": 2') == 1
