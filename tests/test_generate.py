@@ -452,6 +452,7 @@ def test_cli_text_prompt_and_output_file(cli, model_dir, isolated):
     assert all(r["segments"][0]["modality"] == "text" and r["generation"]["max_new_tokens"] == 5 for r in records)
 
 
+@pytest.mark.slow  # three processes, each importing torch and transformers
 def test_pipe_tokenize_generate_detokenize(model_dir, isolated):
     """The project's pipe, through real processes: the generated image decodes to a PNG."""
     from PIL import Image

@@ -258,6 +258,18 @@ def block_logits(model: "TealModel", hidden: torch.Tensor, blocks: set, vocab_si
     return out
 
 
+def constrain(logits: torch.Tensor, state: torch.Tensor, grammar: Grammar, cfg_scale: float | None,
+              neg_inf: torch.Tensor) -> torch.Tensor:
+    """Guide and mask joint logits: ``[R, V]`` (R = B, or 2B with the unconditional rows after
+    the conditional ones when ``cfg_scale`` is given) to ``[B, V]``, -inf where ``state``
+    ``[B]`` forbids a token; guided states get ``uncond + cfg_scale * (cond - uncond)``."""
+    if cfg_scale is not None:
+        B = state.shape[0]
+        cond, uncond = logits[:B], logits[B:]
+        logits = torch.where(grammar.guided[state][:, None], uncond + cfg_scale * (cond - uncond), cond)
+    return torch.where(grammar.masks[state], logits, neg_inf)
+
+
 def choose_tokens(logits: torch.Tensor, options: GenerateOptions, uniforms: torch.Tensor | None) -> torch.Tensor:
     """One token per row of masked ``[B, V]`` logits (-inf = not allowed): argmax when greedy,
     else temperature / top-k / top-p and inverse-CDF sampling with ``uniforms`` ``[B]`` in [0, 1)."""
@@ -393,12 +405,7 @@ def generate_ids(model: "TealModel", prompts: list[list[int]], options: Generate
         states = [r.state for r in rows]
         blocks = set().union(*(grammar.states[s].blocks for s in set(states)))
         logits = block_logits(model, hidden, blocks, grammar.vocab_size)
-        state_t = torch.tensor(states, device=device)
-        if cfg_on:
-            cond, uncond = logits[:B], logits[B:]
-            guided = grammar.guided[state_t]
-            logits = torch.where(guided[:, None], uncond + scale * (cond - uncond), cond)
-        logits = torch.where(grammar.masks[state_t], logits, neg_inf)
+        logits = constrain(logits, torch.tensor(states, device=device), grammar, scale if cfg_on else None, neg_inf)
         if generators is not None and step % _UNIFORM_CHUNK == 0:
             uniforms = torch.stack([torch.rand(_UNIFORM_CHUNK, generator=g, dtype=torch.float64) for g in generators])
         draw = uniforms[:, step % _UNIFORM_CHUNK] if uniforms is not None else None

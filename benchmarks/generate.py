@@ -1,0 +1,235 @@
+"""Tokens/s of teal's generation against Hugging Face ``generate`` on the bare base model,
+same prompts, same lengths, same run; ratio printed; batch 1 and 8; text and image segments.
+
+    python benchmarks/generate.py                  # SmolLM2-135M (the offline default), CPU
+    python benchmarks/generate.py --tiny           # a tiny random Llama (no model files needed)
+    python benchmarks/generate.py --repeats 5 --new-tokens 48 --grid 8
+    python benchmarks/generate.py --device cuda    # a GPU, when there is one
+
+Arms, each timed end to end (prefill + decoding, what a user waits for):
+
+- text: teal ``output_modality="text"`` greedy vs ``model.llm.generate(do_sample=False)``
+  on the same left-padded ids. Both stop at EOS or ``--new-tokens``; the two outputs are
+  compared (they must be the same ids), so both arms produce the same tokens.
+- image: teal forced image segment (``<img>``, grid*grid ids, ``</img>``) vs HF generating the
+  same number of tokens (``min_new_tokens = max_new_tokens``) from the same prompts.
+
+Tokens/s counts generated tokens of all rows (a row's tokens after its EOS are not counted;
+both arms count the same). Arms alternate within each repeat and the paired ratios are
+reported as a range, so load from other processes on the machine hits both alike.
+``--profile`` adds where teal's time goes: embed, backbone, logits, masks (+CFG), sampling,
+the grammar's per-row bookkeeping, and the rest (Python in the loop, cache/mask growth).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from teal_cli.model import generate as gen  # noqa: E402
+from teal_cli.model.generate import GenerateOptions, Grammar, generate_ids  # noqa: E402
+
+PROMPTS = [
+    "The capital of France is",
+    "Write one sentence about the sea:",
+    "List three colours:",
+    "Once upon a time, in a small village by the mountains, there lived an old clockmaker who",
+    "Q: What is two plus two?\nA:",
+    "The handwritten digit in the image is",
+    "Translate to French: good morning",
+    "A short poem about autumn leaves falling slowly from the trees onto the quiet road:",
+]
+
+
+def build(args, work: Path):
+    from teal_cli.codecs.kmeans_codec import load_codec_dir, save_codec_dir
+    from teal_cli.features.patch import PatchFeatures
+    from teal_cli.model import init_model
+    from teal_cli.model.llm import load_base_llm
+
+    if args.tiny:
+        sys.path.insert(0, str(REPO / "tests"))
+        from tiny_llm import make_tiny_llm
+
+        name = str(make_tiny_llm(work / "tiny-llama", "llama", hidden=64, layers=4, context=1024))
+    else:
+        name = args.model
+    base = load_base_llm(name, device=args.device)
+    g = torch.Generator().manual_seed(0)
+    codec_dir = save_codec_dir(work / "patch-p2-k256", PatchFeatures(2, image_size=2 * args.grid),
+                               torch.rand(256, 12, generator=g), {})
+    model = init_model(base, [load_codec_dir(codec_dir)], image_size=2 * args.grid).eval()
+    return model
+
+
+def encode(model, texts):
+    from teal_cli.records import Record, Segment
+
+    return [model.encode_record(Record(str(i), [Segment("text", text=t)]), prompt_only=True).ids for i, t in enumerate(texts)]
+
+
+def left_pad(prompts, pad, device):
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    return ids, mask
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def count(rows, eos):
+    return sum(len(r[:r.index(eos)] if eos in r else r) for r in rows)
+
+
+def run_hf(model, prompts, new_tokens, exact, device):
+    ids, mask = left_pad(prompts, model.eos_id, device)
+    kw = dict(min_new_tokens=new_tokens) if exact else {}
+    sync(device)
+    t = time.perf_counter()
+    with torch.inference_mode():
+        out = model.llm.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
+                                 pad_token_id=model.eos_id, **kw)
+    sync(device)
+    rows = out[:, ids.shape[1]:].tolist()
+    # EOS is a generated token in HF's output, excluded from teal's: count it on both sides alike.
+    return time.perf_counter() - t, rows
+
+
+def run_teal(model, prompts, options, grammar, device):
+    sync(device)
+    t = time.perf_counter()
+    results = generate_ids(model, prompts, options, grammar)
+    sync(device)
+    return time.perf_counter() - t, results
+
+
+class Profiler:
+    """Wall time per part of teal's decoding, by wrapping the functions that do each part."""
+
+    def __init__(self, model):
+        self.model = model
+        self.times = defaultdict(float)
+        self.saved = []
+
+    def wrap(self, owner, attr, label):
+        fn = getattr(owner, attr)
+        times = self.times
+
+        def timed(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                times[label] += time.perf_counter() - t
+
+        self.saved.append((owner, attr, attr in vars(owner), fn))
+        setattr(owner, attr, timed)
+
+    def __enter__(self):
+        m = self.model
+        self.wrap(m, "embed", "embed")
+        self.wrap(m.backbone, "forward", "backbone")
+        self.wrap(gen, "block_logits", "logits")
+        self.wrap(gen, "constrain", "masks + CFG")
+        self.wrap(gen, "choose_tokens", "sampling (incl. .tolist sync)")
+        self.wrap(gen, "_advance", "grammar bookkeeping")
+        return self
+
+    def __exit__(self, *exc):
+        for owner, attr, own, original in reversed(self.saved):
+            if own:
+                setattr(owner, attr, original)
+            else:
+                delattr(owner, attr)  # an instance attribute shadowing the class's method
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2-135m", help="base LLM for load_base_llm (alias, directory or hub id)")
+    ap.add_argument("--tiny", action="store_true", help="a tiny random Llama instead (no model files)")
+    ap.add_argument("--new-tokens", type=int, default=32, help="text arm: max new tokens")
+    ap.add_argument("--grid", type=int, default=6, help="image arm: a grid x grid image segment")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the usable CPUs)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--arms", nargs="+", default=["text", "image"])
+    ap.add_argument("--profile", action="store_true", help="where teal's time goes (one extra run per case)")
+    args = ap.parse_args()
+
+    from teal_cli.device import fit_threads_to_cpus
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    else:
+        fit_threads_to_cpus()
+    with tempfile.TemporaryDirectory() as work:
+        model = build(args, Path(work))
+        print(f"base {model.config.llm.get('name')} ({sum(p.numel() for p in model.llm.parameters()) / 1e6:.0f}M params), "
+              f"device {args.device}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+        eos = model.eos_id
+        for arm in args.arms:
+            if arm == "text":
+                options = GenerateOptions(max_new_tokens=args.new_tokens, output_modality="text")
+            else:
+                options = GenerateOptions(output_modality="image")
+            grammar = Grammar(model, options)
+            image_tokens = args.grid * args.grid + 2
+            for batch in args.batch:
+                prompts = encode(model, (PROMPTS * batch)[:batch])
+                n_new = args.new_tokens if arm == "text" else image_tokens
+                # warm-up both arms once
+                run_hf(model, prompts, n_new, arm == "image", args.device)
+                run_teal(model, prompts, options, grammar, args.device)
+                hf_rates, teal_rates, ratios, same = [], [], [], True
+                for r in range(args.repeats):
+                    order = ("hf", "teal") if r % 2 == 0 else ("teal", "hf")
+                    got = {}
+                    for which in order:
+                        if which == "hf":
+                            got["hf"] = run_hf(model, prompts, n_new, arm == "image", args.device)
+                        else:
+                            got["teal"] = run_teal(model, prompts, options, grammar, args.device)
+                    (t_hf, hf_rows), (t_teal, teal_res) = got["hf"], got["teal"]
+                    if arm == "text":
+                        n_hf = count(hf_rows, eos)
+                        n_teal = sum(len(x.ids) for x in teal_res)
+                        same &= [row[:row.index(eos)] if eos in row else row for row in hf_rows] == [x.ids for x in teal_res]
+                    else:
+                        n_hf = sum(len(row) for row in hf_rows)
+                        n_teal = sum(len(x.ids) for x in teal_res)
+                        same &= n_hf == n_teal == batch * image_tokens
+                    hf_rates.append(n_hf / t_hf)
+                    teal_rates.append(n_teal / t_teal)
+                    ratios.append(teal_rates[-1] / hf_rates[-1])
+                check = ("same ids as HF" if same else "IDS DIFFER FROM HF") if arm == "text" else \
+                        ("same token counts" if same else "TOKEN COUNTS DIFFER")
+                print(f"{arm:5s} batch {batch}: HF {statistics.median(hf_rates):7.1f} tok/s "
+                      f"[{min(hf_rates):.1f}-{max(hf_rates):.1f}]  teal {statistics.median(teal_rates):7.1f} tok/s "
+                      f"[{min(teal_rates):.1f}-{max(teal_rates):.1f}]  ratio {statistics.median(ratios):.2f}x "
+                      f"[{min(ratios):.2f}-{max(ratios):.2f}]  ({n_teal} tokens, {check})", flush=True)
+                if args.profile:
+                    with Profiler(model) as prof:
+                        total, _ = run_teal(model, prompts, options, grammar, args.device)
+                    parts = dict(prof.times)
+                    parts["rest (loop, cache/mask growth, prefill setup)"] = total - sum(parts.values())
+                    print("      teal profile: " + ", ".join(f"{k} {v / total:.0%}" for k, v in sorted(
+                        parts.items(), key=lambda kv: -kv[1])) + f" (of {total:.2f}s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
