@@ -239,7 +239,7 @@ def load_image_job(prep, path: str, raw_bytes: int = 0) -> tuple:
     same bytes). Those pixels are ``[H, W, 4]`` where Pillow can hand them over without a
     copy (:func:`~teal_cli.pixels.rgbx_array`; the 4th byte is padding), else ``[H, W, 3]``."""
     from .media import load_image
-    from .pixels import rgb_array, rgbx_array
+    from .pixels import PixelPrep, rgb_array, rgbx_array
 
     image = load_image(path)
     if raw_bytes and image.width * image.height * 4 <= raw_bytes:
@@ -247,7 +247,7 @@ def load_image_job(prep, path: str, raw_bytes: int = 0) -> tuple:
         if window is not None:
             pixels = rgbx_array(image)
             return rgb_array(image) if pixels is None else pixels, None, window
-    pixels, size = prep.apply(image, path)
+    pixels, size = prep.apply(image, path) if isinstance(prep, PixelPrep) else prep.apply(image)  # (other geometries: apply(image))
     return pixels, size, None
 
 
