@@ -5,9 +5,11 @@ and a bare matmul floor, on the same data from the same initial centroids, in on
     python benchmarks/kmeans.py --gpu-case           # CUDA: 1,000,000 x 768, k=2048
     python benchmarks/kmeans.py --n 20000 --k 256 --iters 5
 
-Every method gets one warm-up fit of one iteration, then ``--repeat`` timed fits of
-``--iters`` iterations, of which the fastest counts (other processes on a small machine
-only ever make a run slower). "passes" is how many assignment passes the timed fit makes: teal and
+Every method gets one warm-up fit of one iteration, then ``--repeat`` rounds of timed fits
+of ``--iters`` iterations, the methods alternating (reversed every other round, so load from
+other processes falls on all of them alike), of which each method's fastest counts. On CPU
+with faiss installed, the run records both backends' times in ``$TEAL_CACHE_DIR`` for
+``--backend auto`` (``--no-record`` to leave it). "passes" is how many assignment passes the timed fit makes: teal and
 scikit-learn measure the inertia of their final centroids with one extra pass (it is in
 their time); faiss and the plain loop do not, so their inertia is measured afterwards,
 untimed. On CUDA scikit-learn and faiss are skipped and TF32 variants are added.
@@ -184,7 +186,8 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--gpu-case", action="store_true", help="preset: --n 1000000 --d 768 --k 2048 --device cuda")
-    p.add_argument("--repeat", type=int, default=2, help="timed fits per method; the fastest counts")
+    p.add_argument("--repeat", type=int, default=3, help="timed fits per method; the fastest counts")
+    p.add_argument("--no-record", action="store_true", help="do not record the teal/faiss times for --backend auto")
     p.add_argument("--skip", default="", help="comma-separated methods to leave out (sklearn,faiss,loop,floor)")
     p.add_argument("--breakdown", action="store_true", help="time the parts of one teal pass instead")
     a = p.parse_args(argv)
@@ -202,14 +205,22 @@ def main(argv=None) -> None:
         return breakdown(x, init, device)
 
     methods = build_methods(x, init, a.iters, device, skip)
+    for m in methods.values():
+        m.fit(1)  # warm-up: thread pools, kernels, allocator
+    best: dict[str, tuple[float, object]] = {}
+    for r in range(a.repeat):
+        order = list(methods.items()) if r % 2 == 0 else list(methods.items())[::-1]
+        for name, m in order:
+            t = timed(lambda: m.fit(a.iters), device)
+            if name not in best or t[0] < best[name][0]:
+                best[name] = t
+            print(f"  round {r + 1} {name}: {t[0]:.2f} s", file=sys.stderr, flush=True)
     rows, lloyd = [], {}
     for name, m in methods.items():
-        m.fit(1)  # warm-up: thread pools, kernels, allocator
-        seconds, result = min((timed(lambda: m.fit(a.iters), device) for _ in range(a.repeat)), key=lambda t: t[0])
+        seconds, result = best[name]
         rows.append((name, seconds, m.passes(result), m.inertia(result)))
         if name.startswith("teal"):
             lloyd[name] = lloyd_seconds(result)
-        print(f"  {name}: {seconds:.2f} s", file=sys.stderr, flush=True)
 
     teal_s, teal_inertia = rows[0][1] / a.iters, rows[0][3]
     print(f"{'method':<18} {'s/iter':>9} {'s/pass':>9} {'passes':>6} {'inertia':>16} {'time/teal':>9} {'inertia/teal':>12}")
@@ -219,6 +230,13 @@ def main(argv=None) -> None:
               f"{inertia / teal_inertia:12.5f}")
     for name, sec in lloyd.items():
         print(f"{name}: {sec:.4f} s per Lloyd iteration (update + pass, median between passes, final pass excluded)")
+    if device.type == "cpu" and "faiss" in best and not a.no_record:
+        import faiss
+
+        path = engine.record_backend_timings(best["teal"][0] / a.iters, best["faiss"][0] / a.iters,
+                                             faiss_version=getattr(faiss, "__version__", None))
+        choice = "faiss" if engine.auto_prefers_faiss() else "torch"
+        print(f"recorded for --backend auto in {path}: auto now picks {choice} on this machine")
 
 
 def breakdown(x: torch.Tensor, init: torch.Tensor, device: torch.device) -> None:
