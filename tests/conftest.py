@@ -31,7 +31,12 @@ def isolated(tmp_path, monkeypatch):
     monkeypatch.setenv("TEAL_OFFLINE", "1")
     monkeypatch.delenv("TEAL_CODEC_PATH", raising=False)
     monkeypatch.delenv("TEAL_DEBUG", raising=False)
-    return tmp_path
+    # `-q` turns library progress bars off process-wide (teal_cli.quiet): undo it per test.
+    from teal_cli import quiet
+
+    for key in quiet.ENVIRONMENT:
+        monkeypatch.delenv(key, raising=False)
+    yield tmp_path
 
 
 @pytest.fixture(scope="session")

@@ -282,3 +282,38 @@ def test_init_embeddings_cli(llm_dirs, codecs, tmp_path):
         assert len(errors) == 1 and message in errors[0] and res.stderr.splitlines()[-1] == errors[0], res.stderr
         assert "Traceback" not in res.stderr
         assert not (tmp_path / "x").exists()
+
+
+def test_target_loss_is_cross_entropy_under_the_segment_grammar(llm_dirs, codecs):
+    import torch.nn.functional as F
+
+    model = build(llm_dirs["llama"], ["patch-p2-k16", "mel-80-k32"], image_size=8, seed=2)
+    with torch.no_grad():
+        for p in model.adapter_state_dict().values():
+            p.add_(torch.randn_like(p) * 0.3)
+    rec = Record(id="t", segments=[Segment("text", text="draw a seven"),
+                                   Segment("image", codec="patch-p2-k16", tokens=list(range(16)), shape=[4, 4])])
+    enc = model.encode_record(rec)
+    ids = torch.tensor([enc.ids])
+    with torch.no_grad():
+        hidden, _ = model.hidden_states(ids)
+        h, labels = hidden[0, :-1], ids[0, 1:]
+        loss = model.target_loss(h, labels)
+        full = model.logits(h)
+    cfg = model.config
+    img = cfg.codecs[0]
+    opens = [cfg.boundary_id("image"), cfg.boundary_id("audio")]
+    text_cols = torch.cat([torch.arange(cfg.text_vocab_size), torch.tensor(opens)])
+    for i, label in enumerate(labels.tolist()):
+        if img.offset <= label < img.offset + img.vocab_size:
+            cols = torch.arange(img.offset, img.offset + img.vocab_size)
+        elif label == opens[0] + 1:
+            assert loss[i] == 0  # </img> is forced by the grammar
+            continue
+        else:
+            cols = text_cols
+        expect = -F.log_softmax(full[i, cols], -1)[(cols == label).nonzero().item()]
+        torch.testing.assert_close(loss[i], expect, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="input-only"):
+        cross = build(llm_dirs["llama"], ["patch-p2-k16"], roles=["input"], image_size=8)
+        cross.target_loss(torch.zeros(1, cfg.hidden_size), torch.tensor([cross.config.codecs[0].offset]))

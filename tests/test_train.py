@@ -203,7 +203,10 @@ def test_stage2_adds_bias_norm_trains_every_non_textual_part_and_keeps_base_weig
     after = adapter(model_dir)
     assert any("teal_scale" in k for k in after) and any("teal_norm_weight" in k for k in after)
     changed = {k for k in before if not torch.equal(before[k], after[k])}
-    assert {"boundary_in", "heads.codec0.embedding", "heads.codec0.output"} <= changed
+    assert {"boundary_in", "boundary_out", "heads.codec0.embedding"} <= changed
+    # Caption targets are text: under the segment grammar no image id competes with them, so O
+    # (scored only inside image segments) gets no gradient and stays as it was.
+    assert "heads.codec0.output" not in changed
     cfg = json.loads((model_dir / "config.json").read_text())
     assert cfg["groups"]["bias_norm"] == "scale" and cfg["trainable"] == result.trainable
     # The directory rebuilds the trained model (bias-norm included): same logits.
@@ -280,13 +283,15 @@ def _caption_prompt(label, template="{input}\nDescribe this image in a few words
 
 def test_both_stages_lower_the_loss_and_stage2_answers_the_toy_task_through_generate(learn_dir, tmp_path):
     """The toy task: 16 patch ids drawn from class k's four ids -> the word for k (4 classes).
-    Stage 1 (projections only, 40 steps) must lower the loss by a third; stage 2 (80 CPU steps,
+    Stage 1 (projections only, 40 steps) must lower the loss by a fifth; stage 2 (80 CPU steps,
     batch 16) must bring the held-out loss under 0.5 nats a token and answer through generate."""
     from teal_cli.model.generate import GenerateOptions, generate
     from teal_cli.train import train
 
     first = train(learn_dir, options(toy_pairs(tmp_path / "p.jsonl", 64), stage=1, max_steps=40, batch_size=16, lr=3e-2))
-    assert first.val_loss < 0.67 * first.losses[0]
+    # Under the segment grammar the loss starts near ln 16 per image id (not over the joint
+    # vocabulary); the image half's floor is ln 4 (ids drawn from the class's four).
+    assert first.val_loss < 0.8 * first.losses[0], (first.losses[::10], first.val_loss)
     second = train(learn_dir, options(toy_captions(tmp_path / "s.jsonl", 64), stage=2, max_steps=80, batch_size=16, lr=3e-2))
     assert second.losses[-1] < 0.5 and second.val_loss < 0.5, (second.losses[::10], second.val_loss)
     model = second.model

@@ -141,7 +141,7 @@ class TrainStep(nn.Module):
     def forward(self, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         hidden, _ = self.model.hidden_states(ids, mask)
         picked = hidden.flatten(0, 1).index_select(0, rows)
-        return F.cross_entropy(self.model.logits(picked), labels, reduction="none")
+        return self.model.target_loss(picked, labels)
 
 
 class _StopFlag:
