@@ -46,6 +46,8 @@ def eval(
     output: Annotated[Optional[str], typer.Option("-o", "--output", help="Write the JSON results to this file (atomically) instead of stdout.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="recon: media items encoded together; ppl: records per forward pass.", min=1)] = 16,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="With --model: text tokens generated per answer (greedy decoding).", min=0)] = 64,
+    template: Annotated[Optional[str], typer.Option("--template", help="With --model: wrap each prompt in a stage-2 prompt template, TASK or TASK:N (the N-th of the task's templates, default 0), as 'teal train --stage 2' renders them.")] = None,
+    templates: Annotated[Optional[str], typer.Option("--templates", help="JSON templates file (as for 'teal train'), for --template.")] = None,
     on_error: OnErrorOpt = "fail",
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -70,7 +72,7 @@ def eval(
         dev, dt = setup_torch(device, dtype, seed)
     options = EvalOptions(task=task, data=list(data), predictions=predictions, model=model, codecs=list(codec),
                           judge=judge, on_error=on_error, seed=seed, batch_size=batch_size, device=dev, dtype=dt,
-                          max_new_tokens=max_new_tokens)
+                          max_new_tokens=max_new_tokens, template=_template(template, templates))
     result = run_eval(options, warn=log.warn, info=log.info)
     if report:
         from ..evaluate.report import write_report
@@ -83,3 +85,22 @@ def eval(
     if skipped:
         log.info(f"skipped {skipped} item(s); see the warnings above")
         raise typer.Exit(1)
+
+
+def _template(spec: "str | None", path: "str | None") -> "str | None":
+    """``TASK`` or ``TASK:N`` to the template string ``teal train`` would render."""
+    if spec is None:
+        return None
+    from ..errors import UsageError
+    from ..train.templates import load_templates
+
+    task, _, index = spec.partition(":")
+    table = load_templates(path)
+    if task not in table:
+        raise UsageError(f"--template {spec}: unknown task '{task}'; known: {', '.join(table)}")
+    if index and not index.isdigit():
+        raise UsageError(f"--template {spec}: expected TASK or TASK:N with N a number")
+    n = int(index or 0)
+    if n >= len(table[task]):
+        raise UsageError(f"--template {spec}: task '{task}' has {len(table[task])} templates (0..{len(table[task]) - 1})")
+    return table[task][n]

@@ -28,18 +28,24 @@ def load_model(path: str, device: Any, dtype: Any):
     return TealModel.from_dir(path, device=device, dtype=dtype).eval()
 
 
-def prompts_of(references: Iterable[Record]) -> Iterator[Record]:
-    """Each reference with its target segments removed: what the model is asked."""
+def prompts_of(references: Iterable[Record], template: str | None = None) -> Iterator[Record]:
+    """Each reference with its target segments removed: what the model is asked; with
+    ``template``, wrapped in it as ``teal train --stage 2`` renders instruction records."""
     for ref in references:
         prompt, _ = split_roles(ref)
-        yield replace(ref, segments=[replace(s, extra={k: v for k, v in s.extra.items() if k != "role"}) for s in prompt])
+        bare = replace(ref, segments=[replace(s, extra={k: v for k, v in s.extra.items() if k != "role"}) for s in prompt])
+        if template is not None:
+            from ..train.templates import render
+
+            bare = render(bare, template, ["prompt"] * len(bare.segments))
+        yield bare
 
 
-def generate_predictions(model, references: list[Record], options: Any = None) -> list[Record]:
+def generate_predictions(model, references: list[Record], options: Any = None, template: str | None = None) -> list[Record]:
     """Predictions for ``references`` by ``teal_cli.model.generate.generate`` (ids kept)."""
     from ..model.generate import GenerateOptions, generate
 
-    return list(generate(model, prompts_of(references), options or GenerateOptions()))
+    return list(generate(model, prompts_of(references, template), options or GenerateOptions()))
 
 
 def score_ppl(model, records: Iterable[Record], *, batch_size: int = 8, device: Any = "cpu") -> EvalResult:
