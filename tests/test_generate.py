@@ -358,6 +358,8 @@ def test_bad_inputs_and_options_are_one_line_errors(models):
          "record 'x'.*codec 'nope' is not part of this model"),
         ([Record("y", [Segment("image", codec="patch-p2-k16", tokens=[99] * 16, shape=[4, 4])])], GenerateOptions(),
          DataError, "record 'y'.*token id 99 is out of range"),
+        ([Record("e", [Segment("text", text="a", extra={"role": "target"})])], GenerateOptions(), DataError,
+         "record 'e': the prompt is empty"),
         (prompts(1), GenerateOptions(top_p=0.0), UsageError, "--top-p"),
         (prompts(1), GenerateOptions(temperature=-1), UsageError, "--temperature"),
         (prompts(1), GenerateOptions(output_modality="video"), UsageError, "--output-modality video"),

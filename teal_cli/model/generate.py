@@ -246,15 +246,18 @@ def block_logits(model: "TealModel", hidden: torch.Tensor, blocks: set, vocab_si
     ``blocks`` (TEXT_BLOCK, BOUNDARY_BLOCK, codec indices) with the very operations of
     :meth:`TealModel.logits`; other columns are 0 (callers mask them)."""
     cfg = model.config
-    out = hidden.new_zeros((hidden.shape[0], vocab_size), dtype=torch.float32)
-    if TEXT_BLOCK in blocks:
-        out[:, :cfg.text_vocab_size] = model.lm_head(hidden).float()
+    out = hidden.new_empty((hidden.shape[0], vocab_size), dtype=torch.float32)
     nb = len(cfg.boundary_list)
-    if BOUNDARY_BLOCK in blocks and nb:
-        out[:, cfg.boundary_offset:cfg.boundary_offset + nb] = hidden.float() @ model.boundary_out.t()
-    for i, entry in enumerate(cfg.codecs):
-        if i in blocks and entry.output:
-            out[:, entry.offset:entry.offset + entry.vocab_size] = model.heads[entry.key].logits(hidden)
+    parts = [(TEXT_BLOCK, 0, cfg.text_vocab_size, lambda: model.lm_head(hidden).float()),
+             (BOUNDARY_BLOCK, cfg.boundary_offset, cfg.boundary_offset + nb, lambda: hidden.float() @ model.boundary_out.t())]
+    parts += [(i, e.offset, e.offset + e.vocab_size, (lambda key=e.key: model.heads[key].logits(hidden)) if e.output else None)
+              for i, e in enumerate(cfg.codecs)]
+    for block, start, stop, compute in parts:
+        if stop > start:
+            if block in blocks and compute is not None:
+                out[:, start:stop] = compute()
+            else:
+                out[:, start:stop] = 0.0
     return out
 
 
@@ -499,6 +502,9 @@ def generate(model: "TealModel", records: Iterable[Record], options: GenerateOpt
     batch: list[tuple[Record, list[int], int]] = []
     for record in records:
         ids = model.encode_record(record, prompt_only=True).ids
+        if not ids:
+            raise DataError(f"record '{record.id}': the prompt is empty (no segments without role 'target', and the "
+                            "tokenizer adds no BOS); give it a text or media segment")
         if context and len(ids) + need > context:
             room = "no room for a token" if need == 1 else f"no room for the {need - 2}-id image segment"
             raise DataError(f"record '{record.id}': the prompt has {len(ids)} tokens and the base LLM's context is "
