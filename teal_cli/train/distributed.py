@@ -31,6 +31,12 @@ class Distributed:
     @classmethod
     def from_env(cls, device_type: str) -> "Distributed":
         """Join the process group when a launcher started several processes (no-op otherwise)."""
+        for key, what in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+            if os.environ.get(key, "").lower() in ("1", "true"):
+                from ..errors import UsageError
+
+                raise UsageError(f"teal train runs data-parallel (DDP) only; accelerate's {what} config is not supported: "
+                                 "launch with 'accelerate launch --multi_gpu' or torchrun")
         world = int(os.environ.get("WORLD_SIZE", "1") or 1)
         if world <= 1:
             return cls()

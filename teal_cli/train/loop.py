@@ -260,6 +260,8 @@ class Trainer:
         ModelConfig.load(self.directory)  # a clear error for a missing or wrong DIR before anything loads
         device = resolve_device(o.device)
         dist = Distributed.from_env(device.type)
+        if not dist.is_main:
+            self.info = lambda _: None  # one voice on stderr: rank 0's
         try:
             if device.type == "cuda" and dist.world > 1:
                 device = torch.device("cuda", dist.local_rank)
