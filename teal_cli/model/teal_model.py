@@ -542,7 +542,9 @@ def init_model(base: "BaseLLM", codecs: Sequence["Codec"], *, roles: Sequence[st
         base: the loaded base LLM (:func:`teal_cli.model.llm.load_base_llm`).
         codecs: loaded codecs; each becomes a :class:`CodecHead`.
         roles: per codec ``both``, ``input`` or ``output``; default ``both``, or ``input``
-            for codecs without a decoder (their ids could not become media).
+            for codecs without a decoder (their ids could not become media). ``output``
+            codecs get E and ``proj_in`` as well (generated ids are fed back in), but are
+            meant to be written rather than read.
         init: ``codebook``: E and O are the codec's codebook, standardised (zero mean, unit
             variance over all entries, so projections start on the same scale for pixel
             centroids and encoder features); ``random``: N(0, 1) entries, the paper's ablation.
@@ -598,7 +600,9 @@ def init_model(base: "BaseLLM", codecs: Sequence["Codec"], *, roles: Sequence[st
             raise UsageError(f"codec '{codec.name}': codebook has {book.shape[0]} rows but vocab_size is {codec.vocab_size}")
         entries.append(CodecEntry(
             key=f"codec{i}", name=codec.name, modality=codec.modality, vocab_size=int(codec.vocab_size), code_dim=width,
-            offset=offset, input=role in ("both", "input"), output=is_out, init=init,
+            # A codec the model writes is also read: decoding feeds each generated id back in,
+            # and training teaches it by teacher forcing, so it needs E and proj_in too.
+            offset=offset, input=True, output=is_out, init=init,
             segment=segment_spec(codec, image_size, is_out), path=(codec_paths[i] if codec_paths else None),
             weights=getattr(codec, "weights_id", None),
         ))
