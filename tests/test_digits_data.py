@@ -68,7 +68,7 @@ def test_image_counts_splits_and_manifests(images_only):
                 seg = r.segments[order.index("image")]
                 index = int(Path(seg.path).stem)
                 assert seg.path.split("/")[-1][:-4] in ids[split]
-                assert r.extra["task"] == task and r.extra["label"] == digits.target[index]
+                assert r.extra["task"] == {"t2i": "text-to-image"}.get(task, task) and r.extra["label"] == digits.target[index]
                 text = r.segments[order.index("text")].text
                 assert make_data.WORDS[r.extra["label"]] in text or str(r.extra["label"]) in text
     # Each PNG is the 8x8 digit scaled to 0..255, gray as RGB.
@@ -116,7 +116,7 @@ def test_manifest_tokenizes_with_a_patch_codec(images_only, tmp_path):
     assert len(records) == 40
     for r in records:
         assert r.segments[0].modality == "text" and r.segments[1].shape == [4, 4]
-        assert r.extra["task"] == "t2i" and 0 <= r.extra["label"] <= 9
+        assert r.extra["task"] == "text-to-image" and 0 <= r.extra["label"] <= 9
 
 
 @pytest.mark.slow  # 120 espeak-ng calls

