@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# The paper's ablations on the digits: each variant trains a fresh model on the tokens that
+# examples/digits/run.sh made, then is evaluated like the demo. Prints a table and writes
+# OUT/ablations/table.md, table.json and ablations.png.
+#
+# Usage: bash examples/digits/ablations.sh [OUT]     (OUT: the demo's folder, default ./digits-demo)
+#   ABL_STEPS1, ABL_STEPS2, ABL_BATCH   training length per variant (default: the demo's 40, 160, 32)
+#   ABL_VARIANTS="full random-init ..."  which variants to run (default: all below)
+#   ABL_KS="32 64 128"                    the audio-codec k sweep
+# Each variant costs about one demo training run; a variant already trained is reused.
+set -euo pipefail
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+ROOT="$(cd "$HERE/../.." && pwd)"
+OUT="$(cd "${1:-digits-demo}" && pwd)"
+source "$ROOT/scripts/env.sh" dev
+export TEAL_CODEC_PATH="$OUT/codecs${TEAL_CODEC_PATH:+:$TEAL_CODEC_PATH}"
+[[ -s "$OUT/stage2.tok.jsonl" ]] || { echo "Error: $OUT has no tokens: run examples/digits/run.sh $OUT first" >&2; exit 1; }
+S1="${ABL_STEPS1:-40}" S2="${ABL_STEPS2:-160}" B="${ABL_BATCH:-32}"
+IMG=$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["codecs"][0]["name"])' "$OUT/model/config.json")
+AUD=$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["codecs"][1]["name"])' "$OUT/model/config.json")
+A="$OUT/ablations"
+mkdir -p "$A"
+step() { printf '\n== %s\n' "$*" >&2; }
+
+# variant NAME INIT_FLAGS STAGE1(yes|no) STAGE2_FLAGS [IMG AUD STAGE1_DATA STAGE2_DATA TASKS]
+variant() {
+  local name=$1 init=$2 stage1=$3 flags2=$4 img=${5:-$IMG} aud=${6:-$AUD}
+  local d1=${7:-$OUT/stage1.tok.jsonl} d2=${8:-$OUT/stage2.tok.jsonl} tasks=${9:-"caption speech t2i"}
+  local m="$A/$name/model"
+  step "ablation $name: init $init; stage 1: $stage1; stage 2: $flags2"
+  if [[ ! -s "$A/$name/done" ]]; then
+    rm -rf "$A/$name" && mkdir -p "$A/$name"
+    teal init-embeddings --llm smollm2-135m --codec "$img" --codec "$aud" --image-size 8 $init -o "$m" -q
+    [[ $stage1 == yes ]] && teal train "$m" --data "$d1" --stage 1 --max-steps "$S1" --batch-size "$B" --lr 1e-2 -q
+    teal train "$m" --data "$d2" --stage 2 --max-steps "$S2" --batch-size "$B" --lr 2e-3 $flags2 -q
+    for t in $tasks; do
+      case $t in
+        caption) teal eval classify --model "$m" --data "$OUT/tok/caption.test.tok.jsonl" --template caption --max-new-tokens 8 -q -o "$A/$name/caption.json" ;;
+        speech)  teal eval classify --model "$m" --data "${ASR_TEST:-$OUT/tok/asr.test.tok.jsonl}" --template asr --max-new-tokens 6 -q -o "$A/$name/speech.json" ;;
+        t2i)     teal eval gen --model "$m" --data "$OUT/tok/t2i.test.tok.jsonl" --template text-to-image -q -o "$A/$name/t2i.json" ;;
+      esac
+    done
+    echo ok > "$A/$name/done"
+  fi
+}
+
+VARIANTS="${ABL_VARIANTS:-full random-init no-stage1 no-bias-norm lora}"
+for v in $VARIANTS; do
+  case $v in
+    full)         variant full "" yes "" ;;
+    random-init)  variant random-init "--init random" yes "" ;;
+    no-stage1)    variant no-stage1 "" no "" ;;
+    no-bias-norm) variant no-bias-norm "" yes "--bias-norm none" ;;
+    lora)         variant lora "" yes "--bias-norm none --lora 8" ;;
+  esac
+done
+
+# The audio codec's k: refit on the same Whisper features (extracted once), retokenize speech,
+# train speech-only models.
+WHISPER=$("$PY" -c 'import json,sys; c=json.load(open(sys.argv[1])); print(c["features"].get("checkpoint",""))' "$OUT/codecs/$AUD/config.json")
+LAYER=$("$PY" -c 'import json,sys; c=json.load(open(sys.argv[1])); print(c["features"].get("layer",""))' "$OUT/codecs/$AUD/config.json")
+for k in ${ABL_KS:-32 64 128}; do
+  name="audio-k$k"
+  codec="${AUD%-k*}-k$k"
+  if [[ ! -s "$OUT/codecs/$codec/config.json" ]]; then
+    if [[ $AUD == *whisper* ]]; then
+      teal cluster "$OUT/data/asr.train.jsonl" --features whisper-tiny.en --checkpoint "$WHISPER" --layer "$LAYER" --k "$k" \
+        --features-cache "$A/whisper-features" -o "$OUT/codecs/$codec" -q
+    else
+      teal cluster "$OUT/data/asr.train.jsonl" --features mel --k "$k" --features-cache "$A/mel-features" -o "$OUT/codecs/$codec" -q
+    fi
+  fi
+  mkdir -p "$A/$name"
+  for split in train val test; do
+    [[ -s "$A/$name/asr.$split.tok.jsonl" ]] || teal tokenize "$OUT/data/asr.$split.jsonl" --codec "$codec" --dedup -q -o "$A/$name/asr.$split.tok.jsonl"
+  done
+  ASR_TEST="$A/$name/asr.test.tok.jsonl" variant "$name" "" yes "" "$IMG" "$codec" \
+    "$A/$name/asr.train.tok.jsonl" "$A/$name/asr.train.tok.jsonl" speech
+done
+
+"$PY" - "$A" <<'PY'
+import json, sys, pathlib
+a = pathlib.Path(sys.argv[1])
+rows = []
+for d in sorted(p for p in a.iterdir() if (p / "done").is_file()):
+    row = {"variant": d.name}
+    for task in ("caption", "speech", "t2i"):
+        f = d / f"{task}.json"
+        row[task] = json.loads(f.read_text())["metrics"]["accuracy"] if f.is_file() else None
+    rows.append(row)
+fmt = lambda v: "–" if v is None else f"{v:.1%}"
+lines = ["| variant | caption | spoken digit | text -> image |", "|---|---|---|---|"]
+lines += [f"| {r['variant']} | {fmt(r['caption'])} | {fmt(r['speech'])} | {fmt(r['t2i'])} |" for r in rows]
+(a / "table.md").write_text("\n".join(lines) + "\n")
+(a / "table.json").write_text(json.dumps(rows, indent=2) + "\n")
+print("\n".join(lines))
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+fig, ax = plt.subplots(figsize=(8, 3.5))
+tasks = ("caption", "speech", "t2i")
+w = 0.8 / len(tasks)
+for i, t in enumerate(tasks):
+    ax.bar([j + i * w for j in range(len(rows))], [100 * (r[t] or 0) for r in rows], w, label=t)
+ax.set_xticks([j + w for j in range(len(rows))], [r["variant"] for r in rows], rotation=20)
+ax.set_ylabel("test accuracy (%)"); ax.set_ylim(0, 100); ax.legend(); fig.tight_layout()
+fig.savefig(a / "ablations.png", dpi=120)
+PY
