@@ -147,3 +147,15 @@ def smollm2(smollm2_dir) -> str:
     link.parent.mkdir(parents=True, exist_ok=True)
     link.symlink_to(smollm2_dir, target_is_directory=True)
     return "smollm2-135m"
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared machine OpenMP threads that
+    spin-wait for each other made each step of a tiny model many times slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -24,14 +24,7 @@ TEXTS = ["The capital of France is", "a handwritten seven", "draw a nine", "one 
 # ---------------------------------------------------------------------- tiny models
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared machine OpenMP threads that
-    spin-wait for each other made each decoding step ~100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
