@@ -240,3 +240,21 @@ def test_codebook_usage_hand_computed():
     counts = Counter({0: 1, 1: 2, 2: 1})
     entropy = -(0.25 * math.log(0.25) * 2 + 0.5 * math.log(0.5))
     assert M.codebook_usage(counts, 3)["perplexity"] == pytest.approx(math.exp(entropy))
+
+
+def test_classify_takes_the_records_label_as_the_class_so_any_wording_counts():
+    from teal_cli.evaluate.pairs import MatchStats
+    from teal_cli.evaluate.tasks import score_classify
+    from teal_cli.records import Record, Segment
+
+    def ref(i, label, word):
+        return Record(id=str(i), segments=[Segment("text", text="x"), Segment("text", text=f"a handwritten {word}")],
+                      extra={"label": label, "word": word})
+
+    def pred(i, text):
+        return Record(id=str(i), segments=[Segment("text", text=text)])
+
+    pairs = [(ref(0, 7, "seven"), pred(0, "the digit 7")), (ref(1, 1, "one"), pred(1, "a handwritten one")),
+             (ref(2, 4, "four"), pred(2, "the digit 0")), (ref(3, 0, "zero"), pred(3, "nothing here"))]
+    result = score_classify(pairs, MatchStats(), "ref.jsonl")
+    assert result.metrics["accuracy"] == 0.5

@@ -129,13 +129,13 @@ fi
 REPORT="$OUT/report"
 mkdir -p "$REPORT"
 step "6a. teal eval classify: captions of the $(wc -l < "$OUT/tok/caption.test.tok.jsonl") test digits"
-teal eval classify --model "$MODEL" --data "$OUT/tok/caption.test.tok.jsonl" --template caption \
+done_already "$REPORT/caption.json" || teal eval classify --model "$MODEL" --data "$OUT/tok/caption.test.tok.jsonl" --template caption \
   --max-new-tokens 8 --batch-size 32 --report "$REPORT/caption" -o "$REPORT/caption.json"
 step "6b. teal eval classify: spoken-digit recognition of the $(wc -l < "$OUT/tok/asr.test.tok.jsonl") test utterances"
-teal eval classify --model "$MODEL" --data "$OUT/tok/asr.test.tok.jsonl" --template asr \
+done_already "$REPORT/speech.json" || teal eval classify --model "$MODEL" --data "$OUT/tok/asr.test.tok.jsonl" --template asr \
   --max-new-tokens 6 --batch-size 32 --report "$REPORT/speech" -o "$REPORT/speech.json"
 step "6c. teal eval gen: text -> digit image, judged by a digits classifier"
-teal eval gen --model "$MODEL" --data "$OUT/tok/t2i.test.tok.jsonl" --template text-to-image \
+done_already "$REPORT/t2i.json" || teal eval gen --model "$MODEL" --data "$OUT/tok/t2i.test.tok.jsonl" --template text-to-image \
   --batch-size 32 --report "$REPORT/t2i" -o "$REPORT/t2i.json"
 "$PY" - "$REPORT" <<'PY'
 import json, sys, pathlib

@@ -135,8 +135,10 @@ def score_classify(pairs: Pairs, stats: MatchStats, ref_name: str, on_error: str
                    warn: Callable[[str], None] | None = None) -> EvalResult:
     """Accuracy and confusion matrix of class-word answers.
 
-    The classes are the distinct reference targets (:func:`~teal_cli.evaluate.text.canonical_class`:
-    "Seven", "seven" and "7" are one class). A prediction's class is the class word found
+    The classes are the references' ``"class"`` (or ``"label"``) keys where records carry one,
+    else their distinct text targets (:func:`~teal_cli.evaluate.text.canonical_class`:
+    "Seven", "seven" and "7" are one class), so with a label any wording that names the class
+    ("the digit 7", "a handwritten seven") is right. A prediction's class is the class word found
     earliest in its text (:func:`~teal_cli.evaluate.text.class_of`); none found is ``(none)``,
     counted as wrong.
     """
@@ -144,12 +146,18 @@ def score_classify(pairs: Pairs, stats: MatchStats, ref_name: str, on_error: str
     truth_pairs = []
     shown: dict[str, str] = {}  # canonical -> the spelling first seen in the references
     for ref, pred in pairs:
-        texts = _targets_text(ref)
-        key = canonical_class(texts[0]) if texts else ""
+        label = next((ref.extra[k] for k in ("class", "label") if ref.extra.get(k) is not None), None)
+        if label is not None:  # the record names its class: any wording of the answer that names it counts
+            key = canonical_class(str(label))
+            name = str(ref.extra.get("word") or label)
+        else:
+            texts = _targets_text(ref)
+            key = canonical_class(texts[0]) if texts else ""
+            name = texts[0].strip() if texts else ""
         if not key:
-            bad(ref, "no text target naming its class")
+            bad(ref, "no text target naming its class (nor a 'class' / 'label' key)")
             continue
-        shown.setdefault(key, texts[0].strip())
+        shown.setdefault(key, name)
         truth_pairs.append((ref, pred, key))
     classes = sort_labels(list(shown))
     truth, guess, items = [], [], []
@@ -162,7 +170,7 @@ def score_classify(pairs: Pairs, stats: MatchStats, ref_name: str, on_error: str
     names = [shown.get(k, k) for k in labels]
     return EvalResult("classify", {"accuracy": M.accuracy([ok for _, ok in items])},
                       {**stats.counts(len(items)), "no_class": guess.count(NO_CLASS)},
-                      {"class_rule": "earliest reference class word in the answer (ASR normalisation; digit words = numerals)"},
+                      {"class_rule": "earliest class word in the answer; classes from the records' class/label keys, else their targets (ASR normalisation; digit words = numerals)"},
                       per_category=per_category(items),
                       confusion={"labels": names, "matrix": M.confusion(truth, guess, labels)})
 
