@@ -46,6 +46,7 @@ def eval(
     output: Annotated[Optional[str], typer.Option("-o", "--output", help="Write the JSON results to this file (atomically) instead of stdout.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="recon: media items encoded together; ppl: records per forward pass.", min=1)] = 16,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="With --model: text tokens generated per answer (greedy decoding).", min=0)] = 64,
+    cfg_scale: Annotated[float, typer.Option("--cfg-scale", help="With --model, gen: classifier-free guidance inside image segments (1 = off), as 'teal generate --cfg-scale'.")] = 1.0,
     template: Annotated[Optional[str], typer.Option("--template", help="With --model: wrap each prompt in a stage-2 prompt template, TASK or TASK:N (the N-th of the task's templates, default 0), as 'teal train --stage 2' renders them.")] = None,
     templates: Annotated[Optional[str], typer.Option("--templates", help="JSON templates file (as for 'teal train'), for --template.")] = None,
     on_error: OnErrorOpt = "fail",
@@ -72,7 +73,7 @@ def eval(
         dev, dt = setup_torch(device, dtype, seed)
     options = EvalOptions(task=task, data=list(data), predictions=predictions, model=model, codecs=list(codec),
                           judge=judge, on_error=on_error, seed=seed, batch_size=batch_size, device=dev, dtype=dt,
-                          max_new_tokens=max_new_tokens, template=_template(template, templates))
+                          max_new_tokens=max_new_tokens, template=_template(template, templates), cfg_scale=cfg_scale)
     result = run_eval(options, warn=log.warn, info=log.info)
     if report:
         from ..evaluate.report import write_report

@@ -43,6 +43,7 @@ class EvalOptions:
     dtype: Any = None
     max_new_tokens: int = 64
     template: str | None = None
+    cfg_scale: float = 1.0
 
 
 def _check(o: EvalOptions) -> None:
@@ -105,7 +106,7 @@ def run_eval(o: EvalOptions, warn: Callable[[str], None] | None = None,
         from ..model.generate import GenerateOptions
 
         options = GenerateOptions(max_new_tokens=o.max_new_tokens, seed=o.seed, batch_size=o.batch_size,
-                                  output_modality="image" if o.task == "gen" else "text")
+                                  output_modality="image" if o.task == "gen" else "text", cfg_scale=o.cfg_scale)
         predictions, pred_name = generate_predictions(model, references, options, template=o.template), f"generations of {o.model}"
     else:
         predictions, pred_name = read_file(o.predictions), o.predictions
