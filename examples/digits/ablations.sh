@@ -31,7 +31,7 @@ variant() {
   if [[ ! -s "$A/$name/done" ]]; then
     rm -rf "$A/$name" && mkdir -p "$A/$name"
     teal init-embeddings --llm smollm2-135m --codec "$img" --codec "$aud" --image-size 8 $init -o "$m" -q
-    [[ $stage1 == yes ]] && teal train "$m" --data "$d1" --stage 1 --max-steps "$S1" --batch-size "$B" --lr 1e-2 -q
+    [[ $stage1 == yes ]] && teal train "$m" --data "$d1" --stage 1 --max-steps "$S1" --batch-size "$B" --lr 1e-3 -q
     teal train "$m" --data "$d2" --stage 2 --max-steps "$S2" --batch-size "$B" --lr 2e-3 $flags2 -q
     for t in $tasks; do
       case $t in

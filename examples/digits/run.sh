@@ -116,7 +116,7 @@ trained() { grep -q "\"stage\": $1" "$MODEL/config.json" && [[ -z "${DIGITS_FORC
 step "5a. teal train --stage 1: only the projections ($STEPS1 steps of $BATCH)"
 if trained 1; then echo "   (reusing stage 1 of $MODEL)" >&2; else
   teal train "$MODEL" --data "$OUT/stage1.tok.jsonl" --val "$OUT/val1.tok.jsonl" --stage 1 \
-    --max-steps "$STEPS1" --batch-size "$BATCH" --lr 1e-2 --seed "$SEED"
+    --max-steps "$STEPS1" --batch-size "$BATCH" --lr 1e-3 --seed "$SEED"
 fi
 step "5b. teal train --stage 2: E, O, projections, boundary tokens + bias-norm ($STEPS2 steps of $BATCH)"
 if trained 2; then echo "   (reusing stage 2 of $MODEL)" >&2; else
