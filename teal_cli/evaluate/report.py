@@ -133,8 +133,24 @@ def read_curves(path: Path) -> list[dict]:
     return rows
 
 
+def _runs_end_to_end(rows: list[dict]) -> list[list[tuple[float, dict]]]:
+    """Rows split by training run (``run`` key, else a step that goes back), each run's steps
+    shifted to follow the previous run's last step: stage 2 is drawn after stage 1."""
+    runs: list[list[dict]] = []
+    for r in rows:
+        if not runs or r.get("run", runs[-1][-1].get("run")) != runs[-1][-1].get("run") or r["step"] < runs[-1][-1]["step"]:
+            runs.append([])
+        runs[-1].append(r)
+    out, offset = [], 0.0
+    for run in runs:
+        out.append([(offset + r["step"], r) for r in run])
+        offset += max(r["step"] for r in run)
+    return out
+
+
 def curves_png(rows: list[dict], path: Path) -> bool:
-    """Losses (every field with ``loss`` in its name) and the learning rate against step;
+    """Losses (every field with ``loss`` in its name) and the learning rate against step,
+    successive runs (stage 1, stage 2, ...) end to end with a dashed line between them;
     False when there is nothing to draw."""
     plt = _pyplot()
     fields = sorted({k for r in rows for k, v in r.items() if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)})
@@ -142,16 +158,23 @@ def curves_png(rows: list[dict], path: Path) -> bool:
     lr = [k for k in fields if k in ("lr", "learning_rate")]
     if not losses and not lr:
         return False
+    runs = _runs_end_to_end(rows)
     panels = [p for p in (losses, lr) if p]
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 3.8), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, keys in zip(axes[0], panels):
-        for k in keys:
-            pts = [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float))]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if len(pts) < 30 else None, ms=3, label=k)
-        ax.set_xlabel("step")
+        for i, k in enumerate(keys):
+            for j, run in enumerate(runs):
+                pts = [(x, r[k]) for x, r in run if isinstance(r.get(k), (int, float))]
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if len(pts) < 30 else None, ms=3,
+                            color=colors[i % len(colors)], label=k if j == 0 or not ax.get_legend_handles_labels()[1].count(k) else None)
+        for run in runs[1:]:
+            ax.axvline(run[0][0], color="grey", ls="--", lw=0.8)
+        ax.set_xlabel("step (runs end to end)" if len(runs) > 1 else "step")
         ax.set_ylabel("learning rate" if keys is lr else "loss")
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8)
     axes[0][0].set_title("training curves")
     _save(fig, path)
     return True
