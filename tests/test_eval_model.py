@@ -69,6 +69,30 @@ def test_eval_with_model_generates_and_scores(cli, model_dir, tmp_path, monkeypa
     assert out["counts"]["scored"] == 6 and out["counts"]["no_image"] == 0
 
 
+def test_eval_decodes_as_asked_and_records_it(cli, model_dir, tmp_path, monkeypatch):
+    """--temperature/--top-k/--top-p/--cfg-scale/--seed reach teal_cli.model.generate and the
+    results' settings; a bad value is refused before the model loads."""
+    import teal_cli.evaluate.modeling as modeling
+
+    seen = []
+    real = modeling.generate_predictions
+    monkeypatch.setattr(modeling, "generate_predictions",
+                        lambda model, refs, options=None, template=None: seen.append(options) or real(model, refs, options, template))
+    monkeypatch.setenv("TEAL_CODEC_PATH", str(model_dir / "codecs"))
+    refs = _refs(tmp_path / "ref.jsonl", n=4)
+    args = ("eval", "gen", "--model", model_dir / "model", "--data", refs, "--temperature", "0.7", "--top-k", "5",
+            "--top-p", "0.9", "--cfg-scale", "2", "--seed", "3", "-q")
+    first, second = cli(*args), cli(*args)
+    assert first.exit_code == 0, first.stderr
+    assert first.stdout == second.stdout  # seeded sampling is reproducible
+    o = seen[0]
+    assert (o.temperature, o.top_k, o.top_p, o.cfg_scale, o.seed, o.output_modality) == (0.7, 5, 0.9, 2.0, 3, "image")
+    decoding = json.loads(first.stdout)["settings"]["decoding"]
+    assert decoding == {"template": None, "temperature": 0.7, "top_k": 5, "top_p": 0.9, "cfg_scale": 2.0, "seed": 3}
+    r = cli("eval", "gen", "--model", tmp_path / "no-such-model", "--data", refs, "--top-p", "1.5")
+    assert r.exit_code == 2 and "--top-p 1.5" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
 def test_ppl_equals_cross_entropy_of_the_model(cli, model_dir, tmp_path):
     from teal_cli.evaluate.modeling import load_model
 

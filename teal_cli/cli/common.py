@@ -26,6 +26,9 @@ QuietOpt = Annotated[bool, typer.Option("-q", "--quiet", help="No progress or in
 VerboseOpt = Annotated[bool, typer.Option("-v", "--verbose", help="More detail on stderr.")]
 WorkersOpt = Annotated[Optional[int], typer.Option("--workers", help="Loaders decoding media ahead of the encoder [default: one per usable core, at most 16].", min=1, show_default=False)]
 OnErrorOpt = Annotated[str, typer.Option("--on-error", help="fail: stop at the first bad item. skip: report it on stderr, go on, exit 1 at the end.")]
+TemperatureOpt = Annotated[float, typer.Option("--temperature", help="0 = greedy; higher = more random.", min=0.0)]
+TopKOpt = Annotated[Optional[int], typer.Option("--top-k", help="Sample among the k most likely allowed tokens.", min=1, show_default=False)]
+TopPOpt = Annotated[Optional[float], typer.Option("--top-p", help="Nucleus sampling: the smallest set of tokens with this much probability.", show_default=False)]
 
 
 class Log:

@@ -6,7 +6,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import DeviceOpt, DtypeOpt, Log, OnErrorOpt, QuietOpt, SeedOpt, VerboseOpt, check_choice, handle_errors, output_stream
+from .common import (DeviceOpt, DtypeOpt, Log, OnErrorOpt, QuietOpt, SeedOpt, TemperatureOpt, TopKOpt, TopPOpt, VerboseOpt,
+                     check_choice, handle_errors, output_stream)
 
 HELP = """Score predictions against references; JSON results on stdout.
 
@@ -29,6 +30,7 @@ Examples:
   teal eval classify --predictions digits.jsonl --data digits-test.tok.jsonl --report report/
   teal eval recon --codec codecs/patch-p4-k64 --data images/ --report report/
   teal eval gen --predictions images.jsonl --data prompts.jsonl --report report/
+  teal eval gen --model runs/digits --data t2i.test.tok.jsonl --temperature 1 --top-k 20 --seed 1
   teal eval ppl --model runs/teal-7b --data heldout.tok.jsonl
 """
 
@@ -45,7 +47,10 @@ def eval(
     curves: Annotated[Optional[str], typer.Option("--curves", help="Training curves for the report: a metrics.jsonl or a model directory [default: --model's].")] = None,
     output: Annotated[Optional[str], typer.Option("-o", "--output", help="Write the JSON results to this file (atomically) instead of stdout.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="recon: media items encoded together; ppl: records per forward pass.", min=1)] = 16,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="With --model: text tokens generated per answer (greedy decoding).", min=0)] = 64,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="With --model: text tokens generated per answer.", min=0)] = 64,
+    temperature: TemperatureOpt = 0.0,
+    top_k: TopKOpt = None,
+    top_p: TopPOpt = None,
     cfg_scale: Annotated[float, typer.Option("--cfg-scale", help="With --model, gen: classifier-free guidance inside image segments (1 = off), as 'teal generate --cfg-scale'.")] = 1.0,
     template: Annotated[Optional[str], typer.Option("--template", help="With --model: wrap each prompt in a stage-2 prompt template, TASK or TASK:N (the N-th of the task's templates, default 0), as 'teal train --stage 2' renders them.")] = None,
     templates: Annotated[Optional[str], typer.Option("--templates", help="JSON templates file (as for 'teal train'), for --template.")] = None,
@@ -73,7 +78,8 @@ def eval(
         dev, dt = setup_torch(device, dtype, seed)
     options = EvalOptions(task=task, data=list(data), predictions=predictions, model=model, codecs=list(codec),
                           judge=judge, on_error=on_error, seed=seed, batch_size=batch_size, device=dev, dtype=dt,
-                          max_new_tokens=max_new_tokens, template=_template(template, templates), cfg_scale=cfg_scale)
+                          max_new_tokens=max_new_tokens, template=_template(template, templates), cfg_scale=cfg_scale,
+                          temperature=temperature, top_k=top_k, top_p=top_p)
     result = run_eval(options, warn=log.warn, info=log.info)
     if report:
         from ..evaluate.report import write_report

@@ -6,7 +6,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import DeviceOpt, DtypeOpt, Log, QuietOpt, SeedOpt, VerboseOpt, handle_errors, output_stream, setup_torch
+from .common import (DeviceOpt, DtypeOpt, Log, QuietOpt, SeedOpt, TemperatureOpt, TopKOpt, TopPOpt, VerboseOpt, handle_errors,
+                     output_stream, setup_torch)
 
 HELP = """Continue prompts with a TEAL model: text, image or audio segments (JSONL on stdout).
 
@@ -35,9 +36,9 @@ def generate(
     text: Annotated[list[str], typer.Option("--text", "-t", help="A text prompt (repeatable); its record id is 'text-N'.", show_default=False)] = [],
     model: Annotated[Optional[str], typer.Option("--model", "-m", envvar="TEAL_MODEL", show_envvar=True, help="Model directory made by 'teal init-embeddings' or 'teal train'.", show_default=False)] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Text tokens per prompt (a segment the model opens counts as one and always completes).", min=0)] = 64,
-    temperature: Annotated[float, typer.Option("--temperature", help="0 = greedy; higher = more random.", min=0.0)] = 0.0,
-    top_k: Annotated[Optional[int], typer.Option("--top-k", help="Sample among the k most likely allowed tokens.", min=1, show_default=False)] = None,
-    top_p: Annotated[Optional[float], typer.Option("--top-p", help="Nucleus sampling: the smallest set of tokens with this much probability.", show_default=False)] = None,
+    temperature: TemperatureOpt = 0.0,
+    top_k: TopKOpt = None,
+    top_p: TopPOpt = None,
     seed: SeedOpt = 0,
     cfg_scale: Annotated[float, typer.Option("--cfg-scale", help="Classifier-free guidance inside image/audio segments (1 = off; 3-5 is common).", min=0.0)] = 1.0,
     output_modality: Annotated[Optional[str], typer.Option("--output-modality", help="image | audio: answer with one segment of it; text: never open a segment. Default: the model decides.", show_default=False)] = None,

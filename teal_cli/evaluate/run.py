@@ -23,10 +23,13 @@ class EvalOptions:
         codecs: ``recon``: the codecs to test, one per modality.
         judge: ``gen``: a judge file (:mod:`~teal_cli.evaluate.judge`); None: the digits judge.
         on_error: ``fail`` or ``skip`` (report, count, go on).
-        seed: the digits judge's split.
+        seed: seeds sampling with --model (the built-in digits judge is always the same one).
         batch_size: recon tokenize batches; ppl and generation batches.
         max_new_tokens: generation with --model: text tokens per answer (image segments
             always complete).
+        template: with --model, the stage-2 prompt template each prompt is wrapped in.
+        cfg_scale, temperature, top_k, top_p: with --model, decoding as
+            :class:`~teal_cli.model.generate.GenerateOptions` (temperature 0: greedy).
         device, dtype: where codecs and the model run (resolved values).
     """
 
@@ -44,6 +47,9 @@ class EvalOptions:
     max_new_tokens: int = 64
     template: str | None = None
     cfg_scale: float = 1.0
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
 
 
 def _check(o: EvalOptions) -> None:
@@ -99,14 +105,15 @@ def run_eval(o: EvalOptions, warn: Callable[[str], None] | None = None,
         return score_ppl(model, references, batch_size=o.batch_size, device=o.device)
 
     if o.model:
+        from ..model.generate import GenerateOptions
         from .modeling import generate_predictions, load_model
 
+        options = GenerateOptions(max_new_tokens=o.max_new_tokens, seed=o.seed, batch_size=o.batch_size,
+                                  output_modality="image" if o.task == "gen" else "text", cfg_scale=o.cfg_scale,
+                                  temperature=o.temperature, top_k=o.top_k, top_p=o.top_p)
+        options.check()  # before loading the model: a bad option should not cost the load
         model = load_model(o.model, o.device, o.dtype)
         info(f"generating {len(references)} prediction(s) with {o.model}")
-        from ..model.generate import GenerateOptions
-
-        options = GenerateOptions(max_new_tokens=o.max_new_tokens, seed=o.seed, batch_size=o.batch_size,
-                                  output_modality="image" if o.task == "gen" else "text", cfg_scale=o.cfg_scale)
         predictions, pred_name = generate_predictions(model, references, options, template=o.template), f"generations of {o.model}"
     else:
         predictions, pred_name = read_file(o.predictions), o.predictions
@@ -117,11 +124,14 @@ def run_eval(o: EvalOptions, warn: Callable[[str], None] | None = None,
         from .gen import score_gen
         from .judge import digits_judge, load_judge
 
-        judge = load_judge(o.judge) if o.judge else digits_judge(o.seed)
+        judge = load_judge(o.judge) if o.judge else digits_judge()
         result = score_gen(pairs, stats, o.data[0], judge, CodecCache(device=o.device), o.on_error, warn)
     else:
         from .tasks import TEXT_TASKS
 
         result = TEXT_TASKS[o.task](pairs, stats, o.data[0], o.on_error, warn)
     result.settings["source"] = f"model {o.model}" if o.model else f"predictions {o.predictions}"
+    if o.model:
+        result.settings["decoding"] = {"template": o.template, "temperature": o.temperature, "top_k": o.top_k,
+                                       "top_p": o.top_p, "cfg_scale": o.cfg_scale, "seed": o.seed}
     return result
