@@ -37,7 +37,7 @@ def test_reduced_digits_demo_beats_chance(smollm2, tmp_path):
                          capture_output=True, text=True, timeout=1800)
     assert run.returncode == 0, run.stderr[-4000:]
     metrics = json.loads((out / "report" / "metrics.json").read_text())
-    assert set(metrics) == {"caption", "speech", "t2i"} and all(0 <= m["accuracy"] <= 1 for m in metrics.values())
+    assert set(metrics) == {"caption", "speech", "t2i", "t2i-sampled"} and all(0 <= m["accuracy"] <= 1 for m in metrics.values())
     assert metrics["speech"]["accuracy"] >= MIN_SPEECH_ACCURACY, (metrics, run.stdout[-2000:])
     lines = [json.loads(x) for x in (out / "model" / "metrics.jsonl").read_text().splitlines()]
     stage2 = [x for x in lines if x.get("stage") == 2]

@@ -4,7 +4,8 @@
 # OUT/ablations/table.md, table.json and ablations.png.
 #
 # Usage: bash examples/digits/ablations.sh [OUT]     (OUT: the demo's folder, default ./digits-demo)
-#   ABL_STEPS1, ABL_STEPS2, ABL_BATCH   training length per variant (default: the demo's 40, 160, 32)
+#   ABL_STEPS1, ABL_STEPS2, ABL_BATCH   training length per variant (default: the demo's, defaults.sh)
+#   ABL_LR1, ABL_LR2                    learning rates (default: the demo's, defaults.sh)
 #   ABL_VARIANTS="full random-init ..."  which variants to run (default: all below)
 #   ABL_KS="32 64 128"                    the audio-codec k sweep
 # Each variant costs about one demo training run; a variant already trained is reused.
@@ -15,9 +16,11 @@ OUT="$(cd "${1:-digits-demo}" && pwd)"
 source "$ROOT/scripts/env.sh" dev
 export TEAL_CODEC_PATH="$OUT/codecs${TEAL_CODEC_PATH:+:$TEAL_CODEC_PATH}"
 [[ -s "$OUT/stage2.tok.jsonl" ]] || { echo "Error: $OUT has no tokens: run examples/digits/run.sh $OUT first" >&2; exit 1; }
-S1="${ABL_STEPS1:-40}" S2="${ABL_STEPS2:-160}" B="${ABL_BATCH:-32}"
+source "$HERE/defaults.sh"
+S1="${ABL_STEPS1:-$STEPS1}" S2="${ABL_STEPS2:-$STEPS2}" B="${ABL_BATCH:-$BATCH}" LR1="${ABL_LR1:-$LR1}" LR2="${ABL_LR2:-$LR2}"
 IMG=$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["codecs"][0]["name"])' "$OUT/model/config.json")
 AUD=$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["codecs"][1]["name"])' "$OUT/model/config.json")
+TOK="$OUT/tok/$IMG+$AUD"
 A="$OUT/ablations"
 mkdir -p "$A"
 step() { printf '\n== %s\n' "$*" >&2; }
@@ -31,13 +34,13 @@ variant() {
   if [[ ! -s "$A/$name/done" ]]; then
     rm -rf "$A/$name" && mkdir -p "$A/$name"
     teal init-embeddings --llm smollm2-135m --codec "$img" --codec "$aud" --image-size 8 $init -o "$m" -q
-    [[ $stage1 == yes ]] && teal train "$m" --data "$d1" --stage 1 --max-steps "$S1" --batch-size "$B" --lr 1e-3 -q
-    teal train "$m" --data "$d2" --stage 2 --max-steps "$S2" --batch-size "$B" --lr 2e-3 $flags2 -q
+    [[ $stage1 == yes ]] && teal train "$m" --data "$d1" --stage 1 --max-steps "$S1" --batch-size "$B" --lr "$LR1" -q
+    teal train "$m" --data "$d2" --stage 2 --max-steps "$S2" --batch-size "$B" --lr "$LR2" $flags2 -q
     for t in $tasks; do
       case $t in
-        caption) teal eval classify --model "$m" --data "$OUT/tok/caption.test.tok.jsonl" --template caption --max-new-tokens 8 -q -o "$A/$name/caption.json" ;;
-        speech)  teal eval classify --model "$m" --data "${ASR_TEST:-$OUT/tok/asr.test.tok.jsonl}" --template asr --max-new-tokens 6 -q -o "$A/$name/speech.json" ;;
-        t2i)     teal eval gen --model "$m" --data "$OUT/tok/t2i.test.tok.jsonl" --template text-to-image -q -o "$A/$name/t2i.json" ;;
+        caption) teal eval classify --model "$m" --data "$TOK/caption.test.tok.jsonl" --template caption --max-new-tokens 8 -q -o "$A/$name/caption.json" ;;
+        speech)  teal eval classify --model "$m" --data "${ASR_TEST:-$TOK/asr.test.tok.jsonl}" --template asr --max-new-tokens 6 -q -o "$A/$name/speech.json" ;;
+        t2i)     teal eval gen --model "$m" --data "$TOK/t2i.test.tok.jsonl" --template text-to-image -q -o "$A/$name/t2i.json" ;;
       esac
     done
     echo ok > "$A/$name/done"

