@@ -6,8 +6,10 @@
 # Usage: bash examples/digits/ablations.sh [OUT]     (OUT: the demo's folder, default ./digits-demo)
 #   ABL_STEPS1, ABL_STEPS2, ABL_BATCH   training length per variant (default: the demo's, defaults.sh)
 #   ABL_LR1, ABL_LR2                    learning rates (default: the demo's, defaults.sh)
-#   ABL_VARIANTS="full random-init ..."  which variants to run (default: all below)
-#   ABL_KS="32 64 128"                    the audio-codec k sweep
+#   ABL_VARIANTS="full random-init ..."  which variants to run (default: all below; empty: none)
+#   ABL_KS="32 64 128"                    the audio-codec k sweep (empty: none)
+# Two processes can share the work (e.g. ABL_KS= in one, ABL_VARIANTS= in the other); the
+# table lists every variant finished so far.
 # Each variant costs about one demo training run; a variant already trained is reused.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -21,6 +23,7 @@ S1="${ABL_STEPS1:-$STEPS1}" S2="${ABL_STEPS2:-$STEPS2}" B="${ABL_BATCH:-$BATCH}"
 IMG=$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["codecs"][0]["name"])' "$OUT/model/config.json")
 AUD=$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["codecs"][1]["name"])' "$OUT/model/config.json")
 TOK="$OUT/tok/$IMG+$AUD"
+SETTINGS="stage 1: $S1 steps at lr $LR1; stage 2: $S2 steps at lr $LR2; batch $B"
 A="$OUT/ablations"
 mkdir -p "$A"
 step() { printf '\n== %s\n' "$*" >&2; }
@@ -31,7 +34,8 @@ variant() {
   local d1=${7:-$OUT/stage1.tok.jsonl} d2=${8:-$OUT/stage2.tok.jsonl} tasks=${9:-"caption speech t2i"}
   local m="$A/$name/model"
   step "ablation $name: init $init; stage 1: $stage1; stage 2: $flags2"
-  if [[ ! -s "$A/$name/done" ]]; then
+  # A variant trained with other settings is trained again.
+  if [[ "$(cat "$A/$name/done" 2>/dev/null)" != "$SETTINGS" ]]; then
     rm -rf "$A/$name" && mkdir -p "$A/$name"
     teal init-embeddings --llm smollm2-135m --codec "$img" --codec "$aud" --image-size 8 $init -o "$m" -q
     [[ $stage1 == yes ]] && teal train "$m" --data "$d1" --stage 1 --max-steps "$S1" --batch-size "$B" --lr "$LR1" -q
@@ -43,11 +47,11 @@ variant() {
         t2i)     teal eval gen --model "$m" --data "$TOK/t2i.test.tok.jsonl" --template text-to-image -q -o "$A/$name/t2i.json" ;;
       esac
     done
-    echo ok > "$A/$name/done"
+    echo "$SETTINGS" > "$A/$name/done"
   fi
 }
 
-VARIANTS="${ABL_VARIANTS:-full random-init no-stage1 no-bias-norm lora}"
+VARIANTS="${ABL_VARIANTS-full random-init no-stage1 no-bias-norm lora}"
 for v in $VARIANTS; do
   case $v in
     full)         variant full "" yes "" ;;
@@ -62,7 +66,7 @@ done
 # train speech-only models.
 WHISPER=$("$PY" -c 'import json,sys; c=json.load(open(sys.argv[1])); print(c["features"].get("checkpoint",""))' "$OUT/codecs/$AUD/config.json")
 LAYER=$("$PY" -c 'import json,sys; c=json.load(open(sys.argv[1])); print(c["features"].get("layer",""))' "$OUT/codecs/$AUD/config.json")
-for k in ${ABL_KS:-32 64 128}; do
+for k in ${ABL_KS-32 64 128}; do
   name="audio-k$k"
   codec="${AUD%-k*}-k$k"
   if [[ ! -s "$OUT/codecs/$codec/config.json" ]]; then
@@ -81,11 +85,11 @@ for k in ${ABL_KS:-32 64 128}; do
     "$A/$name/asr.train.tok.jsonl" "$A/$name/asr.train.tok.jsonl" speech
 done
 
-"$PY" - "$A" <<'PY'
+"$PY" - "$A" "$SETTINGS" <<'PY'
 import json, sys, pathlib
-a = pathlib.Path(sys.argv[1])
+a, settings = pathlib.Path(sys.argv[1]), sys.argv[2]
 rows = []
-for d in sorted(p for p in a.iterdir() if (p / "done").is_file()):
+for d in sorted(p for p in a.iterdir() if (p / "done").is_file() and (p / "done").read_text().strip() == settings):
     row = {"variant": d.name}
     for task in ("caption", "speech", "t2i"):
         f = d / f"{task}.json"
@@ -94,9 +98,9 @@ for d in sorted(p for p in a.iterdir() if (p / "done").is_file()):
 fmt = lambda v: "–" if v is None else f"{v:.1%}"
 lines = ["| variant | caption | spoken digit | text -> image |", "|---|---|---|---|"]
 lines += [f"| {r['variant']} | {fmt(r['caption'])} | {fmt(r['speech'])} | {fmt(r['t2i'])} |" for r in rows]
-(a / "table.md").write_text("\n".join(lines) + "\n")
-(a / "table.json").write_text(json.dumps(rows, indent=2) + "\n")
-print("\n".join(lines))
+(a / "table.md").write_text("\n".join(lines) + f"\n\n{settings}\n")
+(a / "table.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n")
+print("\n".join(lines) + f"\n\n{settings}")
 import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
