@@ -77,12 +77,14 @@ for k in ${ABL_KS-32 64 128}; do
       teal cluster "$OUT/data/asr.train.jsonl" --features mel --k "$k" --features-cache "$A/mel-features" -o "$OUT/codecs/$codec" -q
     fi
   fi
-  mkdir -p "$A/$name"
+  # The tokens live beside the variant's folder: variant() empties that folder before training.
+  tok="$A/tok-k$k"
+  mkdir -p "$tok"
   for split in train val test; do
-    [[ -s "$A/$name/asr.$split.tok.jsonl" ]] || teal tokenize "$OUT/data/asr.$split.jsonl" --codec "$codec" --dedup -q -o "$A/$name/asr.$split.tok.jsonl"
+    [[ -s "$tok/asr.$split.tok.jsonl" ]] || teal tokenize "$OUT/data/asr.$split.jsonl" --codec "$codec" --dedup -q -o "$tok/asr.$split.tok.jsonl"
   done
-  ASR_TEST="$A/$name/asr.test.tok.jsonl" variant "$name" "" yes "" "$IMG" "$codec" \
-    "$A/$name/asr.train.tok.jsonl" "$A/$name/asr.train.tok.jsonl" speech
+  ASR_TEST="$tok/asr.test.tok.jsonl" variant "$name" "" yes "" "$IMG" "$codec" \
+    "$tok/asr.train.tok.jsonl" "$tok/asr.train.tok.jsonl" speech
 done
 
 "$PY" - "$A" "$SETTINGS" <<'PY'
