@@ -3,6 +3,7 @@
 
 Usage:
   python examples/digits/measure_codecs.py image DATA WORK [--config p2-k64 ...]
+  python examples/digits/measure_codecs.py readout DATA WORK [--config p4-k256 ...]
   python examples/digits/measure_codecs.py audio DATA WORK [--config whisper-l4-k64 ...]
 
 DATA is a folder made by ``make_data.py``; WORK holds the codecs, token files and timings.
@@ -12,6 +13,9 @@ on the training images (``teal cluster caption.train.jsonl``), tokenize and deto
 images, and score them with a scikit-learn SVC trained on the original training digits (the
 classifier a text -> image judge would use): accuracy on the decoded test images bounds what
 generated digits can reach with that codec. Also the tokens per image and each step's time.
+
+readout: how well the codes alone tell the digit apart (:func:`measure_readout`): a one-hot
+logistic regression and a codebook-vector SVC fitted on the training codes, scored on the test codes.
 
 audio: for each ``whisper-l{L}-k{K}`` (Whisper tiny.en, CTranslate2 weights) or ``mel-k{K}``,
 fit on the training utterances, tokenize train and test (with and without ``--dedup``), and
@@ -102,6 +106,50 @@ def measure_image(data: Path, work: Path, configs: list[str]) -> list[dict]:
         ntok = len(recs[0]["segments"][0]["tokens"])
         rows.append({"config": config, "tokens": ntok, "acc": acc, "mse_255": mse,
                      "fit_s": round(fit, 1), "tokenize_s": round(t_tok, 1), "detokenize_s": round(t_detok, 1)})
+        print(json.dumps(rows[-1]), file=sys.stderr)
+    return rows
+
+
+def measure_readout(data: Path, work: Path, configs: list[str]) -> list[dict]:
+    """How well the codes themselves tell the digit apart: for each ``p{P}-k{K}[-s{S}]``, fit the
+    codec, tokenize the caption train and test images, and score two scikit-learn classifiers
+    fitted on the training codes: a logistic regression on the one-hot codes (a linear read-out
+    of the token ids) and an RBF SVC on the codes' codebook vectors (a non-linear one)."""
+    import numpy as np
+    from safetensors.numpy import load_file
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.svm import SVC
+
+    rows = []
+    for config in configs:
+        m = re.fullmatch(r"p(\d+)-k(\d+)(?:-s(\d+))?", config)
+        p, k, s = int(m[1]), int(m[2]), m[3]
+        codec = work / "codecs" / f"digits-{config}"
+        if not (codec / "config.json").is_file():
+            teal("cluster", str(data / "caption.train.jsonl"), "--features", "patch", "--patch-size", str(p),
+                 "--k", str(k), *(["--image-size", s] if s else []), "-o", str(codec), "--seed", "0")
+        codes, labels = {}, {}
+        for split in ("train", "test"):
+            tok = work / f"readout-{config}.{split}.tok.jsonl"
+            teal("tokenize", str(data / f"caption.{split}.jsonl"), "--codec", str(codec), "-o", str(tok))
+            recs = read_tok(tok)
+            codes[split] = np.array([r["segments"][0]["tokens"] for r in recs])
+            labels[split] = np.array([r["label"] for r in recs])
+        codebook = next(iter(load_file(str(next(codec.glob("*.safetensors")))).values()))
+        n = codes["train"].shape[1]
+
+        def one_hot(ids):
+            x = np.zeros((len(ids), n * k))
+            for j in range(n):
+                x[np.arange(len(ids)), j * k + ids[:, j]] = 1
+            return x
+
+        linear = LogisticRegression(max_iter=3000).fit(one_hot(codes["train"]), labels["train"])
+        svc = SVC(gamma="scale", C=10).fit(codebook[codes["train"]].reshape(len(codes["train"]), -1), labels["train"])
+        rows.append({"config": config, "tokens": n,
+                     "one_hot_logreg": round(float((linear.predict(one_hot(codes["test"])) == labels["test"]).mean()), 4),
+                     "codebook_svc": round(float((svc.predict(codebook[codes["test"]].reshape(len(codes["test"]), -1))
+                                                  == labels["test"]).mean()), 4)})
         print(json.dumps(rows[-1]), file=sys.stderr)
     return rows
 
@@ -266,7 +314,7 @@ def measure_holdout(work: Path, configs: list[str], every: int) -> list[dict]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("kind", choices=["image", "audio", "holdout"])
+    ap.add_argument("kind", choices=["image", "readout", "audio", "holdout"])
     ap.add_argument("data")
     ap.add_argument("work")
     ap.add_argument("--config", action="append")
@@ -277,6 +325,8 @@ def main() -> int:
     if a.kind == "image":
         rows = measure_image(data, work, a.config or ["p2-k64", "p2-k128", "p2-k256", "p1-k16", "p1-k32",
                                                        "p2-k256-s16", "p4-k256-s16", "p4-k512-s16"])
+    elif a.kind == "readout":
+        rows = measure_readout(data, work, a.config or ["p4-k128", "p4-k256", "p4-k512", "p4-k1024", "p4-k256-s12"])
     elif a.kind == "holdout":
         rows = measure_holdout(work, a.config, a.every)
     else:

@@ -10,6 +10,7 @@
 #   DIGITS_AUDIO=mel use the weight-free mel codec instead of Whisper tiny.en features
 #   DIGITS_PATCH=P, DIGITS_IMAGE_K=K   the image codec: P x P pixel patches, K centroids (default 4, 256;
 #                    64 with DIGITS_SMALL)
+#   DIGITS_IMAGE_SIZE=S  upscale the 8x8 digits to S x S (bicubic) before patching (default 8: no upscale)
 #   DIGITS_STEPS1=N, DIGITS_STEPS2=N, DIGITS_BATCH=N, DIGITS_LR1=X, DIGITS_LR2=X
 #                    training length and peak learning rates (defaults in defaults.sh)
 # A changed codec gets its own codecs/ and tok/ folders and a new model; a retrained model is
@@ -50,10 +51,12 @@ fi
 # 15 % against 84 %; examples/digits/measure_codecs.py and the README's Results.)
 PATCH="${DIGITS_PATCH:-4}"
 IMAGE_K="${DIGITS_IMAGE_K:-${DIGITS_SMALL:+64}}"; IMAGE_K="${IMAGE_K:-256}"   # the reduced set has 560 patches: k 64
-step "2a. image codec: teal cluster --features patch --patch-size $PATCH --k $IMAGE_K (training images only)"
-IMG="digits-patch-p$PATCH-k$IMAGE_K"
+IMAGE_SIZE="${DIGITS_IMAGE_SIZE:-8}"
+step "2a. image codec: teal cluster --features patch --patch-size $PATCH --k $IMAGE_K --image-size $IMAGE_SIZE (training images only)"
+IMG="digits-patch-p$PATCH-k$IMAGE_K"; [[ $IMAGE_SIZE != 8 ]] && IMG="$IMG-s$IMAGE_SIZE"
 if ! done_already "$OUT/codecs/$IMG/config.json"; then
-  teal cluster "$DATA/caption.train.jsonl" --features patch --patch-size "$PATCH" --k "$IMAGE_K" --seed "$SEED" -o "$OUT/codecs/$IMG"
+  teal cluster "$DATA/caption.train.jsonl" --features patch --patch-size "$PATCH" --k "$IMAGE_K" --image-size "$IMAGE_SIZE" \
+    --seed "$SEED" -o "$OUT/codecs/$IMG"
 fi
 
 # Audio: k-means over a frozen Whisper tiny.en encoder layer (OpenAI's weights in CTranslate2
@@ -119,7 +122,7 @@ MODEL="$OUT/model"
 step "4. teal init-embeddings: frozen SmolLM2-135M + E/O for $IMG and $AUD"
 # A model made for other codecs is made again.
 if done_already "$MODEL/config.json" && grep -q "\"$IMG\"" "$MODEL/config.json" && grep -q "\"$AUD\"" "$MODEL/config.json"; then :; else
-  teal init-embeddings --llm smollm2-135m --codec "$IMG" --codec "$AUD" --image-size 8 -o "$MODEL" --force
+  teal init-embeddings --llm smollm2-135m --codec "$IMG" --codec "$AUD" --image-size "$IMAGE_SIZE" -o "$MODEL" --force
 fi
 
 # ---------------------------------------------------------------- 5. training
