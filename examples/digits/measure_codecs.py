@@ -14,8 +14,9 @@ images, and score them with a scikit-learn SVC trained on the original training 
 classifier a text -> image judge would use): accuracy on the decoded test images bounds what
 generated digits can reach with that codec. Also the tokens per image and each step's time.
 
-readout: how well the codes alone tell the digit apart (:func:`measure_readout`): a one-hot
-logistic regression and a codebook-vector SVC fitted on the training codes, scored on the test codes.
+readout: how well the codes alone tell the digit apart (:func:`measure_readout`): logistic
+regressions on the one-hot codes and on their codebook vectors, and a codebook-vector SVC, fitted
+on the training codes, scored on the test codes.
 
 audio: for each ``whisper-l{L}-k{K}`` (Whisper tiny.en, CTranslate2 weights) or ``mel-k{K}``,
 fit on the training utterances, tokenize train and test (with and without ``--dedup``), and
@@ -112,9 +113,11 @@ def measure_image(data: Path, work: Path, configs: list[str]) -> list[dict]:
 
 def measure_readout(data: Path, work: Path, configs: list[str]) -> list[dict]:
     """How well the codes themselves tell the digit apart: for each ``p{P}-k{K}[-s{S}]``, fit the
-    codec, tokenize the caption train and test images, and score two scikit-learn classifiers
+    codec, tokenize the caption train and test images, and score three scikit-learn classifiers
     fitted on the training codes: a logistic regression on the one-hot codes (a linear read-out
-    of the token ids) and an RBF SVC on the codes' codebook vectors (a non-linear one)."""
+    of the token ids), one on the codes' codebook vectors (a linear read-out of the decoded
+    pixels, what ``proj_in`` gives the LLM at codebook init) and an RBF SVC on the codebook
+    vectors (a non-linear one)."""
     import numpy as np
     from safetensors.numpy import load_file
     from sklearn.linear_model import LogisticRegression
@@ -145,11 +148,13 @@ def measure_readout(data: Path, work: Path, configs: list[str]) -> list[dict]:
             return x
 
         linear = LogisticRegression(max_iter=3000).fit(one_hot(codes["train"]), labels["train"])
-        svc = SVC(gamma="scale", C=10).fit(codebook[codes["train"]].reshape(len(codes["train"]), -1), labels["train"])
+        vectors = {split: codebook[c].reshape(len(c), -1) for split, c in codes.items()}
+        linear_cb = LogisticRegression(max_iter=5000, C=10).fit(vectors["train"], labels["train"])
+        svc = SVC(gamma="scale", C=10).fit(vectors["train"], labels["train"])
         rows.append({"config": config, "tokens": n,
                      "one_hot_logreg": round(float((linear.predict(one_hot(codes["test"])) == labels["test"]).mean()), 4),
-                     "codebook_svc": round(float((svc.predict(codebook[codes["test"]].reshape(len(codes["test"]), -1))
-                                                  == labels["test"]).mean()), 4)})
+                     "codebook_logreg": round(float((linear_cb.predict(vectors["test"]) == labels["test"]).mean()), 4),
+                     "codebook_svc": round(float((svc.predict(vectors["test"]) == labels["test"]).mean()), 4)})
         print(json.dumps(rows[-1]), file=sys.stderr)
     return rows
 
