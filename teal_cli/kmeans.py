@@ -234,6 +234,44 @@ def assign(
         return _nearest(x, c, _sq_norms(x, chunk), chunk, exact=exact)
 
 
+def sample_assign(
+    x: Tensor, centroids: Tensor, temperature: float, *, generator: torch.Generator | None = None,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """A centroid drawn for each row of ``x``: ids int64 ``[N]``, row ``i`` taking centroid ``j``
+    with probability ``softmax_j(-||x_i - c_j||² / temperature)``.
+
+    Stochastic quantisation: near-ties become coin flips, far centroids never come up, and
+    ``temperature -> 0`` gives :func:`assign`'s nearest centroid. Used to augment training
+    data with the codes a slightly different input would get, in the spirit of subword
+    regularisation (Kudo, 2018) for text tokenizers. ``temperature`` is in the units of the
+    squared distances (features²). Drawn by the Gumbel-max trick, chunk by chunk, from
+    ``generator`` (default: the global one); the same seed, device and chunking give the same ids.
+
+    Raises:
+        UsageError: ``temperature`` not positive, or dimensions that do not match.
+    """
+    _check_data(x, finite=False)
+    _check_data(centroids, "centroids")
+    if centroids.shape[1] != x.shape[1]:
+        raise UsageError(f"centroids have d={centroids.shape[1]} but the data has d={x.shape[1]}")
+    if not temperature > 0:
+        raise UsageError(f"temperature {temperature}: must be > 0")
+    with torch.no_grad():
+        c = centroids.to(device=x.device, dtype=torch.float32)
+        chunk = chunk_size or auto_chunk_size(x.shape[0], c.shape[0], x.device)
+        _sq_norms(x, chunk)  # the NaN/inf check
+        neg2c_t, c_sq = c.mul(-2.0).t(), torch.linalg.vecdot(c, c)
+        ids = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
+        for s in range(0, x.shape[0], chunk):
+            e = min(s + chunk, x.shape[0])
+            # ||x||² is the same for every centroid of a row, so it drops out of the softmax.
+            logits = torch.addmm(c_sq, x[s:e].float(), neg2c_t).div_(-temperature)
+            u = torch.rand(logits.shape, generator=generator, device=x.device).clamp_(min=1e-20)
+            ids[s:e] = logits.sub_(u.log_().neg_().log_()).argmax(dim=1)
+        return ids
+
+
 # ---------------------------------------------------------------------------- initialisation
 
 

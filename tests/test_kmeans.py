@@ -12,7 +12,7 @@ import torch
 
 from teal_cli import kmeans as km
 from teal_cli.errors import DataError, UsageError
-from teal_cli.kmeans import KMeansResult, assign, kmeans, kmeans_plusplus, kmeans_streaming
+from teal_cli.kmeans import KMeansResult, assign, kmeans, kmeans_plusplus, kmeans_streaming, sample_assign
 from helpers import require
 
 
@@ -74,6 +74,27 @@ def test_assign_equals_brute_force_and_is_chunk_invariant():
     assert torch.allclose(dist.double(), ref_dist, rtol=1e-4, atol=1e-4)
     ids7, dist7 = assign(x, c, chunk_size=7)  # chunk boundaries that do not divide N
     assert torch.equal(ids7, ids) and torch.allclose(dist7, dist)
+
+
+def test_sample_assign_draws_from_the_softmax_of_negative_squared_distances():
+    # One point, four centroids at squared distances 0, 1, 2 and 9: at temperature 1 the ids
+    # must come up in proportion to exp(-d²), i.e. 0.59 / 0.22 / 0.08 / 0.0001.
+    c = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0**0.5], [3.0, 0.0]])
+    x = torch.zeros(40_000, 2)
+    ids = sample_assign(x, c, 1.0, generator=torch.Generator().manual_seed(0))
+    freq = torch.bincount(ids, minlength=4).double() / len(ids)
+    expected = torch.softmax(-torch.tensor([0.0, 1.0, 2.0, 9.0], dtype=torch.float64), 0)
+    assert torch.allclose(freq, expected, atol=0.01)  # 4 standard errors at n = 40,000
+    # Cold: the nearest centroid, as assign gives it.
+    g = torch.Generator().manual_seed(1)
+    x, c = torch.randn(500, 8, generator=g), torch.randn(37, 8, generator=g)
+    assert torch.equal(sample_assign(x, c, 1e-4, generator=g), assign(x, c)[0])
+    # Seeded: the same generator state gives the same ids, whatever the chunking inside a call.
+    a = sample_assign(x, c, 2.0, generator=torch.Generator().manual_seed(5))
+    b = sample_assign(x, c, 2.0, generator=torch.Generator().manual_seed(5))
+    other = sample_assign(x, c, 2.0, generator=torch.Generator().manual_seed(6))
+    assert torch.equal(a, b) and not torch.equal(a, other)
+    assert (a != assign(x, c)[0]).float().mean() > 0.3  # hot enough to move many rows
 
 
 def test_tol_stops_early_with_exact_inertia():
@@ -275,6 +296,8 @@ def test_all_reduce_across_threads_matches_single_process():
         (lambda x: kmeans(x, 2, init=torch.zeros(3, 4)), UsageError, "init has shape"),
         (lambda x: kmeans(x, 2, all_reduce_fn=lambda t: None), UsageError, "identical on every process"),
         (lambda x: assign(x, torch.zeros(2, 5)), UsageError, "d=5"),
+        (lambda x: sample_assign(x, torch.zeros(2, 4), 0.0), UsageError, "must be > 0"),
+        (lambda x: sample_assign(x, torch.zeros(2, 5), 1.0), UsageError, "d=5"),
     ],
 )
 def test_user_errors_are_one_line(call, error, words):

@@ -20,6 +20,7 @@ Examples:
   teal tokenize photos/ --codec codecs/patch-p4-k512 --batch-size 64 -o photos.tok.jsonl
   teal tokenize pairs.jsonl --codec vqgan-f16-16384 --codec codecs/mel-80-k256
   teal tokenize speech/ --codec codecs/mel-80-k256 --dedup --on-error skip
+  teal tokenize train.jsonl --codec codecs/patch-p4-k256 --sample-temperature 0.5 --seed 1 -o train.aug1.tok.jsonl
   torchrun --nproc-per-node 8 -m teal_cli tokenize data.jsonl -c beit2 --shard auto -o 'tok.{shard}.jsonl'
 """
 
@@ -31,6 +32,7 @@ def tokenize(
     output: Annotated[Optional[str], typer.Option("-o", "--output", help="Write JSONL to this file (atomically) instead of stdout; a folder or a pattern with {id} writes one file per record.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Media items encoded together.", min=1)] = 16,
     image_size: Annotated[Optional[int], typer.Option("--image-size", help="Tokenize images at this size instead of the codec's native one.", min=1)] = None,
+    sample_temperature: Annotated[Optional[float], typer.Option("--sample-temperature", help="k-means codecs: draw each id from softmax(-squared distance / T) over the centroids instead of taking the nearest one (stochastic quantisation, a training-data augmentation; seeded by --seed).", show_default=False)] = None,
     dedup: Annotated[bool, typer.Option("--dedup", help="Collapse runs of equal audio ids; run lengths go to 'durations'.")] = False,
     checkpoint: Annotated[Optional[str], typer.Option("--checkpoint", help="Local checkpoint file for a named codec.")] = None,
     config: Annotated[Optional[str], typer.Option("--config", help="Local model config for a named codec (VQGAN's model.yaml).")] = None,
@@ -58,6 +60,8 @@ def tokenize(
     check_choice(resize_on, ("loader", "device"), "--resize-on")
     if not codec:
         raise UsageError("--codec is required (a codec name, e.g. beit2, or a directory made by 'teal cluster')")
+    if sample_temperature is not None and not sample_temperature > 0:
+        raise UsageError(f"--sample-temperature {sample_temperature}: must be > 0")
     if (checkpoint or config) and len(codec) > 1:
         raise UsageError("--checkpoint/--config apply to a single --codec")
     sources = stdin_or_usage_error(inputs or [])
@@ -74,6 +78,13 @@ def tokenize(
     extra = {k: v for k, v in {"checkpoint": checkpoint, "config": config}.items() if v}
     codecs = [load_codec(name, device=dev, dtype=dt, **extra) for name in codec]
     check_codecs(codecs)
+    if sample_temperature is not None:
+        for i, c in enumerate(codecs):
+            if not hasattr(c, "sample_codes"):
+                raise UsageError(f"--sample-temperature: codec '{c.name}' is not a k-means codec (one made by 'teal cluster'); "
+                                 "its ids cannot be sampled")
+            c.sample_codes(sample_temperature, seed + i)
+        log.info(f"sampling ids at temperature {sample_temperature:g} (seed {seed}), not the nearest centroid")
     log.debug("codecs: " + ", ".join(f"{c.name} ({c.modality}, {c.vocab_size} ids) on {dev}" for c in codecs))
     options = TokenizeOptions(batch_size=batch_size, image_size=image_size, dedup=dedup, on_error=on_error,
                               workers=workers, loader=loader, resize_on=resize_on)

@@ -53,6 +53,19 @@ class _KMeansMixin:
         self.config = config
         self.vocab_size = int(centroids.shape[0])
         self.has_decoder = extractor.invertible
+        self.sample_temperature: float | None = None
+        self.generator: "torch.Generator | None" = None
+
+    def sample_codes(self, temperature: float | None, seed: int = 0) -> None:
+        """Draw ids from :func:`~teal_cli.kmeans.sample_assign` at ``temperature`` (squared
+        feature units) from now on, seeded by ``seed`` on the codec's device; ``None``: the
+        nearest centroid again (the default)."""
+        import torch
+
+        self.sample_temperature = temperature
+        self.generator = None
+        if temperature is not None:
+            self.generator = torch.Generator(device=self.centroids.device).manual_seed(seed)
 
     @property
     def codebook(self) -> "torch.Tensor":
@@ -65,9 +78,12 @@ class _KMeansMixin:
         return self
 
     def _assign(self, feats: "torch.Tensor") -> "torch.Tensor":
-        from ..kmeans import assign
+        from ..kmeans import assign, sample_assign
 
         flat = feats.reshape(-1, feats.shape[-1])
+        if self.sample_temperature is not None:
+            return sample_assign(flat, self.centroids, self.sample_temperature,
+                                 generator=self.generator).reshape(feats.shape[:-1])
         ids, _ = assign(flat, self.centroids)
         return ids.reshape(feats.shape[:-1])
 
