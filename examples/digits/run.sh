@@ -13,6 +13,8 @@
 #   DIGITS_IMAGE_SIZE=S  upscale the 8x8 digits to S x S (bicubic) before patching (default 8: no upscale)
 #   DIGITS_STEPS1=N, DIGITS_STEPS2=N, DIGITS_BATCH=N, DIGITS_LR1=X, DIGITS_LR2=X
 #                    training length and peak learning rates (defaults in defaults.sh)
+#   DIGITS_CAPTION_REPEAT=N, DIGITS_CAPTION_TEMPERATURE=T   stage 2's copies of the caption records
+#                    and the temperature their image ids are sampled at (0: identical copies)
 # A changed codec gets its own codecs/ and tok/ folders and a new model; a retrained model is
 # evaluated again.
 set -euo pipefail
@@ -109,7 +111,20 @@ done
 # each record rendered through one of its task's prompt templates (the records' "task" key).
 cat "$TOK/caption.train.tok.jsonl" "$TOK/asr.train.tok.jsonl" > "$OUT/stage1.tok.jsonl.tmp"
 mv "$OUT/stage1.tok.jsonl.tmp" "$OUT/stage1.tok.jsonl"
-caps=(); for ((i = 0; i < CAPTION_REPEAT; i++)); do caps+=("$TOK/caption.train.tok.jsonl"); done
+# Stage 2 sees each training digit CAPTION_REPEAT times: once as its nearest-centroid tokens and
+# otherwise with ids drawn from the softmax over centroid distances (teal tokenize
+# --sample-temperature): a near-tie quadrant takes a neighbouring code, so the model learns that
+# neighbouring codes mean the same stroke instead of memorising code combinations.
+caps=("$TOK/caption.train.tok.jsonl")
+for ((i = 1; i < CAPTION_REPEAT; i++)); do
+  if [[ $CAPTION_TEMPERATURE == 0 ]]; then caps+=("$TOK/caption.train.tok.jsonl"); continue; fi
+  tok="$TOK/caption.train.sampled-t$CAPTION_TEMPERATURE-$i.tok.jsonl"
+  caps+=("$tok")
+  done_already "$tok" && continue
+  echo "   caption.train, ids sampled at temperature $CAPTION_TEMPERATURE (copy $i)" >&2
+  teal tokenize "$DATA/caption.train.jsonl" --codec "$IMG" --sample-temperature "$CAPTION_TEMPERATURE" \
+    --seed $((SEED * 1000 + i)) -o "$tok"
+done
 cat "${caps[@]}" "$TOK/asr.train.tok.jsonl" "$TOK/t2i.train.tok.jsonl" > "$OUT/stage2.tok.jsonl.tmp"
 mv "$OUT/stage2.tok.jsonl.tmp" "$OUT/stage2.tok.jsonl"
 cat "$TOK/caption.val.tok.jsonl" "$TOK/asr.val.tok.jsonl" > "$OUT/val1.tok.jsonl"
