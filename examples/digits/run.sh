@@ -111,10 +111,10 @@ done
 # each record rendered through one of its task's prompt templates (the records' "task" key).
 cat "$TOK/caption.train.tok.jsonl" "$TOK/asr.train.tok.jsonl" > "$OUT/stage1.tok.jsonl.tmp"
 mv "$OUT/stage1.tok.jsonl.tmp" "$OUT/stage1.tok.jsonl"
-# Stage 2 sees each training digit CAPTION_REPEAT times: once as its nearest-centroid tokens and
-# otherwise with ids drawn from the softmax over centroid distances (teal tokenize
-# --sample-temperature): a near-tie quadrant takes a neighbouring code, so the model learns that
-# neighbouring codes mean the same stroke instead of memorising code combinations.
+# Stage 2 sees each training digit CAPTION_REPEAT times: identical copies by default; with
+# DIGITS_CAPTION_TEMPERATURE=T all but the first draw their ids from the softmax over centroid
+# distances (teal tokenize --sample-temperature), so a near-tie quadrant takes a neighbouring code
+# (measured in defaults.sh: no gain beyond the spread between draws).
 caps=("$TOK/caption.train.tok.jsonl")
 for ((i = 1; i < CAPTION_REPEAT; i++)); do
   if [[ $CAPTION_TEMPERATURE == 0 ]]; then caps+=("$TOK/caption.train.tok.jsonl"); continue; fi
