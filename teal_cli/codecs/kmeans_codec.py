@@ -54,18 +54,14 @@ class _KMeansMixin:
         self.vocab_size = int(centroids.shape[0])
         self.has_decoder = extractor.invertible
         self.sample_temperature: float | None = None
+        self.sample_seed = 0
         self.generator: "torch.Generator | None" = None
 
     def sample_codes(self, temperature: float | None, seed: int = 0) -> None:
         """Draw ids from :func:`~teal_cli.kmeans.sample_assign` at ``temperature`` (squared
-        feature units) from now on, seeded by ``seed`` on the codec's device; ``None``: the
-        nearest centroid again (the default)."""
-        import torch
-
-        self.sample_temperature = temperature
-        self.generator = None
-        if temperature is not None:
-            self.generator = torch.Generator(device=self.centroids.device).manual_seed(seed)
+        feature units) from now on, seeded by ``seed`` on the device the centroids are on at the
+        first draw; ``None``: the nearest centroid again (the default)."""
+        self.sample_temperature, self.sample_seed, self.generator = temperature, seed, None
 
     @property
     def codebook(self) -> "torch.Tensor":
@@ -82,6 +78,10 @@ class _KMeansMixin:
 
         flat = feats.reshape(-1, feats.shape[-1])
         if self.sample_temperature is not None:
+            if self.generator is None or self.generator.device != self.centroids.device:
+                import torch
+
+                self.generator = torch.Generator(device=self.centroids.device).manual_seed(self.sample_seed)
             return sample_assign(flat, self.centroids, self.sample_temperature,
                                  generator=self.generator).reshape(feats.shape[:-1])
         ids, _ = assign(flat, self.centroids)
