@@ -20,9 +20,22 @@ export TEAL_CODEC_PATH="$OUT/codecs${TEAL_CODEC_PATH:+:$TEAL_CODEC_PATH}"
 [[ -s "$OUT/stage2.tok.jsonl" ]] || { echo "Error: $OUT has no tokens: run examples/digits/run.sh $OUT first" >&2; exit 1; }
 source "$HERE/defaults.sh"
 S1="${ABL_STEPS1:-$STEPS1}" S2="${ABL_STEPS2:-$STEPS2}" B="${ABL_BATCH:-$BATCH}" LR1="${ABL_LR1:-$LR1}" LR2="${ABL_LR2:-$LR2}"
-IMG=$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["codecs"][0]["name"])' "$OUT/model/config.json")
-AUD=$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["codecs"][1]["name"])' "$OUT/model/config.json")
+# The demo model's codecs: the image codec it reads and writes, the audio codec, and the
+# read-only caption codec where it has one (run.sh's default; otherwise captions use IMG).
+codec_named() {  # ROLE: the name of the demo model's codec with that role, or nothing
+  "$PY" - "$OUT/model/config.json" "$1" <<'PY'
+import json, sys
+codecs, role = json.load(open(sys.argv[1]))["codecs"], sys.argv[2]
+pick = {"image": lambda c: c["modality"] == "image" and c["output"],
+        "audio": lambda c: c["modality"] == "audio",
+        "read": lambda c: c["modality"] == "image" and not c["output"]}[role]
+print(next((c["name"] for c in codecs if pick(c)), ""))
+PY
+}
+IMG=$(codec_named image) AUD=$(codec_named audio) READ=$(codec_named read)
 TOK="$OUT/tok/$IMG+$AUD"
+CAP="$TOK"; READ_ARGS=()
+[[ -n $READ ]] && { CAP="$OUT/tok/$READ"; READ_ARGS=(--input-codec "$READ"); }
 SETTINGS="stage 1: $S1 steps at lr $LR1; stage 2: $S2 steps at lr $LR2; batch $B"
 A="$OUT/ablations"
 mkdir -p "$A"
@@ -37,12 +50,12 @@ variant() {
   # A variant trained with other settings is trained again.
   if [[ "$(cat "$A/$name/done" 2>/dev/null)" != "$SETTINGS" ]]; then
     rm -rf "$A/$name" && mkdir -p "$A/$name"
-    teal init-embeddings --llm smollm2-135m --codec "$img" --codec "$aud" --image-size 8 $init -o "$m" -q
+    teal init-embeddings --llm smollm2-135m --codec "$img" --codec "$aud" "${READ_ARGS[@]}" --image-size 8 $init -o "$m" -q
     [[ $stage1 == yes ]] && teal train "$m" --data "$d1" --stage 1 --max-steps "$S1" --batch-size "$B" --lr "$LR1" -q
     teal train "$m" --data "$d2" --stage 2 --max-steps "$S2" --batch-size "$B" --lr "$LR2" $flags2 -q
     for t in $tasks; do
       case $t in
-        caption) teal eval classify --model "$m" --data "$TOK/caption.test.tok.jsonl" --template caption --max-new-tokens 8 -q -o "$A/$name/caption.json" ;;
+        caption) teal eval classify --model "$m" --data "$CAP/caption.test.tok.jsonl" --template caption --max-new-tokens 8 -q -o "$A/$name/caption.json" ;;
         speech)  teal eval classify --model "$m" --data "${ASR_TEST:-$TOK/asr.test.tok.jsonl}" --template asr --max-new-tokens 6 -q -o "$A/$name/speech.json" ;;
         t2i)     teal eval gen --model "$m" --data "$TOK/t2i.test.tok.jsonl" --template text-to-image -q -o "$A/$name/t2i.json" ;;
       esac
