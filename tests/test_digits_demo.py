@@ -19,7 +19,7 @@ import pytest
 from conftest import REPO
 
 # What the reduced run (200 images, 120 utterances, 20 + 60 steps of 16, image codec 4x4 k 64,
-# captions once) shows robustly: it learns (stage 2's held-out loss well under its first training loss: measured 2.66
+# caption codec whole digits k 32, captions once) shows robustly: it learns (stage 2's held-out loss well under its first training loss: measured 2.66
 # against 6.86) and recognises spoken digits above chance (0.10; measured 0.50 on its 20 test
 # utterances). Its captions (0.10) and drawings (0.20 greedy, 0.05 sampled) were at or near
 # chance: too few steps for those, so they are reported, not asserted.
@@ -48,6 +48,13 @@ def test_reduced_digits_demo_beats_chance(smollm2, tmp_path):
     first = next(x["loss"] for x in stage2 if "loss" in x)
     val = [x["val_loss"] for x in stage2 if "val_loss" in x][-1]
     assert val < MAX_VAL_LOSS_RATIO * first, (first, val)
+    # Captions are read through the whole-digit codec, read only; drawing through the quadrant codec.
+    codecs = {c["name"]: c for c in json.loads((out / "model" / "config.json").read_text())["codecs"]}
+    assert codecs["digits-patch-p8-k32"]["input"] and not codecs["digits-patch-p8-k32"]["output"], codecs
+    assert codecs["digits-patch-p4-k64"]["output"], codecs
+    caption_test = [json.loads(x) for x in (out / "tok" / "digits-patch-p8-k32" / "caption.test.tok.jsonl").read_text().splitlines()]
+    assert caption_test and all(r["segments"][0]["codec"] == "digits-patch-p8-k32" and len(r["segments"][0]["tokens"]) == 1
+                                for r in caption_test)
     assert (out / "report" / "index.html").is_file()
     assert any((out / "report" / "t2i").glob("*.png")), "no generation grid"
     # A second run reuses everything it made (no refit, no retraining).

@@ -10,8 +10,8 @@ LR2="${DIGITS_LR2:-2e-3}"         # stage 2 peak learning rate (300 steps: 5e-3 
 # spoken digits 100 % each time, drawing 100 / 100 / 90 %).
 CAPTION_REPEAT="${DIGITS_CAPTION_REPEAT:-4}"
 # All copies but the first draw their image ids at this temperature (teal tokenize --sample-temperature;
-# squared 0..1 pixel units over a 4x4 RGB patch; 0: identical copies). 400 steps, AMD EPYC, same stage-1
-# model: identical copies 90.6 % captions (an earlier full run on this CPU type); T 0.15 (15 % of the ids move)
+# squared 0..1 pixel units over the caption codec's patch; 0: identical copies). Measured with captions read
+# through the 4x4 quadrant codec (DIGITS_READ_PATCH=4), 400 steps, AMD EPYC, same stage-1 model: identical copies 90.6 % captions (an earlier full run on this CPU type); T 0.15 (15 % of the ids move)
 # 93.1 / 91.7 / 90.6 % over three sets of draws (within the draw-to-draw spread, so not the default);
 # T 0.5 (55 % move) 88.1 %.
 CAPTION_TEMPERATURE="${DIGITS_CAPTION_TEMPERATURE:-0}"
