@@ -224,14 +224,20 @@ def assign(
     distances come from ``||x||² − 2x·c + ||c||²`` (error ~1e-7 of ``||x||²``), or with
     ``exact`` from explicit differences (0 for a row equal to its centroid; ~10 % slower).
     """
+    c, chunk = _assignment_inputs(x, centroids, chunk_size)
+    with torch.no_grad():
+        return _nearest(x, c, _sq_norms(x, chunk), chunk, exact=exact)
+
+
+def _assignment_inputs(x: Tensor, centroids: Tensor, chunk_size: int | None) -> tuple[Tensor, int]:
+    """Checked ``(centroids as fp32 on x's device, rows a chunk)`` for :func:`assign` and
+    :func:`sample_assign`; UsageError for bad data or dimensions that do not match."""
     _check_data(x, finite=False)
     _check_data(centroids, "centroids")
     if centroids.shape[1] != x.shape[1]:
         raise UsageError(f"centroids have d={centroids.shape[1]} but the data has d={x.shape[1]}")
-    with torch.no_grad():
-        c = centroids.to(device=x.device, dtype=torch.float32)
-        chunk = chunk_size or auto_chunk_size(x.shape[0], c.shape[0], x.device)
-        return _nearest(x, c, _sq_norms(x, chunk), chunk, exact=exact)
+    c = centroids.detach().to(device=x.device, dtype=torch.float32)
+    return c, chunk_size or auto_chunk_size(x.shape[0], c.shape[0], x.device)
 
 
 def sample_assign(
@@ -251,15 +257,10 @@ def sample_assign(
     Raises:
         UsageError: ``temperature`` not positive, or dimensions that do not match.
     """
-    _check_data(x, finite=False)
-    _check_data(centroids, "centroids")
-    if centroids.shape[1] != x.shape[1]:
-        raise UsageError(f"centroids have d={centroids.shape[1]} but the data has d={x.shape[1]}")
+    c, chunk = _assignment_inputs(x, centroids, chunk_size)
     if not temperature > 0:
         raise UsageError(f"temperature {temperature}: must be > 0")
     with torch.no_grad():
-        c = centroids.to(device=x.device, dtype=torch.float32)
-        chunk = chunk_size or auto_chunk_size(x.shape[0], c.shape[0], x.device)
         _sq_norms(x, chunk)  # the NaN/inf check
         neg2c_t, c_sq = c.mul(-2.0).t(), torch.linalg.vecdot(c, c)
         ids = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
