@@ -160,7 +160,7 @@ def curves_png(rows: list[dict], path: Path) -> bool:
         return False
     runs = _runs_end_to_end(rows)
     panels = [p for p in (losses, lr) if p]
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 3.8), squeeze=False, layout="constrained")
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, keys in zip(axes[0], panels):
         for i, k in enumerate(keys):
