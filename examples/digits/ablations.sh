@@ -124,7 +124,9 @@ tasks = ("caption", "speech", "t2i")
 w = 0.8 / len(tasks)
 for i, t in enumerate(tasks):
     ax.bar([j + i * w for j in range(len(rows))], [100 * (r[t] or 0) for r in rows], w, label=t)
+ax.axhline(10, color="grey", ls="--", lw=1, label="chance (10 %)")
 ax.set_xticks([j + w for j in range(len(rows))], [r["variant"] for r in rows], rotation=20)
-ax.set_ylabel("test accuracy (%)"); ax.set_ylim(0, 100); ax.legend(); fig.tight_layout()
+ax.set_ylabel("test accuracy (%)"); ax.set_ylim(0, 100)
+ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1)); fig.tight_layout()
 fig.savefig(a / "ablations.png", dpi=120)
 PY
