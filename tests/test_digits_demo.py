@@ -18,11 +18,13 @@ import pytest
 
 from conftest import REPO
 
-# What the reduced run (200 images, 120 utterances, 20 + 60 steps of 16, image codec 4x4 k 64,
-# caption codec whole digits k 32, captions once) shows robustly: it learns (stage 2's held-out loss well under its first training loss: measured 2.66
-# against 6.86) and recognises spoken digits above chance (0.10; measured 0.50 on its 20 test
-# utterances). Its captions (0.10) and drawings (0.20 greedy, 0.05 sampled) were at or near
-# chance: too few steps for those, so they are reported, not asserted.
+# What the reduced run (200 images, 120 utterances, 20 + 100 steps of 16, image codec 4x4 k 64,
+# caption codec whole digits k 32, captions once) shows robustly: it learns (stage 2's held-out
+# loss well under its first training loss: measured 1.38 against 8.38) and recognises spoken
+# digits above chance (0.10; measured 0.90 on its 20 test utterances). Its captions (0.30) and
+# drawings (0.50 greedy, 0.30 sampled) are too few steps from chance to assert, so they are
+# reported. 60 stage-2 steps were enough before the caption codec joined stage 1 (speech 0.50);
+# with it they gave 0.30 and, in one CI run, 0.00.
 MIN_SPEECH_ACCURACY = 0.2
 MAX_VAL_LOSS_RATIO = 0.6
 
@@ -31,8 +33,8 @@ MAX_VAL_LOSS_RATIO = 0.6
 @pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed (apt-get install espeak-ng)")
 def test_reduced_digits_demo_beats_chance(smollm2, tmp_path):
     out = tmp_path / "demo"
-    env = {**os.environ, "DIGITS_SMALL": "1", "DIGITS_STEPS1": "20", "DIGITS_STEPS2": "60", "DIGITS_BATCH": "16",
-           # the demo's captions x4 would leave the reduced run's 60 steps ~100 utterances
+    env = {**os.environ, "DIGITS_SMALL": "1", "DIGITS_STEPS1": "20", "DIGITS_STEPS2": "100", "DIGITS_BATCH": "16",
+           # the demo's captions x4 would leave the reduced run's stage 2 ~100 utterances
            # to learn from (measured: speech at chance, 0.10)
            "DIGITS_CAPTION_REPEAT": "1",
            "TEAL_VENV": str(Path(sys.executable).parent.parent), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
