@@ -65,7 +65,7 @@ fi
 
 # Captions read each digit through a second, read-only codec: k-means over whole digits
 # (patch = the image size), 256 centroids -> one token a digit. The quadrant codes above keep
-# the strokes a drawing needs, but the frozen LLM read the digit from them at 90.6-91.9 % at
+# the strokes a drawing needs, but the frozen LLM read the digit from them at 88-93 % at
 # best (every lever in the README's Results); a whole-digit code groups similar digits before
 # the LLM sees them (a linear read-out of that one id: 96.4 %, measure_codecs.py readout), and
 # the model captions 95.6 %.
