@@ -52,7 +52,7 @@ fi
 # Image: k-means over 4x4 pixel patches, 256 centroids -> 4 tokens per 8x8 digit, each one a
 # quadrant's stroke. (2x2 patches, k 64 keep more detail but give 16 tokens of 4 pixels each,
 # and the frozen LLM learned nothing from them in the same steps: caption-only, 150 steps,
-# 15 % against 84 %; examples/digits/measure_codecs.py and the README's Results.)
+# 15 % against 84 %; examples/digits/measure_codecs.py and examples/digits/README.md.)
 PATCH="${DIGITS_PATCH:-4}"
 IMAGE_K="${DIGITS_IMAGE_K:-${DIGITS_SMALL:+64}}"; IMAGE_K="${IMAGE_K:-256}"   # the reduced set has 560 patches: k 64
 IMAGE_SIZE="${DIGITS_IMAGE_SIZE:-8}"
@@ -66,7 +66,7 @@ fi
 # Captions read each digit through a second, read-only codec: k-means over whole digits
 # (patch = the image size), 256 centroids -> one token a digit. The quadrant codes above keep
 # the strokes a drawing needs, but the frozen LLM read the digit from them at 88-93 % at
-# best (every lever in the README's Results); a whole-digit code groups similar digits before
+# best (every lever in examples/digits/README.md); a whole-digit code groups similar digits before
 # the LLM sees them (a linear read-out of that one id: 96.4 %, measure_codecs.py readout), and
 # the model captions 95.6 %.
 # DIGITS_READ_PATCH=4 DIGITS_READ_K=256 reads and writes through the one quadrant codec, as before.

@@ -1,6 +1,6 @@
 """References and predictions: reading them, telling prompts from targets, matching by id.
 
-Reference records hold the prompt segments and one or more target segments (DESIGN §4): a
+Reference records hold the prompt segments and one or more target segments (docs/records.md, *Roles*): a
 segment may carry ``"role": "prompt"`` or ``"role": "target"``; when no segment says
 ``target``, the last segment is the target and the others the prompt. Several text targets
 are several references (captions).
