@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
-    from ..pixels import PixelPrep
+    from ..media.pixels import PixelPrep
 
 FORMAT = "teal-kmeans-codec"
 FORMAT_VERSION = 1
@@ -58,7 +58,7 @@ class _KMeansMixin:
         self.generator: "torch.Generator | None" = None
 
     def sample_codes(self, temperature: float | None, seed: int = 0) -> None:
-        """Draw ids from :func:`~teal_cli.kmeans.sample_assign` at ``temperature`` (squared
+        """Draw ids from :func:`~teal_cli.cluster.kmeans.sample_assign` at ``temperature`` (squared
         feature units) from now on, seeded by ``seed`` on the device the centroids are on at the
         first draw; ``None``: the nearest centroid again (the default)."""
         self.sample_temperature, self.sample_seed, self.generator = temperature, seed, None
@@ -74,7 +74,7 @@ class _KMeansMixin:
         return self
 
     def _assign(self, feats: "torch.Tensor") -> "torch.Tensor":
-        from ..kmeans import assign, sample_assign
+        from ..cluster.kmeans import assign, sample_assign
 
         flat = feats.reshape(-1, feats.shape[-1])
         if self.sample_temperature is not None:
@@ -188,7 +188,7 @@ def load_codec_dir(directory: str | Path, *, name: str | None = None, features: 
     the centroids file and the stored extractor description (its weights' sha256 included).
     Raises CodecError naming the file for a missing, corrupt or inconsistent directory.
     """
-    from ..checkpoints import file_sha256, read_json, read_safetensors, weights_id
+    from ..weights.reader import file_sha256, read_json, read_safetensors, weights_id
 
     directory = Path(directory)
     config_path = directory / CONFIG_NAME

