@@ -139,7 +139,7 @@ def output_stream(path: Optional[str]) -> Iterator:
     if path is None or path == "-":
         yield sys.stdout
         return
-    from ..media.io import atomic_output
+    from ..runtime.files import atomic_output
 
     with atomic_output(path) as f:
         yield f

@@ -20,11 +20,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import DataError
+from ..runtime.files import write_atomic
 
 if TYPE_CHECKING:
     import torch
@@ -58,7 +58,7 @@ class FeatureCache:
         self.misses = 0
         description = self.folder / "extractor.json"
         if not description.is_file():
-            _atomic_write_bytes(description, (json.dumps(config, indent=2, sort_keys=True, default=str) + "\n").encode())
+            write_atomic(description, (json.dumps(config, indent=2, sort_keys=True, default=str) + "\n").encode())
 
     def path(self, key: str) -> Path:
         return self.folder / (hashlib.sha256(key.encode("utf-8")).hexdigest()[:32] + ".safetensors")
@@ -103,18 +103,8 @@ class FeatureCache:
         if not tensor.is_floating_point():
             raise ValueError(f"features must be a float tensor, got {tensor.dtype}")
         data = save({"features": tensor}, metadata={"key": key, **self._stamp(key)})
-        _atomic_write_bytes(self.path(key), data)
+        write_atomic(self.path(key), data)
 
     def __len__(self) -> int:
         return sum(1 for _ in self.folder.glob("*.safetensors"))
 
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -355,7 +355,7 @@ def write_km(path: str | Path, centroids: "torch.Tensor | np.ndarray", *, seed: 
     w.op(pickle.EMPTY_TUPLE + pickle.NEWOBJ)
     w.value(state)
     w.op(pickle.BUILD + pickle.STOP)
-    from ..media.io import atomic_output
+    from ..runtime.files import atomic_output
 
     path = Path(path)
     with atomic_output(path, binary=True) as f:

@@ -244,11 +244,12 @@ def save_codec_dir(directory: str | Path, extractor: FeatureExtractor, centroids
     """Write a codec directory atomically (a temp directory renamed into place)."""
     import os
     import shutil
-    import tempfile
 
     from safetensors.torch import save_file
 
     import teal_cli
+
+    from ..runtime.files import apply_umask, temp_dir_beside
 
     directory = Path(directory)
     k, dim = centroids.shape
@@ -264,10 +265,11 @@ def save_codec_dir(directory: str | Path, extractor: FeatureExtractor, centroids
         "teal_version": teal_cli.__version__,
     }
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    tmp = temp_dir_beside(directory)
     try:
         save_file({"centroids": centroids.detach().float().cpu().contiguous()}, str(tmp / CENTROIDS_NAME))
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        apply_umask(tmp)
         if directory.exists():
             old = directory.with_name(f".{directory.name}.old")
             shutil.rmtree(old, ignore_errors=True)

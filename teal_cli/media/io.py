@@ -2,20 +2,19 @@
 
 Every loader turns a file into the one form codecs take (RGB PIL image; mono float32
 waveform at the codec's rate) and every failure into a :class:`DataError` naming the file.
-Writers are atomic: a temp file in the target folder, renamed into place on success.
+Writers are atomic (:mod:`teal_cli.runtime.files`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import tempfile
 import warnings
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 from ..errors import DataError
+from ..runtime.files import atomic_output
 
 if TYPE_CHECKING:
     import numpy as np
@@ -224,26 +223,3 @@ def save_audio(wave: "torch.Tensor", sample_rate: int, path: str | Path) -> None
     subtype = {"WAV": "PCM_16", "FLAC": "PCM_16", "OGG": "VORBIS"}[fmt]
     with atomic_output(path, binary=True) as f:
         sf.write(f, data, sample_rate, format=fmt, subtype=subtype)
-
-
-# --------------------------------------------------------------------------- atomic files
-
-
-@contextlib.contextmanager
-def atomic_output(path: str | Path, *, binary: bool = False) -> Iterator[IO]:
-    """Open a temp file beside ``path``; rename it onto ``path`` only if the block succeeds.
-
-    A failed run leaves neither a partial file nor the temp file behind.
-    """
-    path = Path(path)
-    if path.parent and not path.parent.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-    try:
-        with os.fdopen(fd, "wb" if binary else "w", encoding=None if binary else "utf-8") as f:
-            yield f
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise

@@ -508,7 +508,7 @@ def _truncate_metrics(path: Path, run_id: str, step: int) -> None:
     starts from) and any torn last line, atomically."""
     if not path.is_file():
         return
-    from ..media.io import atomic_output
+    from ..runtime.files import atomic_output
 
     kept = []
     for line in path.read_text(encoding="utf-8").splitlines():

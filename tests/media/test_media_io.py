@@ -6,7 +6,7 @@ import soundfile as sf
 from PIL import Image
 
 from teal_cli.errors import DataError
-from teal_cli.media.io import atomic_output, load_audio, load_image
+from teal_cli.media.io import load_audio, load_image
 
 
 @pytest.mark.parametrize("mode", ["L", "P", "RGBA", "LA", "I;16", "I", "F", "CMYK", "1"])
@@ -146,14 +146,3 @@ def test_mp3_reads(tmp_path):
     wave = load_audio(tmp_path / "a.mp3", 16000)
     assert abs(len(wave) - 16000) < 2000 and float(wave.abs().max()) > 0.3
 
-
-def test_atomic_output_leaves_nothing_on_failure(tmp_path):
-    target = tmp_path / "o.txt"
-    with pytest.raises(RuntimeError):
-        with atomic_output(target) as f:
-            f.write("partial")
-            raise RuntimeError("boom")
-    assert list(tmp_path.iterdir()) == []
-    with atomic_output(target) as f:
-        f.write("done")
-    assert target.read_text() == "done"

@@ -317,3 +317,19 @@ def test_target_loss_is_cross_entropy_under_the_segment_grammar(llm_dirs, codecs
     with pytest.raises(ValueError, match="input-only"):
         cross = build(llm_dirs["llama"], ["patch-p2-k16"], roles=["input"], image_size=8)
         cross.target_loss(torch.zeros(1, cfg.hidden_size), torch.tensor([cross.config.codecs[0].offset]))
+
+
+def test_model_folder_follows_the_umask(llm_dirs, codecs, tmp_path):
+    """Issue 30: a saved model folder was 0700 and its adapter 0600 whatever the umask."""
+    import os
+    import stat
+
+    model = build(llm_dirs["llama"], ["patch-p2-k16"], image_size=8)
+    old = os.umask(0o002)
+    try:
+        model.save(tmp_path / "m")
+        model.save(tmp_path / "m")  # the second save replaces the two files in place
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "m").stat().st_mode) == 0o775
+    assert {stat.S_IMODE(f.stat().st_mode) for f in (tmp_path / "m").iterdir()} == {0o664}
