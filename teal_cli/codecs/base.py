@@ -50,10 +50,10 @@ class Codec:
         encoder, which makes the ids), the pinned digest for official files that have one;
         k-means codec directories: the centroids file plus the extractor's description and
         weights digest. Token segments carry it as ``weights``; see :func:`check_segment_weights`.
-        Computed on first use (hashing is cached by :func:`teal_cli.weights.reader.file_sha256`)."""
+        Computed on first use (hashing is cached by :func:`teal_cli.weights.digests.file_sha256`)."""
         value = self.__dict__.get("_weights_id")
         if value is None:
-            from ..weights.reader import files_sha256, weights_id
+            from ..weights.digests import files_sha256, weights_id
 
             files = tuple(self.__dict__.get("weights_files", ()) or ())
             value = weights_id(files_sha256(files)) if files else ""

@@ -188,7 +188,8 @@ def load_codec_dir(directory: str | Path, *, name: str | None = None, features: 
     the centroids file and the stored extractor description (its weights' sha256 included).
     Raises CodecError naming the file for a missing, corrupt or inconsistent directory.
     """
-    from ..weights.reader import file_sha256, read_json, read_safetensors, weights_id
+    from ..weights.digests import file_sha256, weights_id
+    from ..weights.reader import read_json, read_safetensors
 
     directory = Path(directory)
     config_path = directory / CONFIG_NAME

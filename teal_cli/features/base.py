@@ -131,7 +131,7 @@ def find_recorded(config: dict[str, Any], codec_dir: Path | None, where: str, ki
     recorded path and sha256 and the fix (``--checkpoint``). Returns ``(path, fmt, files,
     sha)`` of the recorded copy, or what ``official()`` returned.
     """
-    from ..weights.reader import files_sha256
+    from ..weights.digests import files_sha256
 
     recorded, sha = str(config.get("checkpoint") or ""), str(config.get("sha256") or "")
     tried: list[str] = []

@@ -24,7 +24,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import CodecError, UsageError
+from ..errors import CodecError, UsageError, first_line
 from .base import FeatureExtractor, check_layer
 
 if TYPE_CHECKING:
@@ -95,9 +95,8 @@ def _check_weights(folder: Path, files: list[Path]):
     except CodecError:
         raise
     except Exception as exc:  # noqa: BLE001 - transformers' own checks of a config: one line naming it
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise CodecError(f"{config_path}: transformers cannot build a HuBERT from this config "
-                         f"({type(exc).__name__}: {first[:160]})") from None
+                         f"({first_line(exc, 160)})") from None
     found: set[str] = set()
     for file in files:
         if file.suffix == ".safetensors":
@@ -126,8 +125,7 @@ def _load_model(source: str, located: tuple[Path, str, list[Path]] | None = None
     try:
         model = transformers.HubertModel.from_pretrained(str(path), use_safetensors=files[0].suffix == ".safetensors")
     except Exception as exc:  # noqa: BLE001 - anything the checks above did not foresee: one line naming the folder
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise CodecError(f"{path}: transformers cannot load this HuBERT checkpoint ({type(exc).__name__}: {first[:160]})") from None
+        raise CodecError(f"{path}: transformers cannot load this HuBERT checkpoint ({first_line(exc, 160)})") from None
     return model.eval().requires_grad_(False), path, files
 
 
@@ -174,7 +172,7 @@ class HubertFeatures(FeatureExtractor):
     def from_name(cls, name: str, layer: int | str | None = None, checkpoint: str | None = None,
                   normalize: bool | None = None, dtype: str | None = None, device: str | None = None,
                   batch_size: int | None = None, *, located: tuple | None = None, **_: Any) -> "HubertFeatures":
-        from ..weights.reader import files_sha256
+        from ..weights.digests import files_sha256
 
         source = checkpoint
         if source is None:
@@ -194,7 +192,7 @@ class HubertFeatures(FeatureExtractor):
         """Rebuild from a codec's ``features`` block: ``checkpoint`` when given, else the recorded
         folder (absolute, or relative to ``codec_dir``) when its sha256 is the recorded one, else
         the named model from the Hugging Face hub (cache); the sha256 must match either way."""
-        from ..weights.reader import files_sha256
+        from ..weights.digests import files_sha256
         from .base import find_recorded
 
         model = config.get("model")

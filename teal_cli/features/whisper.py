@@ -311,7 +311,7 @@ def state_from_openai(path: Path) -> tuple[EncoderDims, dict[str, "torch.Tensor"
 
 def _multi_sha256(files: list[Path]) -> str:
     """sha256 of one file; for sharded checkpoints, of the shards' digests joined."""
-    from ..weights.reader import files_sha256
+    from ..weights.digests import files_sha256
 
     return files_sha256(files)
 
@@ -352,7 +352,7 @@ def _locate(source: str, option: str = "--checkpoint") -> tuple[Path, str, list[
 
 def _read(path: Path, fmt: str, files: list[Path], source: str, sha: str = "") -> dict[str, Any]:
     """Read a located checkpoint: ``{"model", "format", "path", "dims", "state", "sha256"}``."""
-    from ..weights.reader import files_sha256
+    from ..weights.digests import files_sha256
 
     if fmt == "ctranslate2":
         dims, state = state_from_ct2(path)
@@ -491,7 +491,7 @@ class WhisperFeatures(FeatureExtractor):
         sha = str(config.get("sha256") or "")
         kwargs = {k: v for k, v in overrides.items() if k in ("dtype", "device", "batch_size")}
         if checkpoint is not None:
-            from ..weights.reader import files_sha256
+            from ..weights.digests import files_sha256
 
             path, fmt, files = _locate(checkpoint)
             digest = files_sha256(files)

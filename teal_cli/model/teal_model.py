@@ -502,7 +502,7 @@ class TealModel(nn.Module):
                 param.copy_(value.to(param.dtype))
 
     def adapter_sha256(self, directory: str | Path) -> str:
-        from ..weights.hub import sha256sum
+        from ..weights.digests import sha256sum
 
         return sha256sum(Path(directory) / ADAPTER_NAME)
 

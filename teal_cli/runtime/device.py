@@ -74,6 +74,15 @@ def resolve_dtype(spec: "str | torch.dtype", device: "torch.device") -> "torch.d
     return getattr(torch, spec)
 
 
+def transformers_dtype(dtype: "torch.dtype") -> dict:
+    """The ``from_pretrained`` keyword for a parameter dtype: transformers >= 4.56 calls it
+    ``dtype``; older versions (which teal allows) ``torch_dtype``."""
+    import transformers
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
+
+
 def autocast(device: "torch.device", dtype: "torch.dtype"):
     """Autocast on GPU for half dtypes; a no-op context on CPU or fp32."""
     import torch

@@ -8,18 +8,16 @@ error that names the URL to fetch and the exact path to place it at.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from ..errors import DownloadError
+from ..runtime.quiet import Progress
+from .digests import file_sha256, sha256sum
 
-# progress(done_bytes, total_bytes_or_None)
-Progress = Callable[[int, "int | None"], None]
 _CHUNK = 1 << 20
 # Used when fetch() gets no progress callback; the CLI installs a progress bar here.
 default_progress: Progress | None = None
@@ -61,37 +59,20 @@ def offline() -> bool:
     return any(os.environ.get(v, "").lower() in truthy for v in ("TEAL_OFFLINE", "HF_HUB_OFFLINE"))
 
 
-def sha256sum(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def cached_path(file: HubFile) -> Path:
     return cache_dir() / file.subdir / file.name
 
 
-def _verified_marker(path: Path) -> Path:
-    return path.with_name(path.name + ".sha256")
-
-
 def _verify(path: Path, file: HubFile) -> None:
-    """Check the digest once; a marker beside the file records that it passed."""
+    """Check the digest (:func:`~teal_cli.weights.digests.file_sha256` caches it, so an
+    unchanged file is read once)."""
     if not file.sha256:
         return
-    marker = _verified_marker(path)
-    stat = path.stat()
-    stamp = f"{file.sha256} {stat.st_size} {int(stat.st_mtime)}"
-    if marker.is_file() and marker.read_text().strip() == stamp:
-        return
-    actual = sha256sum(path)
+    actual = file_sha256(path)
     if not actual.startswith(file.sha256):
         raise DownloadError(
             f"{path}: sha256 is {actual}, expected {_expected(file)} for {file.url}; delete the file and download it again"
         )
-    marker.write_text(stamp + "\n")
 
 
 def _expected(file: HubFile) -> str:
@@ -99,7 +80,8 @@ def _expected(file: HubFile) -> str:
 
 
 def fetch(file: HubFile, *, progress: Progress | None = None) -> Path:
-    """Return the cached, verified path of ``file``, downloading it first if needed.
+    """Return the cached, verified path of ``file``, downloading it first if needed
+    (``progress(done_bytes, total_bytes_or_None)`` is told how far the download is).
 
     Downloads resume from a ``.part`` file left by an interrupted run.
     """

@@ -15,8 +15,6 @@ another format, or inconsistent with its config raises
   through :mod:`teal_cli.weights.safe_pickle` (nothing in the file is run), tensors read;
 - :func:`check_shapes`: state-dict shapes against what the architecture expects, before
   ``load_state_dict`` (whose size-mismatch error is a multi-line traceback);
-- :func:`file_sha256` / :func:`weights_id`: content digests (cached by path, size and
-  mtime), the provenance every token segment carries.
 
 The safetensors layout checked is the published one (huggingface/safetensors README):
 an unsigned little-endian 64-bit header size N, N bytes of JSON (``{name: {"dtype",
@@ -29,15 +27,13 @@ the ``safetensors`` library itself.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
 import struct
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
-from ..errors import CodecError
+from ..errors import CodecError, first_line
 
 if TYPE_CHECKING:
     import torch
@@ -46,18 +42,12 @@ if TYPE_CHECKING:
 _ST_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
                 "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 _MAX_HEADER = 100_000_000  # the library's own limit
-WEIGHTS_ID_LENGTH = 16  # hex digits of a sha256 kept in token segments
 
 
 def _missing(path: Path, what: str) -> CodecError:
     if path.is_dir():
         return CodecError(f"{path}: is a folder, expected a {what} file")
     return CodecError(f"{path}: {what} not found")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
 # ---------------------------------------------------------------- configs
@@ -186,19 +176,23 @@ def read_safetensors(path: str | Path, keep: Callable[[str], bool] | None = None
         with safe_open(str(path), framework="pt") as f:
             return {k: f.get_tensor(k) for k in names if keep is None or keep(k)}
     except Exception as exc:  # noqa: BLE001 - the library's own error types: one line naming the file
-        raise CodecError(f"{path}: cannot read safetensors weights ({_first_line(exc)})") from None
+        raise CodecError(f"{path}: cannot read safetensors weights ({first_line(exc)})") from None
 
 
 # ---------------------------------------------------------------- Hugging Face folders
 
 
+# (index, single file) per format, safetensors first as transformers prefers them
+HF_WEIGHT_NAMES = (("model.safetensors.index.json", "model.safetensors"), ("pytorch_model.bin.index.json", "pytorch_model.bin"))
+
+
 def hf_weight_files(folder: str | Path) -> list[Path]:
-    """The weight files of a Hugging Face model folder, in load order: the shards an index
-    (``model.safetensors.index.json`` / ``pytorch_model.bin.index.json``) lists, else
-    ``model.safetensors``, else ``pytorch_model.bin``. A shard the index lists but the
-    folder lacks is an error naming both."""
+    """The weight files of a Hugging Face model folder, in load order: safetensors before
+    torch pickles, and for each the shards its index (``model.safetensors.index.json`` /
+    ``pytorch_model.bin.index.json``) lists, else the single file. A shard the index lists
+    but the folder lacks is an error naming both."""
     folder = Path(folder)
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+    for index_name, single in HF_WEIGHT_NAMES:
         index = folder / index_name
         if index.exists():
             data = read_json(index, "weights index")
@@ -211,16 +205,15 @@ def hf_weight_files(folder: str | Path) -> list[Path]:
                 raise CodecError(f"{folder / missing[0]}: shard missing ({len(missing)} of the {len(shards)} that "
                                  f"{index.name} lists are absent); download the whole model again")
             return [folder / s for s in shards]
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        if (folder / name).is_file():
-            return [folder / name]
+        if (folder / single).is_file():
+            return [folder / single]
     for stem in ("model", "pytorch_model"):
         shards = sorted(folder.glob(f"{stem}-*-of-*.*"))
         if shards:
             index = "model.safetensors.index.json" if shards[0].suffix == ".safetensors" else "pytorch_model.bin.index.json"
             raise CodecError(f"{folder / index}: not found, though {len(shards)} shard(s) ({shards[0].name}...) are "
                              "there; the index says which tensors each holds: download it too")
-    raise CodecError(f"{folder}: model weights not found (no model.safetensors, sharded index or pytorch_model.bin)")
+    raise CodecError(f"{folder}: no weights (model.safetensors, a sharded index or pytorch_model.bin not found)")
 
 
 def read_weight_files(files: Iterable[Path], keep: Callable[[str], bool] | None = None) -> dict[str, "torch.Tensor"]:
@@ -314,79 +307,6 @@ def load_into(model: "torch.nn.Module", refs: Mapping[str, Any], where: str | Pa
     return model.eval().requires_grad_(False)
 
 
-# ---------------------------------------------------------------- digests
-
-
-_DIGESTS: dict[tuple, str] = {}
-
-
-def _digest_cache() -> Path:
-    from .hub import cache_dir
-
-    return cache_dir() / "digests.json"
-
-
-def file_sha256(path: str | Path) -> str:
-    """The sha256 hex digest of a file, remembered by (absolute path, size, mtime, ctime,
-    inode) in this process and in ``$TEAL_CACHE_DIR/digests.json``, so a 1 GB checkpoint is
-    hashed once; a file rewritten or replaced in place changes its inode or ctime."""
-    from .hub import sha256sum
-
-    path = Path(path)
-    try:
-        stat = path.stat()
-        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
-    except OSError as exc:
-        raise CodecError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    if key in _DIGESTS:
-        return _DIGESTS[key]
-    cache = _digest_cache()
-    stamp = " ".join(str(v) for v in key[1:])
-    stored: dict[str, Any] = {}
-    try:
-        stored = json.loads(cache.read_text())
-        entry = stored.get(key[0]) if isinstance(stored, dict) else None
-        if isinstance(entry, list) and len(entry) == 2 and entry[0] == stamp:
-            _DIGESTS[key] = str(entry[1])
-            return _DIGESTS[key]
-    except (OSError, ValueError):
-        stored = {}
-    try:
-        digest = sha256sum(path)
-    except OSError as exc:
-        raise CodecError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    _DIGESTS[key] = digest
-    if path.stat().st_size >= 1 << 20:  # small files are hashed faster than the cache is read
-        try:
-            stored = stored if isinstance(stored, dict) else {}
-            stored[key[0]] = [stamp, digest]
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_name(f".{cache.name}.{os.getpid()}")
-            tmp.write_text(json.dumps(stored))
-            os.replace(tmp, cache)
-        except OSError:
-            pass  # a read-only cache only costs the hash again next time
-    return digest
-
-
-def files_sha256(files: Iterable[str | Path]) -> str:
-    """One file's sha256; for several (shards), the sha256 of their digests joined by spaces."""
-    digests = [file_sha256(f) for f in files]
-    if not digests:
-        return ""
-    return digests[0] if len(digests) == 1 else hashlib.sha256(" ".join(digests).encode()).hexdigest()
-
-
-def weights_id(*digests: str) -> str:
-    """The short weights id token segments carry: the first 16 hex digits of a sha256 (one
-    digest), or of the sha256 of several digests joined by spaces."""
-    parts = [d for d in digests if d]
-    if not parts:
-        return ""
-    full = parts[0] if len(parts) == 1 else hashlib.sha256(" ".join(parts).encode()).hexdigest()
-    return full[:WEIGHTS_ID_LENGTH]
-
-
-__all__ = ["check_shapes", "config_value", "load_into", "file_sha256", "files_sha256", "hf_weight_files", "load_refs", "read_json",
+__all__ = ["check_shapes", "config_value", "load_into", "hf_weight_files", "load_refs", "read_json",
            "read_safetensors", "read_torch", "read_weight_files", "read_yaml", "safetensors_header", "tensor_refs",
-           "weights_id", "WEIGHTS_ID_LENGTH"]
+           ]

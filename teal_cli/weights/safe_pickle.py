@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from ..errors import CodecError
+from ..errors import CodecError, first_line
 
 if TYPE_CHECKING:
     import torch
@@ -340,9 +340,8 @@ def _unpickle(stream: Any, where: str, persistent_load: Callable[[Any], Any] | N
     except CodecError:
         raise
     except Exception as exc:  # noqa: BLE001 - only our own stand-ins run: any failure means a damaged file
-        text = str(exc).splitlines()[0][:120] if str(exc) else ""
         raise CodecError(f"{where}: not a readable torch checkpoint, or a truncated/corrupt one "
-                         f"({type(exc).__name__}: {text})") from None
+                         f"({first_line(exc, 120)})") from None
 
 
 def _storage_dtype(storage_type: Any, where: str) -> Any:

@@ -171,7 +171,7 @@ def test_layer_convention_and_config(openai_model):
     assert extractor.frame_rate == 50 and extractor.dim == 64 and extractor.sample_rate == 16000
     config = extractor.config()
     assert config["layer"] == 2 and config["format"] == "openai" and config["n_mels"] == 80
-    from teal_cli.weights.hub import sha256sum
+    from teal_cli.weights.digests import sha256sum
 
     assert config["sha256"] == sha256sum(path)
     assert extractor.name_stem() == "whisper-d64x3-l2"

@@ -391,7 +391,7 @@ def model_dir(llm_dirs, codec_dirs, isolated):
 
 
 def test_output_records_say_how_they_were_made(model_dir):
-    from teal_cli.weights.hub import sha256sum
+    from teal_cli.weights.digests import sha256sum
     from teal_cli.model import TealModel
 
     model = TealModel.from_dir(model_dir)
