@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CodecError, first_line
+from ..weights.safe_pickle import AllowList
 
 if TYPE_CHECKING:
     import numpy as np
@@ -74,37 +75,32 @@ def _new_object(cls, *args):
     return cls.__new__(cls)
 
 
+def _kmeans_class(module: str, name: str) -> Any:
+    return EstimatorState if module.startswith(_SKLEARN_MODULES) and name in _KMEANS_CLASSES else None
+
+
+def _numpy_global(module: str, name: str) -> Any:
+    import numpy as np
+
+    if module in _NUMPY_MODULES:
+        found = {"ndarray": np.ndarray, "dtype": np.dtype, "scalar": _numpy_scalar, "_frombuffer": _frombuffer}.get(name)
+        return _numpy_reconstruct() if name == "_reconstruct" else found
+    if module == "numpy.dtypes" and name.endswith("DType"):
+        return _dtype_class(name)
+    return None
+
+
+
+def _refuse(module: str, name: str) -> CodecError:
+    return CodecError(f"k-means pickle: refusing to load {module}.{name} (only numpy arrays and "
+                      "scikit-learn KMeans state are read)")
+
+
 class _SafeUnpickler(pickle._Unpickler):  # the pure-Python one: BUILD can be intercepted
     dispatch = dict(pickle._Unpickler.dispatch)
 
     def find_class(self, module: str, name: str) -> Any:
-        import numpy as np
-
-        if module.startswith(_SKLEARN_MODULES) and name in _KMEANS_CLASSES:
-            return EstimatorState
-        if module == "joblib.numpy_pickle" and name == "NumpyArrayWrapper":
-            return _ArrayWrapper
-        if module in ("copyreg", "copy_reg") and name in ("_reconstructor", "__newobj__"):
-            return _new_object
-        if module in _NUMPY_MODULES:
-            if name == "_reconstruct":
-                return _numpy_reconstruct()
-            if name == "ndarray":
-                return np.ndarray
-            if name == "dtype":
-                return np.dtype
-            if name == "scalar":
-                return _numpy_scalar
-            if name == "_frombuffer":
-                return _frombuffer
-        if module == "_codecs" and name == "encode":  # protocol < 3 writes bytes as encode(str, "latin1")
-            return _latin1_bytes
-        if module == "numpy.dtypes" and name.endswith("DType"):
-            return _dtype_class(name)
-        if module == "builtins" and name in ("object", "bytearray", "set", "frozenset"):
-            return {"object": object, "bytearray": bytearray, "set": set, "frozenset": frozenset}[name]
-        raise CodecError(f"k-means pickle: refusing to load {module}.{name} (only numpy arrays and "
-                         "scikit-learn KMeans state are read)")
+        return _KM_PICKLES.resolve(module, name, _refuse)
 
     def load_build(self) -> None:
         stack = self.stack
@@ -186,6 +182,18 @@ def _dtype_class(name: str):
         raise CodecError(f"k-means pickle: numpy.dtypes.{name} is not supported")
 
     return getattr(getattr(np, "dtypes", None), name, make)
+
+
+_KM_PICKLES = AllowList(
+    exact={
+        ("joblib.numpy_pickle", "NumpyArrayWrapper"): _ArrayWrapper,
+        ("copyreg", "_reconstructor"): _new_object,
+        ("copyreg", "__newobj__"): _new_object,
+        ("_codecs", "encode"): _latin1_bytes,  # protocol < 3 writes bytes as encode(str, "latin1")
+        **{("builtins", t.__name__): t for t in (object, bytearray, set, frozenset)},
+    },
+    rules=(_kmeans_class, _numpy_global),
+)
 
 
 def _decompress(data: bytes) -> bytes:

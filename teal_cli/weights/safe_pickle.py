@@ -37,7 +37,7 @@ import struct
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 from ..errors import CodecError, first_line
 
@@ -292,25 +292,60 @@ _STORAGE_DTYPES = {
 }
 
 
-def _resolve_global(module: str, name: str, where: str) -> Any:
-    if (module, name) in _FUNCTIONS:
-        return _FUNCTIONS[(module, name)]
+@dataclass(frozen=True)
+class AllowList:
+    """The globals a restricted unpickler may resolve, each to a stand-in, never to the
+    object the pickle names: ``exact`` maps ``(module, name)`` pairs; ``rules`` are tried in
+    order for families of names (a namespace, the storage types) and return the stand-in or
+    None. Both unpicklers in teal (torch checkpoints here, fairseq ``km.bin`` files in
+    :mod:`teal_cli.cluster.kmbin`) resolve through one of these in ``find_class``."""
+
+    exact: Mapping[tuple[str, str], Any]
+    rules: tuple[Callable[[str, str], Any], ...] = ()
+
+    def resolve(self, module: str, name: str, refuse: Callable[[str, str], Exception]) -> Any:
+        """The stand-in for ``module.name``; raises ``refuse(module, name)`` when not allowed."""
+        # Python-2 era names (protocol <= 2 pickles say '__builtin__ set'): map them as
+        # pickle itself would, which only renames.
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        elif module in _compat_pickle.IMPORT_MAPPING:
+            module = _compat_pickle.IMPORT_MAPPING[module]
+        if (module, name) in self.exact:
+            return self.exact[(module, name)]
+        for rule in self.rules:
+            found = rule(module, name)
+            if found is not None:
+                return found
+        raise refuse(module, name)
+
+
+def _storage_type(module: str, name: str) -> Any:
     if module in ("torch", "torch.cuda") and name in _STORAGE_DTYPES:
         import torch
 
         return _StorageType(getattr(torch, _STORAGE_DTYPES[name]))
+    return None
+
+
+def _torch_dtype(module: str, name: str) -> Any:
     if module == "torch" and name in _TORCH_DTYPE_NAMES:
         import torch
 
         return getattr(torch, name)  # a dtype constant, not a callable
-    if module == "builtins" and name in _BUILTINS:
-        return _BUILTINS[name]
+    return None
+
+
+def _data_class(module: str, name: str) -> Any:
     if (module, name) in _DATA_GLOBALS or any(module == ns.rstrip(".") or module.startswith(ns) for ns in _DATA_NAMESPACES):
         return _placeholder(module, name)
-    raise CodecError(
-        f"{where}: refusing to load: the pickle asks for '{module}.{name}', which is not tensor data "
-        "(a checkpoint has no reason to name it; the file may be malicious). Nothing from it was run."
-    )
+    return None
+
+
+TORCH_CHECKPOINTS = AllowList(
+    exact={**_FUNCTIONS, **{("builtins", name): value for name, value in _BUILTINS.items()}},
+    rules=(_storage_type, _torch_dtype, _data_class),
+)
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -320,13 +355,13 @@ class _RestrictedUnpickler(pickle.Unpickler):
         self._persistent = persistent_load
 
     def find_class(self, module: str, name: str) -> Any:
-        # Python-2 era names (protocol <= 2 pickles say '__builtin__ set'): map them as
-        # pickle itself would, which only renames.
-        if (module, name) in _compat_pickle.NAME_MAPPING:
-            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
-        elif module in _compat_pickle.IMPORT_MAPPING:
-            module = _compat_pickle.IMPORT_MAPPING[module]
-        return _resolve_global(module, name, self._where)
+        return TORCH_CHECKPOINTS.resolve(module, name, self._refuse)
+
+    def _refuse(self, module: str, name: str) -> CodecError:
+        return CodecError(
+            f"{self._where}: refusing to load: the pickle asks for '{module}.{name}', which is not tensor data "
+            "(a checkpoint has no reason to name it; the file may be malicious). Nothing from it was run."
+        )
 
     def persistent_load(self, pid: Any) -> Any:
         if self._persistent is None:
