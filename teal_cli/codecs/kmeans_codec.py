@@ -74,7 +74,7 @@ class _KMeansMixin:
         return self
 
     def _assign(self, feats: "torch.Tensor") -> "torch.Tensor":
-        from ..cluster.kmeans import assign, sample_assign
+        from .assign import assign, sample_assign
 
         flat = feats.reshape(-1, feats.shape[-1])
         if self.sample_temperature is not None:

@@ -12,7 +12,8 @@ import torch
 
 from teal_cli.cluster import kmeans as km
 from teal_cli.errors import DataError, UsageError
-from teal_cli.cluster.kmeans import KMeansResult, assign, kmeans, kmeans_plusplus, kmeans_streaming, sample_assign
+from teal_cli.cluster.kmeans import KMeansResult, kmeans, kmeans_plusplus, kmeans_streaming
+from teal_cli.codecs.assign import assign, sample_assign
 from helpers import require
 
 

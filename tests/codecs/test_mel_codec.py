@@ -98,7 +98,7 @@ def test_log_mel_extended_with_silence_equals_computing_the_zeros():
 def test_audio_codec_assigns_a_batch_as_each_clip_alone(wav_file, cli, speechlike_wave):
     """A batch's frames are assigned in one pass: the ids must be those of each clip's own
     features, split back per clip."""
-    from teal_cli.cluster.kmeans import assign
+    from teal_cli.codecs.assign import assign
 
     r = cli("cluster", wav_file, "--features", "mel", "--k", "16", "--iters", "5", "-q")
     assert r.exit_code == 0, r.stderr
