@@ -4,7 +4,9 @@ fairseq's ``simple_kmeans`` and textlesslib save a fitted scikit-learn ``MiniBat
 with ``joblib.dump``: a pickle in which numpy arrays are ``NumpyArrayWrapper`` records
 followed by the raw array bytes. Plain ``pickle.dump`` files and compressed joblib files
 (gzip, zlib, bz2, xz/lzma) occur too. All are programs; :func:`read_centroids` never runs
-them. Its unpickler resolves only a fixed set of names, each to something inert here:
+them. Its unpickler resolves only a fixed set of names (an
+:class:`~teal_cli.weights.safe_pickle.AllowList`, as torch checkpoints), each to something
+inert here:
 
 - numpy's array and dtype reconstruction (``_reconstruct``, ``_frombuffer``, ``ndarray``,
   ``dtype``, ``scalar``): real numpy constructors, which only build arrays from bytes;

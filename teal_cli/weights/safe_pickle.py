@@ -17,7 +17,8 @@ allowlist does not know. So teal uses one restricted unpickler for all three for
   which only records the arguments and state it is given, or (3) a refusal,
   :class:`~teal_cli.errors.CodecError`, for anything else (``os.system``, ``eval``,
   ``subprocess``...). Nothing is ever imported on the pickle's behalf and no callable the
-  pickle names is ever called;
+  pickle names is ever called. The list is an :class:`AllowList` (:data:`TORCH_CHECKPOINTS`),
+  the mechanism the fairseq ``km.bin`` reader (:mod:`teal_cli.cluster.kmbin`) uses too;
 - tensors come back as :class:`TensorRef` and are read from the file only when asked,
   so a 1 GB Lightning file whose optimizer state and discriminator are not needed costs
   only the tensors used.
