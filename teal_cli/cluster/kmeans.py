@@ -36,6 +36,7 @@ from ..codecs.assign import (  # the nearest-centroid passes, shared with the k-
     _sq_norms,
     auto_chunk_size,
 )
+from ..codecs.assign import assign, sample_assign  # noqa: F401  (k-means' API too: fit.py and callers import them from here)
 from ..errors import DataError, UsageError
 
 BACKENDS = ("torch", "faiss", "auto")

@@ -150,3 +150,14 @@ def test_finite_check_names_the_clip_inside_a_batch(monkeypatch, check_once):
     feats[3][0, 0] = float("nan")
     assert cluster._finite_flags(feats)() == [True, False, True, False]
     assert cluster._finite_flags([])() == []
+
+
+
+def test_sampled_fit_reports_the_inertia_of_all_rows(photo):
+    """--sample fits on a subset; the reported inertia is then measured over every row."""
+    items = [("photo", str(photo))] * 2
+    extractor = extractor_for("patch", patch_size=4, image_size=64)
+    report = fit_codec(items, extractor, "sampled", ClusterOptions(k=8, iters=5, sample=100))
+    assert report.rows == 2 * 256 and not report.streaming
+    # history[-1] is the inertia of the 100 sampled rows; all 512 rows hold about 5x as much.
+    assert report.result.inertia > 2 * report.result.history[-1]
