@@ -1,6 +1,7 @@
 """Named downloads: cache hits, checksum checks, resume, offline errors (local HTTP server only)."""
 
 import hashlib
+import os
 import http.server
 import threading
 from functools import partial
@@ -81,3 +82,20 @@ def test_corrupted_cached_file_detected(tmp_path):
     path.write_bytes(b"evil")
     with pytest.raises(DownloadError, match="sha256 is"):
         hub.fetch(f)
+
+
+def test_a_verified_file_is_not_hashed_again(monkeypatch):
+    """The digest goes to teal's one hash cache (digests.json), not a marker beside the file:
+    a later process (here: the in-process memo cleared) only stats the file."""
+    from teal_cli.weights import digests
+
+    payload = os.urandom((1 << 20) + 17)  # the cache keeps files of 1 MiB and more
+    f = hub.HubFile("https://example.invalid/big.bin", hashlib.sha256(payload).hexdigest(), "t")
+    path = hub.cached_path(f)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(payload)
+    assert hub.fetch(f) == path
+    assert sorted(p.name for p in path.parent.iterdir()) == ["big.bin"]
+    monkeypatch.setattr(digests, "_DIGESTS", {})
+    monkeypatch.setattr(digests, "sha256sum", lambda p: pytest.fail(f"{p} hashed again"))
+    assert hub.fetch(f) == path
