@@ -11,7 +11,7 @@ Rows:
   on the device (no front end, no copies): the floor teal can reach.
 - ``extract (batched)``: ``WhisperFeatures.extract`` on ``--batch`` waveforms at a time
   (log-mel, windowing, trimming, dtype handling): the goal is >= 90 % of the bare rate on GPU.
-- ``teal cluster path``: ``teal_cli.cluster.iter_features`` over files on disk (decode,
+- ``teal cluster path``: ``teal_cli.cluster.fit.iter_features`` over files on disk (decode,
   resample check, extract), as ``teal cluster`` runs it: float WAV (``--format wav``, reads
   cost next to nothing) or 16-bit FLAC (``--format flac``, as LibriSpeech ships: ~1.9 ms of
   a core per 10 s clip, so the loaders' count matters; ``--workers``).
@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from teal_cli import audio  # noqa: E402
+from teal_cli.media import logmel as audio  # noqa: E402
 from teal_cli.features.whisper import EncoderDims, WhisperFeatures, resolve_checkpoint  # noqa: E402
 
 SMALL = EncoderDims(n_mels=80, n_audio_ctx=1500, n_audio_state=768, n_audio_head=12, n_audio_layer=12)
@@ -126,7 +126,7 @@ def main() -> None:
     rows = [("bare encoder", rate(bare, total, device)), ("extract (batched)", rate(batched, total, device))]
     import soundfile as sf
 
-    from teal_cli import cluster
+    from teal_cli.cluster import fit as cluster
 
     with tempfile.TemporaryDirectory() as tmp:
         items = []
@@ -172,7 +172,7 @@ def timed_stages(fn, device: torch.device) -> dict[str, float]:
     from concurrent.futures import Future
 
     from stages import StageTimer
-    from teal_cli import cluster
+    from teal_cli.cluster import fit as cluster
 
     timer = StageTimer("waiting for loads", "launching the extractor", "waiting for the GPU")
     saved = Future.result, cluster._extract_batch, cluster._finite_flags

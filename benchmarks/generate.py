@@ -171,7 +171,7 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="where teal's time goes (one extra run per case)")
     args = ap.parse_args()
 
-    from teal_cli.device import fit_threads_to_cpus
+    from teal_cli.runtime.device import fit_threads_to_cpus
 
     if args.threads:
         torch.set_num_threads(args.threads)

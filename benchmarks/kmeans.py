@@ -27,8 +27,9 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from teal_cli import kmeans as engine  # noqa: E402
-from teal_cli.kmeans import _cuda_tf32, assign, auto_chunk_size, kmeans, kmeans_plusplus  # noqa: E402
+from teal_cli.cluster import kmeans as engine  # noqa: E402
+from teal_cli.cluster.kmeans import _cuda_tf32, kmeans, kmeans_plusplus  # noqa: E402
+from teal_cli.codecs.assign import assign, auto_chunk_size  # noqa: E402
 
 INIT_SAMPLE = 10_000
 

@@ -6,14 +6,14 @@
 
 Arms, on the same images, batch size, device and dtype:
 
-- ``tokenize``: JPEG files on disk -> ``teal_cli.tokenize.tokenize_records`` (decode and
+- ``tokenize``: JPEG files on disk -> ``teal_cli.pipeline.tokenize.tokenize_records`` (decode and
   resize in the loaders, value mapping and encode on the device) -> JSONL written to a file.
 - ``bare``: ``codec.encode`` on pre-made, preprocessed tensors already on the device: the
   forward pass and codebook lookup alone.
 - ``loaders``: the same loader pool (``--workers``, ``--loader``) decoding and resizing every
   image to uint8 with no encoder: the most images per second this host's CPUs can feed.
 - ``device resize alone`` (with ``--resize-on device``): decoded images resized and cropped on
-  the device by :mod:`teal_cli.resample`, upload included, both ways it can run the passes
+  the device by :mod:`teal_cli.media.resample`, upload included, both ways it can run the passes
   (float64 matrix products, int32 gathers), and their ratio.
 - ``tokenize, no device work``: the tokenize arm with the device's work replaced by
   constants (``codec.encode`` by a grid of zeros, the value mapping by nothing and, with
@@ -51,8 +51,8 @@ if __name__ != "__mp_main__":
     from PIL import Image
 
     from teal_cli.codecs import beit2, dalle, vqgan
-    from teal_cli.device import resolve_device, resolve_dtype
-    from teal_cli.loaders import Loaders, default_workers, resolve_loader
+    from teal_cli.runtime.device import resolve_device, resolve_dtype
+    from teal_cli.pipeline.loaders import Loaders, default_workers, resolve_loader
 
 VQGAN_F16_16384 = {
     "ddconfig": {"double_z": False, "z_channels": 256, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
@@ -111,9 +111,9 @@ def _sync(device: torch.device) -> None:
 
 
 def run_tokenize(codec, paths: list[Path], out: Path, batch_size: int, loaders, resize_on: str = "loader") -> tuple[float, int]:
-    from teal_cli.inputs import iter_input_records
+    from teal_cli.media.inputs import iter_input_records
     from teal_cli.records import RecordWriter
-    from teal_cli.tokenize import TokenizeOptions, tokenize_records
+    from teal_cli.pipeline.tokenize import TokenizeOptions, tokenize_records
 
     options = TokenizeOptions(batch_size=batch_size, resize_on=resize_on)
     start = time.perf_counter()
@@ -150,11 +150,11 @@ def run_loaders(codec, paths: list[Path], loaders, batch_size: int, raw_bytes: i
 
 
 def run_device_resize(codec, paths: list[Path], batch_size: int, matmul: bool) -> float:
-    """Images per second of :func:`teal_cli.resample.resize_window` alone, on decoded images,
+    """Images per second of :func:`teal_cli.media.resample.resize_window` alone, on decoded images,
     with its passes as float64 matrix products or as int32 gathers."""
-    from teal_cli.media import load_image
-    from teal_cli.pixels import rgb_array, rgbx_array
-    from teal_cli.resample import resize_window
+    from teal_cli.media.io import load_image
+    from teal_cli.media.pixels import rgb_array, rgbx_array
+    from teal_cli.media.resample import resize_window
 
     prep = codec.pixel_prep()
     # As the loaders hand them over: Pillow's 4 bytes a pixel where it can export them so.
@@ -175,9 +175,9 @@ def timed_stages(fn, device) -> dict[str, float]:
     """Seconds of one ``fn()`` pass spent by the main thread in each stage of tokenize
     ("launching" includes queueing the ids' copy back, not waiting for it)."""
     from stages import StageTimer
-    from teal_cli import device as device_module
-    from teal_cli import tokenize as tokenize_module
-    from teal_cli.loaders import ImageLoads
+    from teal_cli.runtime import device as device_module
+    from teal_cli.pipeline import tokenize as tokenize_module
+    from teal_cli.pipeline.loaders import ImageLoads
     from teal_cli.records import RecordWriter
 
     timer = StageTimer("waiting for loads", "launching", "waiting for the device", "writing JSONL")
@@ -196,7 +196,7 @@ def breakdown(codec, paths: list[Path], batch_size: int) -> dict[str, float]:
     """Seconds per image of each stage, run one after the other on one thread."""
     import json
 
-    from teal_cli.media import load_image
+    from teal_cli.media.io import load_image
 
     n = min(len(paths), batch_size)
     t0 = time.perf_counter()
@@ -265,12 +265,12 @@ def main() -> None:
         stages = timed_stages(lambda: run_tokenize(codec, paths, Path(tmp) / "out.jsonl", args.batch_size, loaders,
                                                    args.resize_on), codec.device)
         cpu = time.process_time()
-        from teal_cli.loaders import RAW_BYTES
+        from teal_cli.pipeline.loaders import RAW_BYTES
 
         load_ips = count / run_loaders(codec, paths, loaders, args.batch_size, RAW_BYTES if args.resize_on == "device" else 0)
         load_cpu = (time.process_time() - cpu) / count
         if args.resize_on == "device":
-            from teal_cli.resample import matmul_suits
+            from teal_cli.media.resample import matmul_suits
 
             gather, matmul = (run_device_resize(codec, paths, args.batch_size, m) for m in (False, True))
             used = "matmul" if matmul_suits(torch.device(codec.device)) else "gathers"
@@ -279,7 +279,7 @@ def main() -> None:
         grid = codec.encode(batches[0][:1]).shape[1:]
         codec.encode = lambda pixels: torch.zeros((pixels.shape[0], *grid), dtype=torch.long, device=pixels.device)
         codec.normalize = lambda pixels: pixels
-        from teal_cli import resample
+        from teal_cli.media import resample
 
         resize_window = resample.resize_window
         if args.resize_on == "device":  # device work too: what is left is the host's

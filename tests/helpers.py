@@ -33,7 +33,7 @@ class CrashingPrep:
 
 def fit_patch_codec(folder, out, k: int):
     """A patch-p4 k-means codec fitted on every image in ``folder``, written to ``out``, loaded."""
-    from teal_cli.cluster import ClusterOptions, fit_codec
+    from teal_cli.cluster.fit import ClusterOptions, fit_codec
     from teal_cli.codecs import load_codec
     from teal_cli.features import extractor_for
 

@@ -3,7 +3,7 @@
 Every file is written in its real on-disk format by the format's own writer where one is
 installed (torch.save, safetensors, transformers' save_pretrained, teal's km.bin export) and
 by hand for CTranslate2's model.bin (its layout is documented in teal_cli/features/ct2.py;
-tests/test_whisper.py checks the reader against CTranslate2's own converter).
+tests/features/test_whisper.py checks the reader against CTranslate2's own converter).
 """
 
 from __future__ import annotations

@@ -52,10 +52,10 @@ def cluster(
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
-    from ..cluster import ClusterOptions, fit_codec
+    from ..cluster.fit import ClusterOptions, fit_codec
     from ..errors import UsageError
     from ..features import extractor_for
-    from ..inputs import iter_media_paths, stdin_or_usage_error
+    from ..media.inputs import iter_media_paths, stdin_or_usage_error
 
     log = Log(quiet, verbose)
     check_choice(on_error, ("fail", "skip"), "--on-error")
@@ -65,7 +65,7 @@ def cluster(
                "checkpoint": checkpoint, "dtype": dt, "device": dev, "batch_size": batch_size}
     extractor = extractor_for(features, **{key: v for key, v in options.items() if v is not None})
     if import_km:
-        from ..cluster import import_codec
+        from ..cluster.fit import import_codec
 
         if inputs:
             raise UsageError("--import-km takes no media inputs: the centroids come from the file")
@@ -78,7 +78,7 @@ def cluster(
     items = list(iter_media_paths(sources, extractor.modality))
     cache = None
     if features_cache:
-        from ..feature_cache import FeatureCache
+        from ..cluster.feature_cache import FeatureCache
 
         cache = FeatureCache(features_cache, extractor)
     opts = ClusterOptions(k=k, iters=iters, sample=sample, seed=seed, image_size=image_size, on_error=on_error,
@@ -102,6 +102,6 @@ def cluster(
 def _export(path: Optional[str], directory) -> None:
     if path:
         from ..codecs.kmeans_codec import load_codec_dir
-        from ..gslm import write_km
+        from ..cluster.kmbin import write_km
 
         write_km(path, load_codec_dir(directory).centroids)

@@ -39,11 +39,11 @@ class Log:
         self.verbose = verbose
         self.interactive = sys.stderr.isatty() and not quiet
         if quiet:  # the bars and logs of the libraries models load through, too
-            from ..quiet import quiet_libraries
+            from ..runtime.quiet import quiet_libraries
 
             quiet_libraries()
         if self.interactive:
-            from .. import hub
+            from ..weights import hub
 
             hub.default_progress = DownloadBar()
 
@@ -139,7 +139,7 @@ def output_stream(path: Optional[str]) -> Iterator:
     if path is None or path == "-":
         yield sys.stdout
         return
-    from ..media import atomic_output
+    from ..runtime.files import atomic_output
 
     with atomic_output(path) as f:
         yield f
@@ -147,7 +147,7 @@ def output_stream(path: Optional[str]) -> Iterator:
 
 def setup_torch(device: str, dtype: str, seed: int | None):
     """Resolve device/dtype and seed torch; returns ``(device, dtype)``."""
-    from ..device import fit_threads_to_cpus, resolve_device, resolve_dtype, seed_everything
+    from ..runtime.device import fit_threads_to_cpus, resolve_device, resolve_dtype, seed_everything
 
     dev = resolve_device(device)
     fit_threads_to_cpus()

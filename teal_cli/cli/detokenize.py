@@ -43,9 +43,9 @@ def detokenize(
     verbose: VerboseOpt = False,
 ) -> None:
     from ..codecs.registry import CodecCache
-    from ..detokenize import DetokenizeStats, OutputTarget, detokenize_records
+    from ..pipeline.detokenize import DetokenizeStats, OutputTarget, detokenize_records
     from ..errors import UsageError
-    from ..inputs import iter_input_records, stdin_or_usage_error
+    from ..media.inputs import iter_input_records, stdin_or_usage_error
 
     log = Log(quiet, verbose)
     check_choice(on_error, ("fail", "skip"), "--on-error")
@@ -58,7 +58,7 @@ def detokenize(
     dev, dt = setup_torch(device, "auto", None)
     unit_vocoder = None
     if vocoder is not None:
-        from ..vocoder import load_vocoder
+        from ..codecs.vocoder import load_vocoder
 
         unit_vocoder = load_vocoder(vocoder, vocoder_config, speaker=speaker, style=style,
                                     dur_prediction=dur_prediction or None, device=dev)

@@ -53,7 +53,7 @@ def generate(
     verbose: VerboseOpt = False,
 ) -> None:
     from ..errors import UsageError
-    from ..inputs import iter_input_records, stdin_or_usage_error
+    from ..media.inputs import iter_input_records, stdin_or_usage_error
     from ..records import RecordWriter
 
     log = Log(quiet, verbose)

@@ -49,10 +49,10 @@ def tokenize(
 ) -> None:
     from ..codecs.registry import load_codec
     from ..errors import UsageError
-    from ..inputs import iter_input_records, parse_shard, shard_records, stdin_or_usage_error
-    from ..outputs import OutputTarget
+    from ..media.inputs import iter_input_records, parse_shard, shard_records, stdin_or_usage_error
+    from ..media.outputs import OutputTarget
     from ..records import RecordWriter
-    from ..tokenize import TokenizeOptions, TokenizeStats, check_codecs, tokenize_records
+    from ..pipeline.tokenize import TokenizeOptions, TokenizeStats, check_codecs, tokenize_records
 
     log = Log(quiet, verbose)
     check_choice(on_error, ("fail", "skip"), "--on-error")

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     import torch
     from PIL import Image
 
-    from ..pixels import PixelPrep
+    from ..media.pixels import PixelPrep
 
 
 class Codec:
@@ -50,10 +50,10 @@ class Codec:
         encoder, which makes the ids), the pinned digest for official files that have one;
         k-means codec directories: the centroids file plus the extractor's description and
         weights digest. Token segments carry it as ``weights``; see :func:`check_segment_weights`.
-        Computed on first use (hashing is cached by :func:`teal_cli.checkpoints.file_sha256`)."""
+        Computed on first use (hashing is cached by :func:`teal_cli.weights.digests.file_sha256`)."""
         value = self.__dict__.get("_weights_id")
         if value is None:
-            from ..checkpoints import files_sha256, weights_id
+            from ..weights.digests import files_sha256, weights_id
 
             files = tuple(self.__dict__.get("weights_files", ()) or ())
             value = weights_id(files_sha256(files)) if files else ""
@@ -204,7 +204,7 @@ class AudioCodec(Codec):
     @property
     def min_samples(self) -> int:
         """The shortest waveform (samples at :attr:`sample_rate`) that gives at least one id;
-        shorter clips are refused when loaded (:func:`teal_cli.media.check_duration`). By
+        shorter clips are refused when loaded (:func:`teal_cli.media.io.check_duration`). By
         default one frame's hop; codecs whose first frame needs more say so."""
         import math
 

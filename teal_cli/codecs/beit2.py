@@ -41,8 +41,8 @@ from torch import nn
 
 from ..errors import CodecError, UsageError
 from .base import ImageCodec
-from ..pixels import PixelPrep
-from .image_prep import is_half, precision, unit_range
+from ..media.pixels import PixelPrep
+from ..media.image_prep import is_half, precision, unit_range
 
 RESIZE = 256
 IMAGE_SIZE = 224
@@ -199,8 +199,8 @@ class VQKD(nn.Module):
 
 def read_state_dict(path: str | Path) -> dict[str, Any]:
     """Tensor refs of an official VQ-KD ``.pth`` (weights under ``model``; loss/teacher/scaling dropped)."""
-    from . import safe_pickle
-    from ..checkpoints import read_torch
+    from ..weights import safe_pickle
+    from ..weights.reader import read_torch
 
     root = read_torch(path)
     if not isinstance(root, dict):
@@ -243,7 +243,7 @@ def infer_architecture(shapes: dict[str, tuple], path: Any, num_heads: int | Non
 
 
 def build_model(checkpoint: str | Path, num_heads: int | None = None) -> VQKD:
-    from ..checkpoints import load_into
+    from ..weights.reader import load_into
 
     refs = read_state_dict(checkpoint)
     arch = infer_architecture({k: tuple(v.shape) for k, v in refs.items()}, checkpoint, num_heads)
@@ -332,7 +332,7 @@ def load(
     if checkpoint is None:
         if checkpoint_file is None:
             raise UsageError(f"codec '{name}' needs --checkpoint PATH (a vqkd_encoder_*.pth)")
-        from ..hub import fetch
+        from ..weights.hub import fetch
 
         checkpoint = fetch(checkpoint_file, progress=progress)  # checks the sha256 prefix in the file name
     elif not Path(checkpoint).is_file():

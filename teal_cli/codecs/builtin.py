@@ -2,14 +2,14 @@
 
 Official download addresses. Digests: OpenAI and the taming authors publish none for
 these files, so their ``sha256`` is empty and a download is verified against nothing
-(see :class:`~teal_cli.hub.HubFile`). BEiT-v2's file names carry the first 8 hex digits of
+(see :class:`~teal_cli.weights.hub.HubFile`). BEiT-v2's file names carry the first 8 hex digits of
 their sha256 (torch.hub's convention, checked by the original loader with
-``check_hash=True``); their HubFile pins that prefix, which :func:`~teal_cli.hub.fetch` checks.
+``check_hash=True``); their HubFile pins that prefix, which :func:`~teal_cli.weights.hub.fetch` checks.
 """
 
 from __future__ import annotations
 
-from ..hub import HubFile
+from ..weights.hub import HubFile
 from .registry import CodecSpec, register
 
 _DALLE = "https://cdn.openai.com/dall-e"

@@ -39,8 +39,8 @@ from torch import nn
 
 from ..errors import CodecError, UsageError
 from .base import ImageCodec
-from ..pixels import PixelPrep
-from .image_prep import check_size, precision, unit_range
+from ..media.pixels import PixelPrep
+from ..media.image_prep import check_size, precision, unit_range
 
 LOGIT_LAPLACE_EPS = 0.1
 IMAGE_SIZE = 256
@@ -156,8 +156,8 @@ class Decoder(nn.Module):
 
 def _read_module(path: Path, kind: str) -> dict[str, Any]:
     """Tensor refs of a pickled DALL-E module (or of a plain state dict) in ``path``."""
-    from . import safe_pickle
-    from ..checkpoints import read_torch
+    from ..weights import safe_pickle
+    from ..weights.reader import read_torch
 
     root = read_torch(path)
     if isinstance(root, safe_pickle.Placeholder):
@@ -186,7 +186,7 @@ def _blocks_per_group(refs: dict[str, Any]) -> int:
 
 
 def _load_strict(model: nn.Module, refs: dict[str, Any], path: Path) -> nn.Module:
-    from ..checkpoints import load_into
+    from ..weights.reader import load_into
 
     return load_into(model, refs, str(path))
 
@@ -314,7 +314,7 @@ def load(
     else:
         if encoder_file is None:
             raise UsageError(f"codec '{name}' needs --checkpoint (a folder with encoder.pkl and decoder.pkl)")
-        from ..hub import fetch
+        from ..weights.hub import fetch
 
         encoder_path = fetch(encoder_file, progress=progress)
         decoder_path = fetch(decoder_file, progress=progress) if decoder_file is not None else None

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
-    from ..pixels import PixelPrep
+    from ..media.pixels import PixelPrep
 
 FORMAT = "teal-kmeans-codec"
 FORMAT_VERSION = 1
@@ -58,7 +58,7 @@ class _KMeansMixin:
         self.generator: "torch.Generator | None" = None
 
     def sample_codes(self, temperature: float | None, seed: int = 0) -> None:
-        """Draw ids from :func:`~teal_cli.kmeans.sample_assign` at ``temperature`` (squared
+        """Draw ids from :func:`~teal_cli.cluster.kmeans.sample_assign` at ``temperature`` (squared
         feature units) from now on, seeded by ``seed`` on the device the centroids are on at the
         first draw; ``None``: the nearest centroid again (the default)."""
         self.sample_temperature, self.sample_seed, self.generator = temperature, seed, None
@@ -74,7 +74,7 @@ class _KMeansMixin:
         return self
 
     def _assign(self, feats: "torch.Tensor") -> "torch.Tensor":
-        from ..kmeans import assign, sample_assign
+        from .assign import assign, sample_assign
 
         flat = feats.reshape(-1, feats.shape[-1])
         if self.sample_temperature is not None:
@@ -188,7 +188,8 @@ def load_codec_dir(directory: str | Path, *, name: str | None = None, features: 
     the centroids file and the stored extractor description (its weights' sha256 included).
     Raises CodecError naming the file for a missing, corrupt or inconsistent directory.
     """
-    from ..checkpoints import file_sha256, read_json, read_safetensors, weights_id
+    from ..weights.digests import file_sha256, weights_id
+    from ..weights.reader import read_json, read_safetensors
 
     directory = Path(directory)
     config_path = directory / CONFIG_NAME
@@ -244,11 +245,12 @@ def save_codec_dir(directory: str | Path, extractor: FeatureExtractor, centroids
     """Write a codec directory atomically (a temp directory renamed into place)."""
     import os
     import shutil
-    import tempfile
 
     from safetensors.torch import save_file
 
     import teal_cli
+
+    from ..runtime.files import apply_umask, temp_dir_beside
 
     directory = Path(directory)
     k, dim = centroids.shape
@@ -264,10 +266,11 @@ def save_codec_dir(directory: str | Path, extractor: FeatureExtractor, centroids
         "teal_version": teal_cli.__version__,
     }
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    tmp = temp_dir_beside(directory)
     try:
         save_file({"centroids": centroids.detach().float().cpu().contiguous()}, str(tmp / CENTROIDS_NAME))
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        apply_umask(tmp)
         if directory.exists():
             old = directory.with_name(f".{directory.name}.old")
             shutil.rmtree(old, ignore_errors=True)

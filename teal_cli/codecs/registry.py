@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from ..errors import CodecError
-from ..hub import cache_dir
+from ..weights.hub import cache_dir
 
 if TYPE_CHECKING:
     from .base import Codec

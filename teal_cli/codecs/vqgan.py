@@ -38,8 +38,8 @@ from torch import nn
 
 from ..errors import CodecError, UsageError
 from .base import ImageCodec
-from ..pixels import PixelPrep
-from .image_prep import check_size, precision
+from ..media.pixels import PixelPrep
+from ..media.image_prep import check_size, precision
 
 if TYPE_CHECKING:
     import numpy as np
@@ -293,8 +293,8 @@ class VQModel(nn.Module):
 
 def read_config(path: str | Path) -> dict:
     """``model.params`` of a taming ``model.yaml``: ``ddconfig``, ``n_embed``, ``embed_dim``
-    (read by :func:`teal_cli.checkpoints.read_yaml`; every value checked)."""
-    from ..checkpoints import config_value, read_yaml
+    (read by :func:`teal_cli.weights.reader.read_yaml`; every value checked)."""
+    from ..weights.reader import config_value, read_yaml
 
     path = Path(path)
     data = read_yaml(path, "VQGAN config")
@@ -344,8 +344,8 @@ def infer_config(shapes: dict[str, tuple], resolution: int = DEFAULT_RESOLUTION)
 
 def read_state_dict(path: str | Path) -> dict[str, Any]:
     """The model tensors (as :class:`~.safe_pickle.TensorRef`) of a taming checkpoint, ``loss.*`` dropped."""
-    from . import safe_pickle
-    from ..checkpoints import read_torch
+    from ..weights import safe_pickle
+    from ..weights.reader import read_torch
 
     root = read_torch(path)
     sd = root.get("state_dict", root) if isinstance(root, dict) else None
@@ -357,7 +357,7 @@ def read_state_dict(path: str | Path) -> dict[str, Any]:
 
 def build_model(checkpoint: str | Path, config: str | Path | None = None) -> VQModel:
     """A :class:`VQModel` with the weights of ``checkpoint`` (architecture from ``config`` or shapes)."""
-    from ..checkpoints import load_into
+    from ..weights.reader import load_into
 
     refs = read_state_dict(checkpoint)
     if config:
@@ -465,7 +465,7 @@ def load(
     if checkpoint is None:
         if checkpoint_file is None:
             raise UsageError(f"codec '{name}' needs --checkpoint PATH (a taming last.ckpt)")
-        from ..hub import fetch
+        from ..weights.hub import fetch
 
         checkpoint = fetch(checkpoint_file, progress=progress)
         if config is None and config_file is not None:

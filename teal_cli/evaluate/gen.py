@@ -3,7 +3,7 @@
 The prompt class of a reference is its ``"class"`` (or ``"label"``) key when it has one,
 else the judge's class word found in its prompt text (:func:`~teal_cli.evaluate.text.class_of`:
 "a handwritten seven" -> 7). A prediction's first image token segment is decoded by its
-codec (:func:`teal_cli.detokenize.decode_segment`) and classified by the judge
+codec (:func:`teal_cli.pipeline.detokenize.decode_segment`) and classified by the judge
 (:mod:`teal_cli.evaluate.judge`); accuracy overall and per prompt class, and a confusion
 matrix. A prediction without an image segment, or one that cannot be decoded, counts as
 wrong (``no_image``).
@@ -27,7 +27,7 @@ GRID_PER_CLASS = 8  # generations kept per class for the report
 
 def score_gen(pairs: Pairs, stats: MatchStats, ref_name: str, judge: LinearJudge, codecs: CodecCache,
               on_error: str = "fail", warn: Callable[[str], None] | None = None) -> EvalResult:
-    from ..detokenize import decode_segment
+    from ..pipeline.detokenize import decode_segment
 
     bad = _Bad(ref_name, on_error, warn, stats)
     by_key = {canonical_class(c): c for c in judge.classes}

@@ -117,7 +117,7 @@ def save_judge(judge: LinearJudge, path: str | Path) -> None:
     """Write ``judge`` as a judge file (atomically)."""
     import numpy as np
 
-    from ..media import atomic_output
+    from ..runtime.files import atomic_output
 
     arrays = {"coef": np.asarray(judge.coef, dtype=np.float64), "intercept": np.asarray(judge.intercept, dtype=np.float64),
               "classes": np.asarray(judge.classes, dtype=np.str_), "size": np.asarray(judge.size, dtype=np.int64),

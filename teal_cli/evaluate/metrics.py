@@ -123,12 +123,12 @@ def ssim(original: "np.ndarray", reconstruction: "np.ndarray") -> float:
 
 def log_mel_db(wave: "np.ndarray", sample_rate: int) -> "np.ndarray":
     """``[80, frames]`` log-mel power in dB: Whisper's 25 ms Hann window, 10 ms hop and Slaney
-    mel filters at 16 kHz (:mod:`teal_cli.audio`), the wave resampled there first."""
+    mel filters at 16 kHz (:mod:`teal_cli.media.logmel`), the wave resampled there first."""
     import numpy as np
     import torch
 
-    from .. import audio
-    from ..media import resample
+    from ..media import logmel as audio
+    from ..media.io import resample
 
     if sample_rate != audio.SAMPLE_RATE:
         wave = resample(np.asarray(wave, dtype=np.float32), sample_rate, audio.SAMPLE_RATE)

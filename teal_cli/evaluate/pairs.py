@@ -1,9 +1,9 @@
 """References and predictions: reading them, telling prompts from targets, matching by id.
 
-Reference records hold the prompt segments and one or more target segments (docs/records.md, *Roles*): a
-segment may carry ``"role": "prompt"`` or ``"role": "target"``; when no segment says
-``target``, the last segment is the target and the others the prompt. Several text targets
-are several references (captions).
+Reference records hold the prompt segments and one or more target segments, by the rule
+``teal train`` and ``teal generate`` follow too: a segment may carry ``"role": "prompt"`` or
+``"role": "target"``; when no segment says ``target``, the last segment is the target and the
+others the prompt. Several text targets are several references (captions).
 
 Prediction records are what ``teal generate`` writes: the generated segments. Segments
 marked ``"role": "prompt"`` (an echoed prompt) are left out; every other segment is the

@@ -1,8 +1,8 @@
 """The ``recon`` task: how well a codec's tokens reconstruct the media they came from.
 
 Each image or audio item of the inputs (media files, folders, manifests, as ``teal
-tokenize`` reads them) is tokenized by its codec (:func:`teal_cli.tokenize.tokenize_records`)
-and decoded back (:func:`teal_cli.detokenize.decode_segment`). Images are compared at the
+tokenize`` reads them) is tokenized by its codec (:func:`teal_cli.pipeline.tokenize.tokenize_records`)
+and decoded back (:func:`teal_cli.pipeline.detokenize.decode_segment`). Images are compared at the
 codec's own geometry (the original passed through the codec's resize/crop, the
 reconstruction rounded to 8 bits as ``teal detokenize`` writes it): PSNR (dB) and SSIM,
 averaged over images. Audio: the log-mel distance (dB, :func:`~teal_cli.evaluate.metrics.log_mel_distance`)
@@ -28,9 +28,9 @@ def score_recon(records: Iterable[Record], codecs: Sequence[Codec], *, batch_siz
                 warn: Callable[[str], None] | None = None, workers: int | None = None) -> EvalResult:
     import numpy as np
 
-    from ..detokenize import decode_segment
-    from ..media import load_audio, load_image
-    from ..tokenize import TokenizeOptions, TokenizeStats, tokenize_records
+    from ..pipeline.detokenize import decode_segment
+    from ..media.io import load_audio, load_image
+    from ..pipeline.tokenize import TokenizeOptions, TokenizeStats, tokenize_records
 
     paths: dict[int, list[str | None]] = {}
 

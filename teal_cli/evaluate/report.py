@@ -33,7 +33,7 @@ def _pyplot():
 
 
 def _save(fig, path: Path) -> None:
-    from ..media import atomic_output
+    from ..runtime.files import atomic_output
 
     with atomic_output(path, binary=True) as f:
         fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
@@ -184,7 +184,7 @@ def write_report(result: "EvalResult", folder: str | Path, curves: str | Path | 
     """Draw what ``result`` has to show into ``folder`` (created) plus ``index.html``;
     ``curves`` is a ``metrics.jsonl`` or a model directory holding one (ignored when absent).
     Returns the files written."""
-    from ..media import atomic_output
+    from ..runtime.files import atomic_output
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

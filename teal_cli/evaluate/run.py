@@ -89,8 +89,8 @@ def run_eval(o: EvalOptions, warn: Callable[[str], None] | None = None,
     info = info or (lambda message: None)
     if o.task == "recon":
         from ..codecs.registry import load_codec
-        from ..inputs import iter_input_records
-        from ..tokenize import check_codecs
+        from ..media.inputs import iter_input_records
+        from ..pipeline.tokenize import check_codecs
         from .recon import score_recon
 
         codecs = [load_codec(name, device=o.device) for name in o.codecs]

@@ -58,7 +58,7 @@ class FeatureExtractor:
     def min_samples(self) -> int:
         """Audio: the shortest waveform, in samples at :attr:`sample_rate`, that gives at
         least one frame (from the extractor's own frame rule: its receptive field, windows,
-        padding). Shorter clips are refused before extraction (:func:`teal_cli.media.check_duration`)
+        padding). Shorter clips are refused before extraction (:func:`teal_cli.media.io.check_duration`)
         rather than tokenized to nothing. This default is one hop, ``sample_rate / frame_rate``;
         extractors whose first frame needs more override it."""
         import math
@@ -131,7 +131,7 @@ def find_recorded(config: dict[str, Any], codec_dir: Path | None, where: str, ki
     recorded path and sha256 and the fix (``--checkpoint``). Returns ``(path, fmt, files,
     sha)`` of the recorded copy, or what ``official()`` returned.
     """
-    from ..checkpoints import files_sha256
+    from ..weights.digests import files_sha256
 
     recorded, sha = str(config.get("checkpoint") or ""), str(config.get("sha256") or "")
     tried: list[str] = []

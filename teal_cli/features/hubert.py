@@ -24,7 +24,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import CodecError, UsageError
+from ..errors import CodecError, UsageError, first_line
 from .base import FeatureExtractor, check_layer
 
 if TYPE_CHECKING:
@@ -45,7 +45,7 @@ _EPS = 1e-7  # Hugging Face's Wav2Vec2FeatureExtractor zero_mean_unit_var_norm
 def _locate(source: str, option: str = "--checkpoint") -> tuple[Path, str, list[Path]]:
     """``(absolute folder, "huggingface", weight files)`` for a folder or hub repo id; checks
     the config's model type and that every weight file (shard) is there, reads no weights."""
-    from ..checkpoints import hf_weight_files, read_json
+    from ..weights.reader import hf_weight_files, read_json
 
     path = Path(source).expanduser()
     if not path.exists():
@@ -85,7 +85,7 @@ def _check_weights(folder: Path, files: list[Path]):
     import torch
     import transformers
 
-    from ..checkpoints import check_shapes, read_json, read_torch, safetensors_header, tensor_refs
+    from ..weights.reader import check_shapes, read_json, read_torch, safetensors_header, tensor_refs
 
     config_path = folder / "config.json"
     try:
@@ -95,9 +95,8 @@ def _check_weights(folder: Path, files: list[Path]):
     except CodecError:
         raise
     except Exception as exc:  # noqa: BLE001 - transformers' own checks of a config: one line naming it
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise CodecError(f"{config_path}: transformers cannot build a HuBERT from this config "
-                         f"({type(exc).__name__}: {first[:160]})") from None
+                         f"({first_line(exc, 160)})") from None
     found: set[str] = set()
     for file in files:
         if file.suffix == ".safetensors":
@@ -126,8 +125,7 @@ def _load_model(source: str, located: tuple[Path, str, list[Path]] | None = None
     try:
         model = transformers.HubertModel.from_pretrained(str(path), use_safetensors=files[0].suffix == ".safetensors")
     except Exception as exc:  # noqa: BLE001 - anything the checks above did not foresee: one line naming the folder
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise CodecError(f"{path}: transformers cannot load this HuBERT checkpoint ({type(exc).__name__}: {first[:160]})") from None
+        raise CodecError(f"{path}: transformers cannot load this HuBERT checkpoint ({first_line(exc, 160)})") from None
     return model.eval().requires_grad_(False), path, files
 
 
@@ -142,7 +140,7 @@ class HubertFeatures(FeatureExtractor):
     def __init__(self, model, name: str, layer: int | str | None, *, sha256: str = "", checkpoint: str = "",
                  normalize: bool | None = None, dtype: str | None = None, device: str | None = None,
                  batch_size: int | None = None):
-        from ..device import resolve_device
+        from ..runtime.device import resolve_device
 
         self.model = model
         self.model_name = name
@@ -174,7 +172,7 @@ class HubertFeatures(FeatureExtractor):
     def from_name(cls, name: str, layer: int | str | None = None, checkpoint: str | None = None,
                   normalize: bool | None = None, dtype: str | None = None, device: str | None = None,
                   batch_size: int | None = None, *, located: tuple | None = None, **_: Any) -> "HubertFeatures":
-        from ..checkpoints import files_sha256
+        from ..weights.digests import files_sha256
 
         source = checkpoint
         if source is None:
@@ -194,7 +192,7 @@ class HubertFeatures(FeatureExtractor):
         """Rebuild from a codec's ``features`` block: ``checkpoint`` when given, else the recorded
         folder (absolute, or relative to ``codec_dir``) when its sha256 is the recorded one, else
         the named model from the Hugging Face hub (cache); the sha256 must match either way."""
-        from ..checkpoints import files_sha256
+        from ..weights.digests import files_sha256
         from .base import find_recorded
 
         model = config.get("model")
@@ -237,7 +235,7 @@ class HubertFeatures(FeatureExtractor):
     def to(self, device) -> "HubertFeatures":
         import torch
 
-        from ..device import resolve_dtype
+        from ..runtime.device import resolve_dtype
 
         self.device = torch.device(device)
         self.dtype = resolve_dtype(self.dtype_spec or "auto", self.device)
@@ -267,7 +265,7 @@ class HubertFeatures(FeatureExtractor):
         clip alone before its output is padded into the batch."""
         import torch
 
-        from ..device import upload_flat
+        from ..runtime.device import upload_flat
 
         mask = None
         if len(lengths) > 1 and min(lengths) != max(lengths):
@@ -297,7 +295,7 @@ class HubertFeatures(FeatureExtractor):
         """Mono 16 kHz waveforms to ``[frames, dim]`` float32 tensors on the device."""
         import torch
 
-        from ..device import upload_flat
+        from ..runtime.device import upload_flat
 
         for wave in waves:
             if wave.dim() != 1:

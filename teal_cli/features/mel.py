@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .. import audio
+from ..media import logmel as audio
 from ..errors import UsageError
 from .base import FeatureExtractor
 
@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 
 
 class MelFeatures(FeatureExtractor):
-    """Whisper's log-mel front end (see :mod:`teal_cli.audio`): one ``n_mels`` vector per
+    """Whisper's log-mel front end (see :mod:`teal_cli.media.logmel`): one ``n_mels`` vector per
     10 ms hop, 100 frames per second at 16 kHz. Invertible through Griffin-Lim."""
 
     kind = "mel"

@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     import torch
     from PIL import Image
 
-    from ..pixels import PixelPrep
+    from ..media.pixels import PixelPrep
 
 
 class PatchFeatures(FeatureExtractor):
@@ -54,7 +54,7 @@ class PatchFeatures(FeatureExtractor):
         to a multiple of the patch size."""
         from PIL import Image
 
-        from ..pixels import PixelPrep
+        from ..media.pixels import PixelPrep
 
         size = image_size or self.image_size
         p = self.patch_size
@@ -68,7 +68,7 @@ class PatchFeatures(FeatureExtractor):
         """``uint8 / 255`` in float32."""
         import numpy as np
 
-        from ..codecs.image_prep import unit_range
+        from ..media.image_prep import unit_range
 
         return unit_range(np.arange(256, dtype=np.uint8))
 

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import audio
+from ..media import logmel as audio
 from ..errors import CodecError, UsageError
 from .base import FeatureExtractor, check_layer
 
@@ -267,7 +267,7 @@ def _hf_to_openai(key: str) -> str | None:
 
 def _dims(values: dict, keys: tuple[str, ...], where: Any) -> EncoderDims:
     """EncoderDims from five config entries (``keys`` in EncoderDims' order), each checked."""
-    from ..checkpoints import config_value
+    from ..weights.reader import config_value
 
     numbers = [config_value(values, key, int, where, positive=True) for key in keys]
     dims = EncoderDims(*numbers)
@@ -279,7 +279,7 @@ def _dims(values: dict, keys: tuple[str, ...], where: Any) -> EncoderDims:
 def state_from_hf(folder: Path) -> tuple[EncoderDims, dict[str, "torch.Tensor"], list[Path]]:
     """Encoder dims and an openai-named state dict from a Hugging Face Whisper folder
     (``model.safetensors``, sharded safetensors with their index, or ``pytorch_model.bin``)."""
-    from ..checkpoints import hf_weight_files, read_json, read_weight_files
+    from ..weights.reader import hf_weight_files, read_json, read_weight_files
 
     config_path = folder / "config.json"
     config = read_json(config_path, "Hugging Face config")
@@ -295,8 +295,8 @@ def state_from_hf(folder: Path) -> tuple[EncoderDims, dict[str, "torch.Tensor"],
 
 def state_from_openai(path: Path) -> tuple[EncoderDims, dict[str, "torch.Tensor"]]:
     """Encoder dims and state dict from an openai-whisper ``.pt`` (read by
-    :func:`teal_cli.checkpoints.read_torch`: tensors only, nothing in the file runs)."""
-    from ..checkpoints import load_refs, read_torch, tensor_refs
+    :func:`teal_cli.weights.reader.read_torch`: tensors only, nothing in the file runs)."""
+    from ..weights.reader import load_refs, read_torch, tensor_refs
 
     checkpoint = read_torch(path)
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("dims"), dict) \
@@ -311,7 +311,7 @@ def state_from_openai(path: Path) -> tuple[EncoderDims, dict[str, "torch.Tensor"
 
 def _multi_sha256(files: list[Path]) -> str:
     """sha256 of one file; for sharded checkpoints, of the shards' digests joined."""
-    from ..checkpoints import files_sha256
+    from ..weights.digests import files_sha256
 
     return files_sha256(files)
 
@@ -330,7 +330,7 @@ def _official(name: str) -> str | None:
 def _locate(source: str, option: str = "--checkpoint") -> tuple[Path, str, list[Path]]:
     """``(absolute path, format, weight files)`` of a checkpoint path or Hugging Face repo id;
     nothing is read but the folder listing (and a weights index)."""
-    from ..checkpoints import hf_weight_files
+    from ..weights.reader import hf_weight_files
 
     path = Path(source).expanduser()
     if not path.exists():
@@ -352,7 +352,7 @@ def _locate(source: str, option: str = "--checkpoint") -> tuple[Path, str, list[
 
 def _read(path: Path, fmt: str, files: list[Path], source: str, sha: str = "") -> dict[str, Any]:
     """Read a located checkpoint: ``{"model", "format", "path", "dims", "state", "sha256"}``."""
-    from ..checkpoints import files_sha256
+    from ..weights.digests import files_sha256
 
     if fmt == "ctranslate2":
         dims, state = state_from_ct2(path)
@@ -375,7 +375,7 @@ def resolve_checkpoint(name: str, checkpoint: str | None = None, progress=None) 
     openai ``.pt``, a Hugging Face folder or repo id (``openai/whisper-small``), or a
     CTranslate2 folder; without it, ``name`` must be an official openai name.
     """
-    from ..hub import HubFile, fetch
+    from ..weights.hub import HubFile, fetch
 
     if checkpoint is None:
         short = _official(name)
@@ -438,7 +438,7 @@ class WhisperFeatures(FeatureExtractor):
                  device: str | None = None, batch_size: int | None = None):
         import torch
 
-        from ..device import resolve_device
+        from ..runtime.device import resolve_device
 
         self.model_name = model
         self.dims = dims
@@ -448,7 +448,7 @@ class WhisperFeatures(FeatureExtractor):
         self.format = fmt
         self.dim = dims.n_audio_state
         self.n_mels = dims.n_mels
-        from ..checkpoints import check_shapes
+        from ..weights.reader import check_shapes
 
         with torch.device("meta"):  # shapes first: a config that disagrees costs no memory
             encoder = build_encoder(dims)
@@ -491,7 +491,7 @@ class WhisperFeatures(FeatureExtractor):
         sha = str(config.get("sha256") or "")
         kwargs = {k: v for k, v in overrides.items() if k in ("dtype", "device", "batch_size")}
         if checkpoint is not None:
-            from ..checkpoints import files_sha256
+            from ..weights.digests import files_sha256
 
             path, fmt, files = _locate(checkpoint)
             digest = files_sha256(files)
@@ -540,7 +540,7 @@ class WhisperFeatures(FeatureExtractor):
         if spec == "auto":  # Whisper is trained and usually run in fp16 on GPUs
             self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         else:
-            from ..device import resolve_dtype
+            from ..runtime.device import resolve_dtype
 
             self.dtype = resolve_dtype(spec, self.device)
         self.encoder.to(self.device)
@@ -560,7 +560,7 @@ class WhisperFeatures(FeatureExtractor):
         """One clip's mel windows ``[W, n_mels, 3000]`` and the real encoder frames of each."""
         import torch
 
-        from ..device import upload_flat
+        from ..runtime.device import upload_flat
 
         wave = upload_flat([wave], self.device, torch.float32)[0]  # asynchronous (see _rows)
         n = wave.shape[-1]
@@ -645,13 +645,13 @@ class WhisperFeatures(FeatureExtractor):
 
     def _rows(self, waves: "list[torch.Tensor]", width: int) -> "torch.Tensor":
         """Clips as zero-padded rows ``[len(waves), width]`` fp32 on the device, sent from the
-        host in one asynchronous copy from pinned memory (:func:`teal_cli.device.upload_rows`).
+        host in one asynchronous copy from pinned memory (:func:`teal_cli.runtime.device.upload_rows`).
         Copies from pageable memory made the host wait for the GPU to finish the previous
         batch, leaving it idle while this one was prepared (measured: 15 % of an H100's time
         with Whisper-small in fp16)."""
         import torch
 
-        from ..device import upload_rows
+        from ..runtime.device import upload_rows
 
         return upload_rows(waves, width, self.device, torch.float32)
 

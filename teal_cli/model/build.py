@@ -26,7 +26,7 @@ def build_model(llm: str, codecs: Sequence[str], *, roles: Sequence[str] | None 
     Codecs load on the CPU (only their codebooks are needed). Errors are TealErrors: an
     unknown codec lists what exists, an unknown LLM says what to fetch."""
     from ..codecs.registry import load_codec
-    from ..device import resolve_device
+    from ..runtime.device import resolve_device
     from .llm import load_base_llm
 
     dev = resolve_device(device)

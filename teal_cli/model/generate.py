@@ -3,7 +3,9 @@
 :func:`generate` continues each prompt record (its segments without ``role: target``) and
 yields one record per prompt, in input order, with the generated segments and a
 ``generation`` field saying how they were made. Decoding follows the grammar of segments
-(docs/model.md, *Generation*), enforced by a vocabulary mask per decoder state, prepared once per run:
+(text, and modality segments that open with their boundary token, hold only their codec's
+ids, an image exactly as many as its grid, and close with the matching boundary token),
+enforced by a vocabulary mask per decoder state, prepared once per run:
 
 - **text**: text ids (EOS included) and the ``<open>`` token of every modality the model can
   write (none with ``output_modality="text"``); text ends at EOS or after ``max_new_tokens``

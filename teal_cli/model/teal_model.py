@@ -21,7 +21,6 @@ import inspect
 import math
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -31,6 +30,7 @@ from torch import nn
 
 from ..errors import DataError, UsageError
 from ..records import Record, Segment
+from ..runtime.files import apply_umask, temp_dir_beside
 from .config import ADAPTER_NAME, BOUNDARY_TOKENS, CONFIG_NAME, CodecEntry, ModelConfig, ModelDirError
 from .bias_norm import add_bias_norm
 
@@ -432,13 +432,15 @@ class TealModel(nn.Module):
             save_file(tensors, str(tmp), metadata={"format": "teal-adapter"})
             cfg_tmp = directory / f".{CONFIG_NAME}.tmp"
             cfg_tmp.write_text(self.config.dumps())
+            apply_umask(tmp)
             os.replace(tmp, directory / ADAPTER_NAME)
             os.replace(cfg_tmp, directory / CONFIG_NAME)
             return directory
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        tmp = temp_dir_beside(directory)
         try:
             save_file(tensors, str(tmp / ADAPTER_NAME), metadata={"format": "teal-adapter"})
             self.config.save(tmp)
+            apply_umask(tmp)
             os.replace(tmp, directory)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -500,7 +502,7 @@ class TealModel(nn.Module):
                 param.copy_(value.to(param.dtype))
 
     def adapter_sha256(self, directory: str | Path) -> str:
-        from ..hub import sha256sum
+        from ..weights.digests import sha256sum
 
         return sha256sum(Path(directory) / ADAPTER_NAME)
 

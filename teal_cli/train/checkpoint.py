@@ -24,11 +24,11 @@ import json
 import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import DataError
+from ..runtime.files import apply_umask, temp_dir_beside
 
 if TYPE_CHECKING:
     import torch
@@ -85,7 +85,7 @@ def save_checkpoint(directory: str | Path, model: "TealModel", optimizer: "torch
     final = root / name
     if (final / STATE_NAME).is_file():
         return final  # this very step is saved already (an interrupt right after a periodic save)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
+    tmp = temp_dir_beside(final)
     try:
         model.save(tmp)
         tensors, groups = optimizer_tensors(optimizer)
@@ -93,6 +93,7 @@ def save_checkpoint(directory: str | Path, model: "TealModel", optimizer: "torch
         save_file(rng["tensors"], str(tmp / RNG_NAME), metadata={"format": "teal-rng"})
         full = {"format": FORMAT, "version": VERSION, **state, "optimizer_groups": groups, "rng": rng["json"]}
         (tmp / STATE_NAME).write_text(json.dumps(full, indent=1) + "\n")
+        apply_umask(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

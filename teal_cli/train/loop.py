@@ -251,7 +251,7 @@ class Trainer:
     def run(self) -> TrainResult:
         import numpy as np
 
-        from ..device import autocast, fit_threads_to_cpus, resolve_device, resolve_dtype
+        from ..runtime.device import autocast, fit_threads_to_cpus, resolve_device, resolve_dtype
         from ..model.config import ModelConfig
 
         o = self.options
@@ -508,7 +508,7 @@ def _truncate_metrics(path: Path, run_id: str, step: int) -> None:
     starts from) and any torn last line, atomically."""
     if not path.is_file():
         return
-    from ..media import atomic_output
+    from ..runtime.files import atomic_output
 
     kept = []
     for line in path.read_text(encoding="utf-8").splitlines():
