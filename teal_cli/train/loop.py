@@ -530,7 +530,7 @@ class Trainer:
             kept += f" and {ckpt.checkpoints_dir(self.directory)} the last finite checkpoint (step {r.saved_step})"
         hint = f"lower --lr (now {o.lr:g})" + (" or clip gradients with --clip" if o.clip == 0 else "")
         return Diverged(f"step {step or r.step} of {r.total}: the {what} is {value}: training diverged; {hint}. "
-                        f"Nothing of it was saved: {kept}")
+                        f"Nothing non-finite was saved: {kept}")
 
     # ------------------------------------------------------------------ outputs
 
