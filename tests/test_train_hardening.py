@@ -137,10 +137,27 @@ def test_a_run_refuses_a_directory_whose_lock_is_held_and_takes_over_a_dead_ones
         with pytest.raises(DirectoryBusy, match=r"being trained by pid \d+ on host"):
             train(model_dir, options(data))
         assert digest(model_dir) == before
+        # init-embeddings --force does not pull the directory from under a run either.
+        cfg = json.loads((model_dir / "config.json").read_text())
+        res = run_cli("init-embeddings", "--llm", "no-such-llm-anywhere", "--codec", cfg["codecs"][0]["path"],
+                      "--image-size", 8, "-o", model_dir, "--force")
+        one_error_line(res, 1, "being trained by pid")
+        assert digest(model_dir) == before
     # A lock file left by a process that died (the kernel dropped its lock) is taken over.
     (model_dir / LOCK_NAME).write_text(json.dumps({"pid": 999999, "host": "h", "started": "then"}) + "\n")
     assert train(model_dir, options(data, max_steps=2)).steps == 2
     assert not (model_dir / LOCK_NAME).exists()
+
+
+def test_a_directory_train_cannot_write_or_that_is_no_directory_is_one_line_before_loading(model_dir, tmp_path):
+    from teal_cli.train.lock import LOCK_NAME
+
+    data = toy_pairs(tmp_path / "p.jsonl", 8)
+    (model_dir / LOCK_NAME).mkdir()  # the lock file cannot be made (as in a read-only directory)
+    one_error_line(run_cli("train", model_dir, "--data", data, "--device", "cpu"), 2, "must be writable")
+    plain = tmp_path / "file"
+    plain.write_text("x")
+    one_error_line(run_cli("train", plain, "--data", data, "--device", "cpu"), 1, "not a model directory")
 
 
 # ---------------------------------------------------------------------- 6. damaged checkpoints
