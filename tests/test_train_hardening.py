@@ -284,6 +284,19 @@ def test_a_diverging_run_stops_with_one_line_and_keeps_the_last_finite_state(mod
                 assert torch.isfinite(tensor).all(), (name, key)
 
 
+def test_a_nan_adapter_saved_by_an_older_teal_is_refused_on_load(model_dir):
+    from safetensors.torch import load_file, save_file
+
+    from teal_cli.model import TealModel
+    from teal_cli.model.config import ModelDirError
+
+    tensors = load_file(str(model_dir / "adapter.safetensors"))
+    tensors["boundary_in"][0, 0] = float("nan")
+    save_file(tensors, str(model_dir / "adapter.safetensors"))
+    with pytest.raises(ModelDirError, match="boundary_in holds NaN or infinite values"):
+        TealModel.from_dir(model_dir)
+
+
 # ---------------------------------------------------------------------- the data under a run
 
 

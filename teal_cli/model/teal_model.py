@@ -490,7 +490,8 @@ class TealModel(nn.Module):
         return model.to(device)
 
     def load_adapter(self, path: str | Path) -> None:
-        """Load ``adapter.safetensors`` into the adapter parameters; every name and shape must match."""
+        """Load ``adapter.safetensors`` into the adapter parameters; every name and shape must match
+        and every value be finite (ModelDirError otherwise)."""
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
@@ -511,6 +512,10 @@ class TealModel(nn.Module):
                 if tuple(value.shape) != tuple(param.shape):
                     raise ModelDirError(f"{path}: tensor {name} has shape {list(value.shape)}, config.json implies "
                                         f"{list(param.shape)} (a codec vocab size or code dim changed?)")
+                if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                    # What an older teal saved after a diverged run: every output would be NaN.
+                    raise ModelDirError(f"{path}: tensor {name} holds NaN or infinite values (a diverged training run "
+                                        "saved it); make the model again or train it from a finite checkpoint")
                 param.copy_(value.to(param.dtype))
 
     def adapter_sha256(self, directory: str | Path) -> str:
