@@ -351,3 +351,20 @@ def test_progress_goes_to_a_log_as_plain_lines_and_q_silences_it(model_dir, tmp_
     shutil.rmtree(model_dir / "checkpoints")
     res = run_cli(*args, "-q")
     assert res.exit_code == 0 and res.stderr == ""
+
+
+def test_model_and_checkpoint_directories_follow_the_umask(model_dir, tmp_path):
+    import os
+
+    from teal_cli.model import TealModel
+    from teal_cli.train import train
+
+    old = os.umask(0o022)
+    try:
+        TealModel.from_dir(model_dir).save(tmp_path / "copy")
+        assert (tmp_path / "copy").stat().st_mode & 0o777 == 0o755
+        train(model_dir, options(toy_captions(tmp_path / "s.jsonl", 24), max_steps=2))
+        checkpoint = model_dir / "checkpoints" / (model_dir / "checkpoints" / "latest").read_text().strip()
+        assert checkpoint.stat().st_mode & 0o777 == 0o755
+    finally:
+        os.umask(old)

@@ -439,11 +439,8 @@ class TealModel(nn.Module):
             os.replace(tmp, directory / ADAPTER_NAME)
             os.replace(cfg_tmp, directory / CONFIG_NAME)
             return directory
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        tmp = temp_dir_beside(directory)
         try:
-            mask = os.umask(0)
-            os.umask(mask)
-            os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes 0700; a model directory follows the umask
             save_file(tensors, str(tmp / ADAPTER_NAME), metadata={"format": "teal-adapter"})
             self.config.save(tmp)
             if directory.is_dir():
@@ -522,6 +519,16 @@ class TealModel(nn.Module):
         from ..hub import sha256sum
 
         return sha256sum(Path(directory) / ADAPTER_NAME)
+
+
+def temp_dir_beside(path: Path) -> Path:
+    """A new hidden folder beside ``path`` to build it in before a rename. Its mode follows the
+    umask as ``mkdir`` would (``mkdtemp`` makes 0700, which the rename would keep)."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o777 & ~mask)
+    return tmp
 
 
 def is_adapter_param(name: str) -> bool:

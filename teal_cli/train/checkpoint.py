@@ -24,7 +24,6 @@ import json
 import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -100,7 +99,9 @@ def save_checkpoint(directory: str | Path, model: "TealModel", optimizer: "torch
     final = root / name
     if (final / STATE_NAME).is_file():
         return final  # this very step is saved already (an interrupt right after a periodic save)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
+    from ..model.teal_model import temp_dir_beside
+
+    tmp = temp_dir_beside(final)
     try:
         model.save(tmp)
         tensors, groups = optimizer_tensors(optimizer)
