@@ -368,3 +368,16 @@ def test_model_and_checkpoint_directories_follow_the_umask(model_dir, tmp_path):
         assert checkpoint.stat().st_mode & 0o777 == 0o755
     finally:
         os.umask(old)
+
+
+def test_replacing_a_model_directory_through_a_symlink_replaces_its_target_and_keeps_the_link(model_dir, tmp_path):
+    from teal_cli.model import TealModel
+
+    model = TealModel.from_dir(model_dir)
+    (model_dir / "checkpoints").mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(model_dir)
+    model.save(link, replace=True)
+    assert link.is_symlink() and link.resolve() == model_dir.resolve()
+    assert not (model_dir / "checkpoints").exists() and (model_dir / "adapter.safetensors").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

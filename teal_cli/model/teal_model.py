@@ -426,6 +426,8 @@ class TealModel(nn.Module):
         import teal_cli
 
         directory = Path(directory)
+        if replace and directory.is_symlink():
+            directory = directory.resolve()  # replace what the link points at; the link stays
         if directory.exists() and not overwrite:
             raise UsageError(f"{directory} exists; pass --force to replace it")
         self.config.teal_version = teal_cli.__version__
