@@ -157,7 +157,8 @@ def test_a_directory_train_cannot_write_or_that_is_no_directory_is_one_line_befo
     one_error_line(run_cli("train", model_dir, "--data", data, "--device", "cpu"), 2, "must be writable")
     plain = tmp_path / "file"
     plain.write_text("x")
-    one_error_line(run_cli("train", plain, "--data", data, "--device", "cpu"), 1, "not a model directory")
+    one_error_line(run_cli("train", plain, "--data", data, "--device", "cpu"), 2, "not a directory")
+    one_error_line(run_cli("train", tmp_path / "none", "--data", data, "--device", "cpu"), 2, "no such directory")
 
 
 # ---------------------------------------------------------------------- 6. damaged checkpoints

@@ -395,6 +395,9 @@ class Trainer:
 
         o = self.options
         self._check_options()
+        if not self.directory.is_dir():
+            raise UsageError(f"{self.directory}: {'not a directory' if self.directory.exists() else 'no such directory'}; "
+                             "give a model directory made by 'teal init-embeddings'")
         # A clear error for a missing or wrong DIR before anything loads.
         self.init_id = ModelConfig.load(self.directory).init_id
         device = resolve_device(o.device)
