@@ -8,8 +8,8 @@ left by a dead process is simply taken over: the file's content is information, 
 lock itself (no check-then-create race). The holder removes the file when it is done, after
 making sure it still owns the path (a waiter that opened the old file retries on the new one).
 
-flock works across machines on NFS v4 and most cluster file systems (Lustre with ``flock``
-mounts, GPFS); where a file system does not support it the run says so and stops.
+Across machines this relies on the file system supporting flock (Linux NFS maps it to NFS
+locks; Lustre needs its ``flock`` mount option); where it is refused the run says so and stops.
 """
 
 from __future__ import annotations
