@@ -38,7 +38,7 @@ def init_embeddings(
     init: Annotated[str, typer.Option("--init", help="codebook: E and O start as the codec's codebook; random: the paper's ablation.")] = "codebook",
     code_dim: Annotated[Optional[int], typer.Option("--code-dim", help="Width of E and O with --init random [default: the codebook's width].", min=1)] = None,
     image_size: Annotated[Optional[int], typer.Option("--image-size", help="Pixel size images were tokenized at, for codecs without a fixed grid (patch).", min=1)] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing model directory.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing model directory, whole (its checkpoints and metrics too).")] = False,
     device: DeviceOpt = "cpu",
     seed: SeedOpt = 0,
     quiet: QuietOpt = False,
@@ -55,13 +55,15 @@ def init_embeddings(
     if not names:
         raise UsageError("give at least one --codec (a codec name, e.g. beit2, or a directory made by 'teal cluster')")
     target = Path(output)
-    if target.exists() and not force:
-        raise UsageError(f"-o {output}: already exists; pass --force to replace it (its other files are kept)")
-    from ..model.build import build_model
+    from ..model.build import build_model, check_model_output
+    from ..train.lock import check_not_busy
 
+    check_model_output(target, force=force)
+    if force and target.is_dir():
+        check_not_busy(target, "replace")
     model = build_model(llm, names, roles=roles, revision=revision, init=init, code_dim=code_dim,
                         image_size=image_size, seed=seed, device=device, info=log.info)
-    model.save(target)
+    model.save(target, replace=force)
     cfg = model.config
     parts = ", ".join(f"{c.name} ({c.modality}, {c.vocab_size} ids, d_code {c.code_dim}, "
                       f"{'+'.join(r for r, on in (('in', c.input), ('out', c.output)) if on)})" for c in cfg.codecs)

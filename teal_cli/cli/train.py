@@ -21,7 +21,10 @@ text-to-speech, mcq; --templates FILE adds or replaces tasks). --lora R uses LoR
 
 Checkpoints go to DIR/checkpoints (every --checkpoint-every steps and at the end; Ctrl-C saves
 one and exits 130); --resume continues the same loss curve after any stop, kill -9 included.
-Metrics go to DIR/metrics.jsonl. The same command runs data-parallel under torchrun or
+Metrics go to DIR/metrics.jsonl; when stderr is not a terminal (a cluster job's log) a plain
+progress line is printed every 30 s. One run per directory at a time (DIR/.train.lock names
+the running one); a NaN or infinite loss stops the run (exit 1) keeping the last finite state;
+--resume refuses other data or a re-made model. The same command runs data-parallel under torchrun or
 'accelerate launch -m teal_cli train ...' (each process its share of every batch).
 
 \b
@@ -50,7 +53,7 @@ def train(
     weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay.")] = 0.0,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Optimizer steps [default: --epochs worth].", min=1, show_default=False)] = None,
     epochs: Annotated[Optional[float], typer.Option("--epochs", help="Passes over the data when no --max-steps [default: 1].", show_default=False)] = None,
-    clip: Annotated[float, typer.Option("--clip", help="Gradient norm clipping (0: off).")] = 1.0,
+    clip: Annotated[float, typer.Option("--clip", help="Clip the gradient norm to this (0: no clipping; negative is an error).")] = 1.0,
     bias_norm: Annotated[Optional[str], typer.Option("--bias-norm", help="Stage 2: bias (biases + norm weights), scale (also scales), none [default: bias].", show_default=False)] = None,
     lora: Annotated[Optional[int], typer.Option("--lora", help="Stage 2: LoRA of rank R on the LLM's linear layers (peft) instead of bias-norm.", min=1, show_default=False)] = None,
     train_groups: Annotated[list[str], typer.Option("--train", help="Also train this group (repeatable): proj, embed, output, boundary, bias_norm, lora.")] = [],
@@ -83,18 +86,37 @@ def train(
     print(str(result.directory))
 
 
-class _progress:
-    """A one-line rich display on a terminal: step, loss, tokens/s, ETA. Nothing otherwise."""
+PLAIN_EVERY_S = 30.0  # a log file (stderr not a terminal) gets a progress line this often
 
-    def __init__(self, log: Log):
+
+class _progress:
+    """Progress on stderr: a one-line rich display on a terminal; elsewhere (a cluster job's log)
+    a plain line at the first step, every :data:`PLAIN_EVERY_S` seconds and at the last step
+    (step/total, loss, tokens/s, learning rate, ETA). Nothing with -q."""
+
+    def __init__(self, log: Log, every_s: float = PLAIN_EVERY_S):
         self.log = log
         self.bar = None
         self.task = None
+        self.every_s = every_s
+        self.last: float | None = None
 
     def __enter__(self):
-        if not self.log.interactive:
+        if self.log.quiet:
             return None
-        return self.update
+        return self.update if self.log.interactive else self.plain
+
+    def plain(self, info: dict) -> None:
+        import time
+
+        now = time.monotonic()
+        if self.last is not None and now - self.last < self.every_s and info["step"] < info["total"]:
+            return
+        self.last = now
+        val = f"  val {info['val_loss']:.4f}" if "val_loss" in info else ""
+        eta = int(round(info["eta_s"]))
+        self.log.info(f"step {info['step']}/{info['total']}  loss {info['loss']:.4f}{val}  {info['tokens_per_s']:,.0f} tok/s"
+                      f"  lr {info['lr']:.3g}  ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}")
 
     def update(self, info: dict) -> None:
         if self.bar is None:

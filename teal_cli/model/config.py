@@ -93,6 +93,9 @@ class ModelConfig:
     format: str = FORMAT
     version: int = FORMAT_VERSION
     teal_version: str = ""
+    # Set once by init_model and kept by training: which model a checkpoint belongs to
+    # (a directory made again with "init-embeddings --force" gets a new one); "" in older directories.
+    init_id: str = ""
 
     # ---------------------------------------------------------------- vocabulary layout
 
@@ -129,7 +132,7 @@ class ModelConfig:
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
-        order = ["format", "version", "teal_version", "llm", "text_vocab_size", "hidden_size", "dtype",
+        order = ["format", "version", "teal_version", "init_id", "llm", "text_vocab_size", "hidden_size", "dtype",
                  "boundary", "boundary_offset", "codecs", "groups", "trainable", "history"]
         return {k: out[k] for k in order}
 
@@ -166,7 +169,7 @@ class ModelConfig:
                 boundary_offset=int(obj["boundary_offset"]), dtype=obj.get("dtype", "float32"),
                 groups=dict(obj.get("groups") or {"bias_norm": None, "lora": None}),
                 trainable=list(obj.get("trainable", [])), history=list(obj.get("history", [])),
-                version=version, teal_version=obj.get("teal_version", ""),
+                version=version, teal_version=obj.get("teal_version", ""), init_id=str(obj.get("init_id") or ""),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelDirError(f"{path}: malformed model config ({type(exc).__name__}: {exc})") from None

@@ -21,6 +21,7 @@ import inspect
 import math
 import os
 import shutil
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -412,22 +413,27 @@ class TealModel(nn.Module):
         """The base LLM's own weights (frozen; must stay bit-identical)."""
         return {name: p for name, p in self.named_parameters() if not is_adapter_param(name)}
 
-    def save(self, directory: str | Path, *, overwrite: bool = True) -> Path:
+    def save(self, directory: str | Path, *, overwrite: bool = True, replace: bool = False) -> Path:
         """Write ``config.json`` + ``adapter.safetensors`` atomically (a temp directory renamed
         into place; an existing model directory is replaced only once the new one is complete).
-        Files other than those two in an existing directory (metrics, checkpoints) are kept."""
+
+        Into an existing directory only those two files are replaced (each atomically) and its
+        other files (metrics, checkpoints of the training that calls this) are kept; with
+        ``replace`` the whole directory is (what ``init-embeddings --force`` does: a new model's
+        directory must not keep an old model's checkpoints)."""
         from safetensors.torch import save_file
 
         import teal_cli
 
         directory = Path(directory)
+        if replace and directory.is_symlink():
+            directory = directory.resolve()  # replace what the link points at; the link stays
         if directory.exists() and not overwrite:
             raise UsageError(f"{directory} exists; pass --force to replace it")
         self.config.teal_version = teal_cli.__version__
         directory.parent.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.adapter_state_dict().items()}
-        if directory.is_dir():
-            # Replace the two files, each atomically; other files (metrics, checkpoints) stay.
+        if directory.is_dir() and not replace:
             tmp = directory / f".{ADAPTER_NAME}.tmp"
             save_file(tensors, str(tmp), metadata={"format": "teal-adapter"})
             cfg_tmp = directory / f".{CONFIG_NAME}.tmp"
@@ -441,7 +447,14 @@ class TealModel(nn.Module):
             save_file(tensors, str(tmp / ADAPTER_NAME), metadata={"format": "teal-adapter"})
             self.config.save(tmp)
             apply_umask(tmp)
-            os.replace(tmp, directory)
+            if directory.is_dir():
+                # Two renames: a crash between them leaves the old model beside, under a hidden name.
+                old = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex[:8]}"
+                os.rename(directory, old)
+                os.rename(tmp, directory)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, directory)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -478,7 +491,8 @@ class TealModel(nn.Module):
         return model.to(device)
 
     def load_adapter(self, path: str | Path) -> None:
-        """Load ``adapter.safetensors`` into the adapter parameters; every name and shape must match."""
+        """Load ``adapter.safetensors`` into the adapter parameters; every name and shape must match
+        and every value be finite (ModelDirError otherwise)."""
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
@@ -499,6 +513,10 @@ class TealModel(nn.Module):
                 if tuple(value.shape) != tuple(param.shape):
                     raise ModelDirError(f"{path}: tensor {name} has shape {list(value.shape)}, config.json implies "
                                         f"{list(param.shape)} (a codec vocab size or code dim changed?)")
+                if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                    # What an older teal saved after a diverged run: every output would be NaN.
+                    raise ModelDirError(f"{path}: tensor {name} holds NaN or infinite values (a diverged training run "
+                                        "saved it); make the model again or train it from a finite checkpoint")
                 param.copy_(value.to(param.dtype))
 
     def adapter_sha256(self, directory: str | Path) -> str:
@@ -535,6 +553,22 @@ def segment_spec(codec: "Codec", image_size: int | None, output: bool) -> dict[s
     return {"shape": [side, side], "image_size": size}
 
 
+MAX_CODE_DIM = 65536
+MAX_IMAGE_SIZE = 65536
+
+
+def check_init_options(init: str = "codebook", code_dim: int | None = None, image_size: int | None = None,
+                       seed: int = 0) -> None:
+    """UsageError for an option of :func:`init_model` out of range (checked before anything loads)."""
+    if init not in INITS:
+        raise UsageError(f"--init {init}: expected one of {', '.join(INITS)}")
+    for option, value, high in (("--code-dim", code_dim, MAX_CODE_DIM), ("--image-size", image_size, MAX_IMAGE_SIZE),
+                                ("--seed", seed, 2 ** 64 - 1)):
+        low = 0 if option == "--seed" else 1
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high):
+            raise UsageError(f"{option} {value}: expected an integer from {low} to {high:,}")
+
+
 def init_model(base: "BaseLLM", codecs: Sequence["Codec"], *, roles: Sequence[str] | None = None,
                init: str = "codebook", code_dim: int | None = None, image_size: int | None = None,
                seed: int = 0, codec_paths: Sequence[str | None] | None = None) -> TealModel:
@@ -559,11 +593,11 @@ def init_model(base: "BaseLLM", codecs: Sequence["Codec"], *, roles: Sequence[st
     The input projection is scaled so ``proj_in(E[j])`` starts with the per-element spread
     of the LLM's text embeddings; boundary rows start as random rows of the same spread; the
     output projection starts near zero, so every codec's ids start about equally likely.
+    The config gets a fresh random ``init_id``: checkpoints name the model they belong to.
     """
     import teal_cli
 
-    if init not in INITS:
-        raise UsageError(f"--init {init}: expected one of {', '.join(INITS)}")
+    check_init_options(init, code_dim, image_size, seed)
     if not codecs:
         raise UsageError("give at least one --codec")
     roles = list(roles or [("both" if c.has_decoder else "input") for c in codecs])
@@ -576,47 +610,61 @@ def init_model(base: "BaseLLM", codecs: Sequence["Codec"], *, roles: Sequence[st
     modalities = [m for m in ("image", "audio") if any(c.modality == m for c in codecs)]
     boundary = {m: list(BOUNDARY_TOKENS[m]) for m in modalities}
     offset = text_vocab + sum(len(v) for v in boundary.values())
-    entries = []
-    books = []
+    entries, books = [], []
     for i, (codec, role) in enumerate(zip(codecs, roles)):
-        if role not in ("both", "input", "output"):
-            raise UsageError(f"codec role {role!r}: expected both, input or output")
-        is_out = role in ("both", "output")
-        if is_out and not codec.has_decoder and role == "output":
-            raise UsageError(f"codec '{codec.name}' has no decoder, so a model cannot write it; use it as an input codec")
-        book = None
-        try:
-            book = codec.codebook.detach().float().cpu()
-        except NotImplementedError:
-            if init == "codebook":
-                raise UsageError(f"codec '{codec.name}' exposes no codebook; use --init random") from None
-        if init == "codebook":
-            if code_dim is not None and code_dim != book.shape[1]:
-                raise UsageError(f"--code-dim {code_dim} differs from codec '{codec.name}''s codebook width {book.shape[1]}: "
-                                 "with --init codebook E keeps the codebook's width (the projections map it); "
-                                 "drop --code-dim or use --init random")
-            width = int(book.shape[1])
-        else:
-            width = int(code_dim or (book.shape[1] if book is not None else DEFAULT_RANDOM_CODE_DIM))
-        if book is not None and book.shape[0] != codec.vocab_size:
-            raise UsageError(f"codec '{codec.name}': codebook has {book.shape[0]} rows but vocab_size is {codec.vocab_size}")
-        entries.append(CodecEntry(
-            key=f"codec{i}", name=codec.name, modality=codec.modality, vocab_size=int(codec.vocab_size), code_dim=width,
-            # A codec the model writes is also read: decoding feeds each generated id back in,
-            # and training teaches it by teacher forcing, so it needs E and proj_in too.
-            offset=offset, input=True, output=is_out, init=init,
-            segment=segment_spec(codec, image_size, is_out), path=(codec_paths[i] if codec_paths else None),
-            weights=getattr(codec, "weights_id", None),
-        ))
+        entry, book = _codec_entry(codec, role, f"codec{i}", offset, init, code_dim, image_size,
+                                   codec_paths[i] if codec_paths else None)
+        entries.append(entry)
         books.append(book)
         offset += codec.vocab_size
     config = ModelConfig(
         llm={"name": base.name, "source": base.source, "revision": base.revision, "weights_sha256": base.weights_sha256,
              "architecture": type(llm).__name__},
         text_vocab_size=int(text_vocab), hidden_size=int(d), codecs=entries, boundary=boundary,
-        boundary_offset=int(text_vocab), dtype="float32", teal_version=teal_cli.__version__,
+        boundary_offset=int(text_vocab), dtype="float32", teal_version=teal_cli.__version__, init_id=uuid.uuid4().hex,
     )
     model = TealModel(config, base)
+    _init_parameters(model, books, init, seed)
+    return model
+
+
+def _codec_entry(codec: "Codec", role: str, key: str, offset: int, init: str, code_dim: int | None,
+                 image_size: int | None, path: str | None) -> tuple[CodecEntry, "torch.Tensor | None"]:
+    """One codec's config entry and its codebook ``[K, d_code]`` (None when it has none)."""
+    if role not in ("both", "input", "output"):
+        raise UsageError(f"codec role {role!r}: expected both, input or output")
+    is_out = role in ("both", "output")
+    if is_out and not codec.has_decoder and role == "output":
+        raise UsageError(f"codec '{codec.name}' has no decoder, so a model cannot write it; use it as an input codec")
+    book = None
+    try:
+        book = codec.codebook.detach().float().cpu()
+    except NotImplementedError:
+        if init == "codebook":
+            raise UsageError(f"codec '{codec.name}' exposes no codebook; use --init random") from None
+    if init == "codebook":
+        if code_dim is not None and code_dim != book.shape[1]:
+            raise UsageError(f"--code-dim {code_dim} differs from codec '{codec.name}''s codebook width {book.shape[1]}: "
+                             "with --init codebook E keeps the codebook's width (the projections map it); "
+                             "drop --code-dim or use --init random")
+        width = int(book.shape[1])
+    else:
+        width = int(code_dim or (book.shape[1] if book is not None else DEFAULT_RANDOM_CODE_DIM))
+    if book is not None and book.shape[0] != codec.vocab_size:
+        raise UsageError(f"codec '{codec.name}': codebook has {book.shape[0]} rows but vocab_size is {codec.vocab_size}")
+    entry = CodecEntry(
+        key=key, name=codec.name, modality=codec.modality, vocab_size=int(codec.vocab_size), code_dim=width,
+        # A codec the model writes is also read: decoding feeds each generated id back in,
+        # and training teaches it by teacher forcing, so it needs E and proj_in too.
+        offset=offset, input=True, output=is_out, init=init,
+        segment=segment_spec(codec, image_size, is_out), path=path, weights=getattr(codec, "weights_id", None),
+    )
+    return entry, book
+
+
+def _init_parameters(model: TealModel, books: Sequence["torch.Tensor | None"], init: str, seed: int) -> None:
+    """Fill a new model's adapter as :func:`init_model` describes, drawing from ``seed``."""
+    d = model.config.hidden_size
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         text_w = model.text_embedding.weight.detach().float()
@@ -625,7 +673,7 @@ def init_model(base: "BaseLLM", codecs: Sequence["Codec"], *, roles: Sequence[st
         rows = torch.randn(model.boundary_in.shape, generator=gen)
         model.boundary_in.copy_(rows * spread + text_w.mean(0))
         model.boundary_out.copy_(torch.randn(model.boundary_out.shape, generator=gen) * float(head_w.std()))
-        for entry, book in zip(entries, books):
+        for entry, book in zip(model.config.codecs, books):
             head = model.heads[entry.key]
             if init == "codebook":
                 std = book.std().clamp(min=1e-12)
@@ -647,4 +695,3 @@ def init_model(base: "BaseLLM", codecs: Sequence["Codec"], *, roles: Sequence[st
                 # not zero, so that O gets a gradient from the first step.
                 head.proj_out.weight.copy_(torch.randn(head.proj_out.weight.shape, generator=gen) * 1e-3 / math.sqrt(d))
                 head.proj_out.bias.zero_()
-    return model

@@ -52,24 +52,39 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
     root = checkpoints_dir(directory)
     pointer = root / LATEST
     if pointer.is_file():
-        name = pointer.read_text().strip()
-        if name and (root / name / STATE_NAME).is_file():
+        name = pointer.read_text(encoding="utf-8", errors="replace").strip()
+        if name and "/" not in name and (root / name / STATE_NAME).is_file():
             return root / name
     # A kill between the rename and the pointer update: the newest complete folder wins.
     found = sorted((p for p in root.glob("step-*") if (p / STATE_NAME).is_file()), key=lambda p: p.stat().st_mtime)
     return found[-1] if found else None
 
 
+# The keys a resume reads, with their JSON types: a state.json without one is damaged.
+REQUIRED = {"step": int, "epoch": int, "position": int, "total_steps": int, "finished": bool, "run": str,
+            "trainable": list, "options": dict, "scheduler": dict, "optimizer_groups": list, "rng": dict}
+
+
+def damaged(path: Path, what: str, reason: object) -> DataError:
+    """The one-line error for an unreadable file of a checkpoint (every file says the same fix)."""
+    checkpoint = path.parent
+    return DataError(f"{path}: cannot read the {what} ({reason}); the checkpoint is damaged: delete "
+                     f"{checkpoint} to start the run over (or {checkpoint.parent} to drop every checkpoint)")
+
+
 def read_state(checkpoint: Path) -> dict[str, Any]:
     path = checkpoint / STATE_NAME
     try:
-        state = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DataError(f"{path}: cannot read the training state ({exc}); delete {checkpoint.parent} to start over") from None
-    if state.get("format") != FORMAT or not isinstance(state.get("version"), int):
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise damaged(path, "training state", exc) from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT or not isinstance(state.get("version"), int):
         raise DataError(f"{path}: not a teal training state")
     if state["version"] > VERSION:
         raise DataError(f"{path}: training state version {state['version']} is newer than this teal reads; upgrade teal")
+    for key, kind in REQUIRED.items():
+        if not isinstance(state.get(key), kind) or kind is int and isinstance(state.get(key), bool):
+            raise damaged(path, "training state", f"'{key}' is missing or not a {kind.__name__}")
     return state
 
 
@@ -126,16 +141,36 @@ def optimizer_tensors(optimizer: "torch.optim.Optimizer") -> tuple[dict[str, "to
     return tensors, groups
 
 
-def load_optimizer(optimizer: "torch.optim.Optimizer", checkpoint: Path, groups: list[dict[str, Any]]) -> None:
+def load_tensors(path: Path, what: str) -> dict[str, "torch.Tensor"]:
+    """A checkpoint's safetensors file, or the one-line error naming it."""
     from safetensors.torch import load_file
 
-    tensors = load_file(str(checkpoint / OPTIMIZER_NAME))
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types, OSError and ValueError alike
+        raise damaged(path, what, str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+
+
+def load_optimizer(optimizer: "torch.optim.Optimizer", checkpoint: Path, groups: list[dict[str, Any]]) -> None:
+    """Load AdamW's state; every tensor must belong to a parameter of the same shape (a file
+    from another run or model is refused as damaged rather than failing steps later)."""
+    path = checkpoint / OPTIMIZER_NAME
+    tensors = load_tensors(path, "optimizer state")
+    params = [p for g in optimizer.param_groups for p in g["params"]]
     state: dict[int, dict[str, Any]] = {}
     for name, tensor in tensors.items():
-        index, key = name.split(".", 1)
+        index, _, key = name.partition(".")
+        if not index.isdigit() or int(index) >= len(params) or not key:
+            raise damaged(path, "optimizer state", f"tensor '{name}' belongs to no trained parameter")
+        if key in ("exp_avg", "exp_avg_sq") and tuple(tensor.shape) != tuple(params[int(index)].shape):
+            raise damaged(path, "optimizer state", f"tensor '{name}' has shape {list(tensor.shape)}, "
+                                                   f"its parameter {list(params[int(index)].shape)}")
         state.setdefault(int(index), {})[key] = tensor
     fixed = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in groups]
-    optimizer.load_state_dict({"state": state, "param_groups": fixed})
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": fixed})
+    except (ValueError, KeyError, TypeError) as exc:
+        raise damaged(path.parent / STATE_NAME, "optimizer groups", exc) from None
 
 
 # ---------------------------------------------------------------------- RNG
@@ -179,17 +214,23 @@ def restore_rng(checkpoint: Path, state: dict[str, Any], rank: int = 0) -> None:
     """Set this process's RNG states from a checkpoint (its own rank's where saved)."""
     import numpy as np
     import torch
-    from safetensors.torch import load_file
 
-    tensors = load_file(str(checkpoint / RNG_NAME))
+    path = checkpoint / RNG_NAME
+    tensors = load_tensors(path, "RNG states")
     prefix = f"rank{rank}." if rank and f"rank{rank}.torch" in tensors else ""
-    torch.set_rng_state(tensors[f"{prefix}torch"])
-    if torch.cuda.is_available():
-        cuda = sorted(k for k in tensors if k.startswith(f"{prefix}cuda."))
-        if cuda and len(cuda) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
-    saved = state["rng"].get(f"rank{rank}", state["rng"]) if rank else state["rng"]
-    kind, keys, pos, has_gauss, cached = saved["numpy"]
-    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    version, inner, gauss = saved["python"]
-    random.setstate((version, tuple(inner), gauss))
+    try:
+        torch.set_rng_state(tensors[f"{prefix}torch"])
+        if torch.cuda.is_available():
+            cuda = sorted(k for k in tensors if k.startswith(f"{prefix}cuda."))
+            if cuda and len(cuda) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
+    except (KeyError, RuntimeError, TypeError) as exc:
+        raise damaged(path, "RNG states", f"{type(exc).__name__}: {exc}") from None
+    try:
+        saved = state["rng"].get(f"rank{rank}", state["rng"]) if rank else state["rng"]
+        kind, keys, pos, has_gauss, cached = saved["numpy"]
+        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+        version, inner, gauss = saved["python"]
+        random.setstate((version, tuple(inner), gauss))
+    except (KeyError, ValueError, TypeError, AttributeError) as exc:
+        raise damaged(checkpoint / STATE_NAME, "RNG states", f"{type(exc).__name__}: {exc}") from None

@@ -15,11 +15,19 @@ by offset and encodes them.
 
 The order of an epoch is a pure function of ``(seed, epoch)`` (numpy's PCG64), length-
 bucketed: so a resumed run replays exactly the batches an uninterrupted run would see.
+
+Because batches are read back by byte offset, the file must not change under a run: the
+scan hashes every byte it reads (sha256, which a checkpoint records so ``--resume`` refuses
+other data) and keeps the file's identity (device, inode, size, mtime), which every read
+compares first.
 """
 
 from __future__ import annotations
 
+import datetime
+import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
@@ -92,11 +100,14 @@ class SampleSet:
 
     def __init__(self, path: Path, model: "TealModel", options: DataOptions, templates: dict[str, list[str]],
                  offsets: np.ndarray, lines: np.ndarray, record: np.ndarray, variant: np.ndarray,
-                 task: np.ndarray, length: np.ndarray, n_target: np.ndarray, tasks: list[str | None]):
+                 task: np.ndarray, length: np.ndarray, n_target: np.ndarray, tasks: list[str | None],
+                 sha256: str = "", identity: tuple[int, ...] = ()):
         self.path, self.model, self.options, self.templates = path, model, options, templates
         self.offsets, self.lines = offsets, lines
         self.record, self.variant, self.task, self.length, self.n_target = record, variant, task, length, n_target
         self.tasks = tasks
+        self.sha256 = sha256  # of the file's bytes as scanned
+        self.identity = identity  # (device, inode, size, mtime_ns) as scanned
 
     def __len__(self) -> int:
         return len(self.record)
@@ -126,8 +137,11 @@ class SampleSet:
         offsets, lines = [], []
         s_record, s_variant, s_task, s_length, s_target = [], [], [], [], []
         position = 0
+        digest = hashlib.sha256()
         with open(path, "rb") as f:
+            identity = _identity(os.fstat(f.fileno()))
             for lineno, raw in enumerate(f, 1):
+                digest.update(raw)
                 start, position = position, position + len(raw)
                 if not raw.strip():
                     continue
@@ -145,18 +159,36 @@ class SampleSet:
                     s_target.append(n_target)
                 if progress is not None:
                     progress(1)
+            if _identity(os.fstat(f.fileno())) != identity or position != identity[2]:
+                raise DataError(f"{path}: the file changed while it was being checked; start again once it is complete")
         if not offsets:
             raise DataError(f"{path}: no records (the file is empty); give a file of token records made by 'teal tokenize'")
         return cls(path, model, options, templates, np.asarray(offsets, np.int64), np.asarray(lines, np.int64),
                    np.asarray(s_record, np.int64), np.asarray(s_variant, np.int8), np.asarray(s_task, np.int16),
-                   np.asarray(s_length, np.int32), np.asarray(s_target, np.int32), builder.tasks)
+                   np.asarray(s_length, np.int32), np.asarray(s_target, np.int32), builder.tasks,
+                   digest.hexdigest(), identity)
 
     def subset(self, records: np.ndarray) -> "SampleSet":
         """The samples of the given record indices (both directions of a pair stay together)."""
         keep = np.isin(self.record, records)
         return SampleSet(self.path, self.model, self.options, self.templates, self.offsets, self.lines,
                          self.record[keep], self.variant[keep], self.task[keep], self.length[keep],
-                         self.n_target[keep], self.tasks)
+                         self.n_target[keep], self.tasks, self.sha256, self.identity)
+
+    def check_unchanged(self, stat: os.stat_result | None = None) -> None:
+        """Raise DataError when the file is no longer the one :meth:`scan` checked (edited,
+        replaced or removed): batches are read back by byte offset and would be other records."""
+        if not self.identity:
+            return
+        try:
+            now = _identity(stat if stat is not None else os.stat(self.path))
+        except OSError:
+            now = ()
+        if now != self.identity:
+            when = datetime.datetime.fromtimestamp(self.identity[3] / 1e9).isoformat(sep=" ", timespec="seconds")
+            raise DataError(f"{self.path}: the file changed during training (it was {self.identity[2]} bytes, modified "
+                            f"{when}, when the run checked it); training reads it again at every epoch: restore it and "
+                            "continue with --resume, or start over")
 
     def split(self, fraction: float, seed: int) -> tuple["SampleSet", "SampleSet | None"]:
         """``(train, val)``: ``fraction`` of the records (at least one, when there are two or
@@ -198,7 +230,13 @@ class SampleSet:
     def encode(self, positions: Sequence[int], epoch: int) -> list["EncodedSequence"]:
         """The encoded samples at ``positions`` for ``epoch`` (templates are picked per epoch)."""
         out = []
-        with open(self.path, "rb") as f:
+        try:
+            f = open(self.path, "rb")
+        except OSError:
+            self.check_unchanged()
+            raise
+        with f:
+            self.check_unchanged(os.fstat(f.fileno()))
             for pos in positions:
                 rec_index = int(self.record[pos])
                 f.seek(int(self.offsets[rec_index]))
@@ -220,6 +258,10 @@ class SampleSet:
 
     def target_tokens(self, positions: Sequence[int]) -> int:
         return int(self.n_target[np.asarray(positions, dtype=np.int64)].sum())
+
+
+def _identity(stat: os.stat_result) -> tuple[int, ...]:
+    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
 
 
 # ---------------------------------------------------------------------- records -> samples

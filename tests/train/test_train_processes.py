@@ -94,3 +94,37 @@ def test_two_process_ddp_under_torchrun_matches_one_process(store, tmp_path):
     wa, wb = load_file(str(one / "adapter.safetensors")), load_file(str(two / "adapter.safetensors"))
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-6)
+
+
+def test_a_second_run_on_a_directory_refuses_naming_the_first_and_a_killed_runs_lock_is_taken_over(store, tmp_path):
+    data = toy_captions(tmp_path / "s.jsonl", 32)
+    run = Path(shutil.copytree(store, tmp_path / "run"))
+    args = ["--data", str(data), "--stage", "2", "--batch-size", "4", "--lr", "1e-2", "--device", "cpu", "-q"]
+    # No checkpoint: nothing but the lock tells the second run that the first is training.
+    first = subprocess.Popen([sys.executable, "-m", "teal_cli", "train", str(run), *args, "--max-steps", "100000",
+                              "--checkpoint-every", "0"], env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        metrics = run / "metrics.jsonl"
+        deadline = time.monotonic() + 300
+        while not metrics.exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert first.poll() is None, first.communicate()[1].decode()
+        second = subprocess.run([sys.executable, "-m", "teal_cli", "train", str(run), *args, "--max-steps", "4"],
+                                env=env(), capture_output=True, text=True, timeout=300)
+        assert second.returncode == 1, second.stderr
+        assert second.stderr.startswith("Error: ") and second.stderr.count("\n") == 1, second.stderr
+        assert f"is being trained by pid {first.pid} on host " in second.stderr
+        assert first.poll() is None  # the first run goes on, alone
+    finally:
+        first.kill()
+        first.communicate()
+    assert first.returncode == -signal.SIGKILL
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    assert steps == list(range(1, len(steps) + 1))  # one writer: no interleaved lines
+    # The killed run's lock file is left behind naming a dead process: the next run takes it over.
+    assert str(first.pid) in (run / ".train.lock").read_text()
+    assert not (run / "checkpoints").exists()
+    third = subprocess.run([sys.executable, "-m", "teal_cli", "train", str(run), *args, "--max-steps", "2"],
+                           env=env(), capture_output=True, text=True, timeout=300)
+    assert third.returncode == 0, third.stderr
+    assert not (run / ".train.lock").exists()
