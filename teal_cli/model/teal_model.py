@@ -175,9 +175,9 @@ class TealModel(nn.Module):
             raise DataError(f"{where}: {exc}") from None
         if not entry.input:
             raise DataError(f"{where}: codec '{entry.name}' is output-only in this model; it cannot be read")
-        recorded = segment.extra.get("weights")
+        recorded = segment.weights  # the parser keeps it here, never in extra
         common = min(len(recorded or ""), len(entry.weights or ""))
-        if common and recorded[:common] != entry.weights[:common]:  # as codecs.base.check_segment_weights
+        if common and recorded[:common].lower() != entry.weights[:common].lower():  # as codecs.base.check_segment_weights
             raise DataError(f"{where}: tokens were made by weights {recorded} of codec '{entry.name}', "
                             f"but the model was built for weights {entry.weights}; tokenize again with the model's codec")
         if segment.tokens and max(segment.tokens) >= entry.vocab_size:
@@ -281,7 +281,7 @@ class TealModel(nn.Module):
         if "frame_rate" in entry.segment:
             seg.frame_rate = entry.segment["frame_rate"]
         if entry.weights:
-            seg.extra["weights"] = entry.weights
+            seg.weights = entry.weights
         return seg
 
     def codec_of_id(self, joint_id: int) -> CodecEntry | None:
