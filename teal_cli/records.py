@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import IO, Any, Iterable, Iterator
 
 from .errors import DataError
@@ -57,6 +57,11 @@ class Segment:
     durations: list[int] | None = None
     path: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def with_role(self, role: str) -> "Segment":
+        """A copy with ``extra["role"] = role`` and every other field kept (``weights`` included:
+        a copy that drops it would let ids of other codec weights through)."""
+        return replace(self, extra={**self.extra, "role": role})
 
     @property
     def is_tokens(self) -> bool:

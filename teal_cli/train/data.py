@@ -266,9 +266,7 @@ def record_roles(record: Record) -> list[str]:
 
 
 def _role(segment: Segment, role: str) -> Segment:
-    return Segment(modality=segment.modality, text=segment.text, codec=segment.codec, tokens=segment.tokens,
-                   shape=segment.shape, frame_rate=segment.frame_rate, durations=segment.durations,
-                   extra={**segment.extra, "role": role})
+    return segment.with_role(role)
 
 
 class _Builder:
