@@ -75,3 +75,31 @@ def test_train_refuses_ids_made_by_other_codec_weights(cli, model_dir, isolated)
     result = cli("train", model_dir, "--data", data, "--max-steps", "1", "--batch-size", "2", "--device", "cpu", "-q")
     one_line_error(result, 1, "d.jsonl:4", other)
     assert (model_dir / "adapter.safetensors").read_bytes() == before
+
+
+# ---------------------------------------------------------------------- 2. generate --echo, scored by eval
+
+
+def _word_refs(path: Path, n: int = 4) -> Path:
+    """Classify references whose prompt holds the answer word: an echoed prompt scored as the
+    answer would be right every time."""
+    return write_jsonl(path, [{"v": 1, "id": f"r{i}", "segments": [
+        {"modality": "text", "text": f"{WORDS[i % 4]} is the word"},  # prompt: unmarked beside a target
+        {"modality": "text", "text": WORDS[i % 4], "role": "target"}]} for i in range(n)])
+
+
+def test_echoed_prompt_is_marked_and_not_scored_as_the_answer(cli, model_dir, isolated):
+    refs = _word_refs(isolated / "refs.jsonl")
+    accuracy = {}
+    for name, echo in (("plain", []), ("echo", ["--echo"])):
+        result = cli("generate", refs, "--model", model_dir, "-n", "3", "--output-modality", "text", "-q",
+                     "-o", isolated / f"{name}.jsonl", *echo)
+        assert result.exit_code == 0, result.stderr
+        result = cli("eval", "classify", "--predictions", isolated / f"{name}.jsonl", "--data", refs, "-q")
+        assert result.exit_code == 0, result.stderr
+        accuracy[name] = json.loads(result.stdout)["metrics"]["accuracy"]
+    echoed = [json.loads(line) for line in (isolated / "echo.jsonl").read_text().splitlines()]
+    assert all(r["segments"][0]["role"] == "prompt" and r["segments"][0]["text"].endswith("is the word") for r in echoed)
+    assert all("role" not in s for r in echoed for s in r["segments"][1:])
+    assert accuracy["plain"] < 1.0  # the random model does not say the words
+    assert accuracy["echo"] == accuracy["plain"]

@@ -12,7 +12,8 @@ from .common import (DeviceOpt, DtypeOpt, Log, QuietOpt, SeedOpt, TemperatureOpt
 HELP = """Continue prompts with a TEAL model: text, image or audio segments (JSONL on stdout).
 
 Prompts are token records (files, '-' or a pipe; any mix of text/image/audio segments;
-segments with "role": "target" are left out) or --text. Each prompt gives one record, in
+segments with "role": "target" are left out: a record without roles is a prompt as a
+whole, unlike in train and eval, where its last segment is the target) or --text. Each prompt gives one record, in
 input order, with the generated segments and a 'generation' field (model, adapter sha256,
 seed, sampling settings) that says how it was made. Decoding follows the segment grammar:
 inside an image segment only that codec's ids, exactly H x W of them; audio until </aud>
@@ -45,7 +46,7 @@ def generate(
     codec: Annotated[Optional[str], typer.Option("--codec", "-c", help="Output codec, when the model writes several for a modality.", show_default=False)] = None,
     max_audio_seconds: Annotated[float, typer.Option("--max-audio-seconds", help="Longest generated audio segment.", min=0.0)] = 10.0,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Prompts decoded together.", min=1)] = 8,
-    echo: Annotated[bool, typer.Option("--echo", help="Output records start with the prompt's segments.")] = False,
+    echo: Annotated[bool, typer.Option("--echo", help="Output records start with the prompt's segments, marked \"role\": \"prompt\" (eval leaves them out).")] = False,
     output: Annotated[Optional[str], typer.Option("-o", "--output", help="Write JSONL to this file (atomically) instead of stdout.", show_default=False)] = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",

@@ -77,7 +77,7 @@ class GenerateOptions:
         codec: the output codec (name) when the model writes several for a modality.
         max_audio_seconds: longest audio segment, in seconds of the codec's frame rate.
         batch_size: prompts decoded together.
-        echo: output records start with the prompt's segments.
+        echo: output records start with the prompt's segments, each marked ``"role": "prompt"``.
     """
 
     max_new_tokens: int = 64
@@ -492,7 +492,8 @@ def generate(model: "TealModel", records: Iterable[Record], options: GenerateOpt
         seeds = [row_seed(options.seed, rec.id, repeat) for rec, _, repeat in batch]
         results = generate_ids(model, [ids for _, ids, _ in batch], options, grammar, seeds)
         for (rec, _, repeat), res in zip(batch, results):
-            segments = [s for s in rec.segments if s.extra.get("role") != "target"] if options.echo else []
+            # Echoed segments say they are the prompt, so that eval scores only what was generated.
+            segments = [s.with_role("prompt") for s in rec.segments if s.extra.get("role") != "target"] if options.echo else []
             generation = {**info, "finish": res.finish}
             if repeat:
                 generation["repeat"] = repeat
