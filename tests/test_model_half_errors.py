@@ -103,3 +103,50 @@ def test_echoed_prompt_is_marked_and_not_scored_as_the_answer(cli, model_dir, is
     assert all("role" not in s for r in echoed for s in r["segments"][1:])
     assert accuracy["plain"] < 1.0  # the random model does not say the words
     assert accuracy["echo"] == accuracy["plain"]
+
+
+# ---------------------------------------------------------------------- 3. segments near the end of the context
+
+
+def _prompt_with_room(model, low: int, high: int):
+    """A text prompt leaving between ``low`` and ``high`` tokens of the context."""
+    from teal_cli.records import Record, Segment
+
+    for n in range(1, 200):
+        rec = Record(id="p", segments=[Segment("text", text=" ".join(["seven"] * n))])
+        room = model.context_length - len(model.encode_record(rec, prompt_only=True).ids)
+        if low <= room <= high:
+            return rec, room
+    raise AssertionError("no prompt length fits")
+
+
+@pytest.mark.parametrize("modality", ["image", "audio"])
+def test_a_segment_opened_near_the_end_of_the_context_completes(model_dir, monkeypatch, modality):
+    """The model is made to open a segment whenever it may: every segment it writes is whole
+    (image: exactly H*W ids and a shape; audio: closed), and generation ends at the context."""
+    import teal_cli.model.generate as G
+    from teal_cli.model import TealModel
+
+    model = TealModel.from_dir(model_dir)
+    open_id = model.config.boundary_id(modality)
+    plain = G.block_logits
+
+    def eager_to_open(model, hidden, blocks, vocab_size):
+        logits = plain(model, hidden, blocks, vocab_size)
+        logits[:, open_id] += 1e4
+        return logits
+
+    monkeypatch.setattr(G, "block_logits", eager_to_open)
+    rec, room = _prompt_with_room(model, 25, 30)  # one 18-token image fits, a second does not
+    options = G.GenerateOptions(max_new_tokens=60, max_audio_seconds=100)
+    (out,) = G.generate(model, [rec], options)
+    assert out.extra["generation"]["finish"] == "context"
+    media = [s for s in out.segments if s.modality == modality]
+    assert media, out.segments
+    if modality == "image":
+        assert len(media) == 1 and media[0].shape == [4, 4] and len(media[0].tokens) == 16
+    else:
+        grammar = G.Grammar(model, options)
+        (gen,) = G.generate_ids(model, [model.encode_record(rec, prompt_only=True).ids], options, grammar)
+        assert len(gen.ids) == room and gen.ids[-1] == open_id + 1  # the last token closes the segment
+        assert gen.ids.count(open_id) == gen.ids.count(open_id + 1)

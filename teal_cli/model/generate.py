@@ -14,7 +14,11 @@ yields one record per prompt, in input order, with the generated segments and a
 - **audio**: codec ids or ``</aud>``; ``</aud>`` is forced after
   ``max_audio_seconds * frame_rate`` ids;
 - ``output_modality="image"|"audio"`` forces ``<open>`` as the first token and stops once that
-  segment closes.
+  segment closes;
+- the context: a segment is opened only when it fits in the room left (an image's
+  ``H*W + 2`` tokens; an audio segment's ``<aud>``, one id and ``</aud>``), and ``</aud>`` is
+  forced when only its own place is left, so a segment the model opens always completes;
+  generation ends with ``finish: context`` in text.
 
 Masks are boolean ``[S, V]`` tensors (S states, V the joint vocabulary); each step selects one
 row per sequence (``masks[state]``) and keeps logits where it is true. Logits are computed
@@ -42,6 +46,7 @@ out of range come from :meth:`TealModel.encode_record`; bad options are
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -161,10 +166,18 @@ class Grammar:
             self.allowed.append(ranges)
             return len(self.states) - 1
 
-        text_ranges = [(0, t_vocab)]
-        if options.output_modality != "text":
-            text_ranges += [(i, i + 1) for i in self.open_ids]
-        self.text = add(State("text", blocks=frozenset({TEXT_BLOCK, BOUNDARY_BLOCK})), text_ranges)
+        # One text state per set of modalities whose segments still fit in the context: an
+        # ``<open>`` is masked once the room left is less than its segment needs (need), so a
+        # segment the model opens always completes.
+        openable = list(self.open_ids.items()) if options.output_modality != "text" else []
+        self.text_for: dict[frozenset, int] = {}
+        for n in range(len(openable), -1, -1):
+            for subset in itertools.combinations(openable, n):
+                ranges = [(0, t_vocab)] + [(i, i + 1) for i, _ in subset]
+                self.text_for[frozenset(m for _, m in subset)] = add(
+                    State("text", blocks=frozenset({TEXT_BLOCK, BOUNDARY_BLOCK})), ranges)
+        self.openable = frozenset(m for _, m in openable)
+        self.text = self.text_for[self.openable]
         # DONE emits EOS as filler; it needs no logits (uncomputed blocks are finite zeros).
         self.done = add(State("done"), [(self.eos, self.eos + 1)])
         self.force_open, self.open, self.close, self.codec_state = {}, {}, {}, {}
@@ -192,7 +205,9 @@ class Grammar:
                     rate = float(e.segment.get("frame_rate") or 0)
                     if rate <= 0:
                         raise ModelDirError(f"codec '{e.name}' has no frame_rate in the model's config.json")
-                    limit = max(1, int(options.max_audio_seconds * rate))
+                    # The context bounds an audio segment long before 2**31 frames; the clamp
+                    # keeps int() finite for any finite --max-audio-seconds (1e308 * rate is inf).
+                    limit = max(1, int(min(options.max_audio_seconds * rate, 2**31)))
                     audio_cap[e.key] = limit
                 self.codec_state[e.key] = add(
                     State("codec", modality, e, limit, frozenset({self.codec_index[e.key]}) | boundary, guided=guided),
@@ -204,6 +219,10 @@ class Grammar:
         self.masks = masks.to(model.device)
         self.guided = torch.tensor([s.guided for s in self.states], device=model.device)
         self.entries = {e.key: e for es in writable.values() for e in es}
+        # Tokens a segment needs once opened: <open>, its ids (image: exactly H*W, the largest
+        # of the modality's codecs; audio: at least one) and its closing token.
+        self.need = {m: 2 + (max(self.states[self.codec_state[e.key]].limit for e in es) if m == "image" else 1)
+                     for m, es in writable.items()}
         self._ranges = sorted((e.offset, e.offset + e.vocab_size, e) for e in self.entries.values())
 
     @staticmethod
@@ -232,10 +251,17 @@ class Grammar:
                 return entry
         return None
 
-    def initial(self, options: GenerateOptions) -> int:
+    def initial(self, options: GenerateOptions, room: int | None = None) -> int:
+        """The first state of a row with ``room`` tokens left in the context (None: unbounded)."""
         if self.forced:
             return self.force_open[options.output_modality]
-        return self.text if options.max_new_tokens > 0 else self.done
+        return self.text_state(room) if options.max_new_tokens > 0 else self.done
+
+    def text_state(self, room: int | None) -> int:
+        """The text state whose ``<open>`` tokens are those of segments that fit in ``room``."""
+        if room is None:
+            return self.text
+        return self.text_for[frozenset(m for m in self.openable if self.need[m] <= room)]
 
 
 # ---------------------------------------------------------------------- logits and sampling
@@ -360,8 +386,15 @@ def _advance(row: _Row, token: int, grammar: Grammar, context: int | None) -> No
             row.state = grammar.close[st.modality] if row.count >= limit else grammar.codec_state[entry.key]
     elif kind == "close":
         _after_close(row, grammar)
-    if row.finish is None and context and row.prompt_len + len(row.ids) >= context:
-        row.state, row.finish = grammar.done, "context"
+    if row.finish is None and context:
+        room = context - row.prompt_len - len(row.ids)
+        after = grammar.states[row.state]
+        if room <= 0:
+            row.state, row.finish = grammar.done, "context"
+        elif after.kind == "text":
+            row.state = grammar.text_state(room)
+        elif after.modality == "audio" and after.kind in ("open", "codec") and room <= 1:
+            row.state = grammar.close["audio"]  # the room left bounds an audio segment too
 
 
 def _after_close(row: _Row, grammar: Grammar) -> None:
@@ -386,7 +419,8 @@ def generate_ids(model: "TealModel", prompts: list[list[int]], options: Generate
     P = len(prefix)
     R = 2 * B if cfg_on else B
     context = model.context_length
-    rows = [_Row(len(p), grammar.initial(options), budget=options.max_new_tokens) for p in prompts]
+    rows = [_Row(len(p), grammar.initial(options, context - len(p) if context else None), budget=options.max_new_tokens)
+            for p in prompts]
     for r in rows:
         if r.state == grammar.done:
             r.finish = "max_new_tokens"
@@ -483,10 +517,7 @@ def generate(model: "TealModel", records: Iterable[Record], options: GenerateOpt
     info = provenance(model, options)
     context = model.context_length
     seen: Counter[str] = Counter()
-    need = 1
-    if grammar.forced and options.output_modality == "image":
-        need = 2 + max(grammar.states[grammar.codec_state[e.key]].limit for e in grammar.entries.values()
-                       if e.modality == "image")
+    need = grammar.need[options.output_modality] if grammar.forced else 1
 
     def run(batch: list[tuple[Record, list[int], int]]) -> Iterator[Record]:
         seeds = [row_seed(options.seed, rec.id, repeat) for rec, _, repeat in batch]
@@ -507,7 +538,8 @@ def generate(model: "TealModel", records: Iterable[Record], options: GenerateOpt
             raise DataError(f"record '{record.id}': the prompt is empty (no segments without role 'target', and the "
                             "tokenizer adds no BOS); give it a text or media segment")
         if context and len(ids) + need > context:
-            room = "no room for a token" if need == 1 else f"no room for the {need - 2}-id image segment"
+            room = ("no room for a token" if need == 1 else f"no room for the {need - 2}-id image segment"
+                    if options.output_modality == "image" else "no room for an audio segment")
             raise DataError(f"record '{record.id}': the prompt has {len(ids)} tokens and the base LLM's context is "
                             f"{context}: {room}; shorten the prompt")
         batch.append((record, ids, seen[record.id]))
