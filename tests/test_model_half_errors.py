@@ -150,3 +150,66 @@ def test_a_segment_opened_near_the_end_of_the_context_completes(model_dir, monke
         (gen,) = G.generate_ids(model, [model.encode_record(rec, prompt_only=True).ids], options, grammar)
         assert len(gen.ids) == room and gen.ids[-1] == open_id + 1  # the last token closes the segment
         assert gen.ids.count(open_id) == gen.ids.count(open_id + 1)
+
+
+# ---------------------------------------------------------------------- 9. numbers; 12. output paths
+
+
+def usage_error(result, *texts: str) -> None:
+    """Exit 2 and one ``Error:`` line (click's range errors add its two usage lines above it)."""
+    assert result.exit_code == 2, (result.exit_code, result.stderr)
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1, result.stderr
+    for text in texts:
+        assert text in errors[0], (text, errors[0])
+
+
+@pytest.mark.parametrize("args", [
+    ["generate", "--text", "x", "--temperature", "nan"], ["generate", "--text", "x", "--temperature", "inf"],
+    ["generate", "--text", "x", "--top-p", "nan"], ["generate", "--text", "x", "--top-p", "0"],
+    ["generate", "--text", "x", "--cfg-scale", "inf"], ["generate", "--text", "x", "--max-audio-seconds", "nan"],
+    ["generate", "--text", "x", "--max-audio-seconds", "inf"], ["generate", "--text", "x", "--seed", str(2**70)],
+    ["generate", "--text", "x", "--seed", "-1"],
+    ["eval", "classify", "--data", "refs.jsonl", "--temperature", "nan"],
+    ["eval", "classify", "--data", "refs.jsonl", "--top-p", "inf"],
+    ["eval", "classify", "--data", "refs.jsonl", "--cfg-scale", "nan"],
+    ["eval", "classify", "--data", "refs.jsonl", "--cfg-scale", "-1"],
+    ["eval", "ppl", "--data", "refs.jsonl", "--seed", str(2**64)],
+    ["tokenize", "x.png", "--codec", "codecs/patch-p2-k16", "--sample-temperature", "inf"],
+    ["tokenize", "x.png", "--codec", "codecs/patch-p2-k16", "--sample-temperature", "nan"],
+])
+def test_numeric_options_are_usage_errors_before_any_model_loads(cli, isolated, args):
+    _word_refs(isolated / "refs.jsonl")
+    option = next(a for a in args if a.startswith("--") and a not in ("--text", "--data", "--codec"))
+    model = ["--model", str(isolated / "no-model")] if args[0] != "tokenize" else []
+    usage_error(cli(*args, *model), option)
+
+
+def test_max_audio_seconds_1e308_is_bounded_by_the_context(cli, model_dir, isolated):
+    result = cli("generate", "--model", model_dir, "--text", "say", "--output-modality", "audio", "--max-audio-seconds", "1e308",
+                 "-q")
+    assert result.exit_code == 0, result.stderr
+    (record,) = [json.loads(line) for line in result.stdout.splitlines()]
+    assert record["segments"][0]["modality"] == "audio" and record["generation"]["finish"] in ("segment", "context")
+
+
+def test_bad_output_paths_are_refused_before_any_work(cli, model_dir, isolated):
+    refs = _word_refs(isolated / "refs.jsonl")
+    (isolated / "a-file").write_text("keep me\n")
+    (isolated / "a-folder").mkdir()
+    write_jsonl(isolated / "preds.jsonl", [{"v": 1, "id": f"r{i}", "segments": [{"modality": "text", "text": "zero"}]}
+                                          for i in range(4)])
+    for args, text in [
+        (["generate", "--model", model_dir, "--text", "x", "-o", "a-folder"], "is a folder"),
+        (["generate", "--model", model_dir, "--text", "x", "-o", "a-file/out.jsonl"], "a-file is a file"),
+        (["eval", "classify", "--predictions", "preds.jsonl", "--data", refs, "--report", "a-file"], "--report a-file: is a file"),
+        (["eval", "classify", "--predictions", "preds.jsonl", "--data", refs, "-o", "a-folder"], "is a folder"),
+        (["eval", "classify", "--model", model_dir, "--data", refs, "-o", "a-file/x/r.json"], "a-file is a file"),
+        (["tokenize", "x.png", "--codec", "codecs/patch-p2-k16", "-o", "a-file/t.jsonl"], "a-file is a file"),
+        (["tokenize", "x.png", "--codec", "codecs/patch-p2-k16", "-o", "a-file/{id}.jsonl"], "is a file"),
+        (["detokenize", "preds.jsonl", "-o", "a-file/{id}.png"], "is a file"),
+        (["detokenize", "preds.jsonl", "-o", "a-file/sub/"], "a-file is a file"),
+    ]:
+        one_line_error(cli(*args), 2, text)
+    assert (isolated / "a-file").read_text() == "keep me\n" and not any((isolated / "a-folder").iterdir())

@@ -62,8 +62,10 @@ def generate(
         raise UsageError("no model given: pass --model DIR or export TEAL_MODEL=DIR (a directory made by 'teal init-embeddings')")
     if output_modality is not None and output_modality not in ("image", "audio", "text"):
         raise UsageError(f"--output-modality {output_modality}: expected one of image, audio, text")
+    from ..outputs import check_output_file
+
+    check_output_file(output)  # before the model loads and the generation runs
     sources = (inputs or []) if text else stdin_or_usage_error(inputs or [], "prompts")
-    dev, dt = setup_torch(device, dtype, seed)
 
     from ..model.generate import GenerateOptions, generate as generate_records, text_prompt
     from ..model.teal_model import TealModel
@@ -72,6 +74,7 @@ def generate(
                               cfg_scale=cfg_scale, output_modality=output_modality, codec=codec,
                               max_audio_seconds=max_audio_seconds, batch_size=batch_size, echo=echo)
     options.check()  # before loading the model: a bad option should not cost the load
+    dev, dt = setup_torch(device, dtype, seed)
     teal_model = TealModel.from_dir(model, device=dev, dtype=dt)
     log.debug(f"model {model}: base {teal_model.config.llm.get('name')}, codecs "
               + ", ".join(f"{c.name} ({c.modality}{', writes' if c.output else ''})" for c in teal_model.config.codecs))

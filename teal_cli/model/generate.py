@@ -11,7 +11,7 @@ yields one record per prompt, in input order, with the generated segments and a
 - **image**: after ``<img>`` only that modality's output-codec ids, exactly ``H*W`` of them (the
   codec's ``segment.shape``; the first id picks the codec when the model writes several, or
   ``codec`` names it), then ``</img>`` is forced and decoding returns to text;
-- **audio**: codec ids or ``</aud>``; ``</aud>`` is forced after
+- **audio**: at least one codec id, then ids or ``</aud>``; ``</aud>`` is forced after
   ``max_audio_seconds * frame_rate`` ids;
 - ``output_modality="image"|"audio"`` forces ``<open>`` as the first token and stops once that
   segment closes;
@@ -112,7 +112,7 @@ class GenerateOptions:
         if self.output_modality is not None and self.output_modality not in OUTPUT_MODALITIES:
             raise UsageError(f"--output-modality {self.output_modality}: expected one of {', '.join(OUTPUT_MODALITIES)}")
         if not (self.max_audio_seconds > 0 and math.isfinite(self.max_audio_seconds)):
-            raise UsageError(f"--max-audio-seconds {self.max_audio_seconds}: expected a positive number")
+            raise UsageError(f"--max-audio-seconds {self.max_audio_seconds}: expected a finite number > 0")
         if self.batch_size < 1:
             raise UsageError(f"--batch-size {self.batch_size}: expected 1 or more")
 
@@ -191,8 +191,8 @@ class Grammar:
             boundary = frozenset({BOUNDARY_BLOCK}) if may_close else frozenset()
             self.force_open[modality] = add(State("force_open", modality, blocks=frozenset({BOUNDARY_BLOCK})),
                                             [(open_id, open_id + 1)])
-            self.open[modality] = add(State("open", modality, blocks=codec_blocks | boundary, guided=guided),
-                                      codec_ranges + may_close)
+            # At least one id: an empty segment decodes to nothing (an audio answer with no audio).
+            self.open[modality] = add(State("open", modality, blocks=codec_blocks, guided=guided), codec_ranges)
             self.close[modality] = add(State("close", modality, blocks=frozenset({BOUNDARY_BLOCK})),
                                        [(close_id, close_id + 1)])
             for e in entries:
