@@ -213,3 +213,42 @@ def test_bad_output_paths_are_refused_before_any_work(cli, model_dir, isolated):
     ]:
         one_line_error(cli(*args), 2, text)
     assert (isolated / "a-file").read_text() == "keep me\n" and not any((isolated / "a-folder").iterdir())
+
+
+# ---------------------------------------------------------------------- 13. tokenize keeps a segment's keys
+
+
+def test_tokenize_keeps_media_segments_own_keys_and_manifest_keys(cli, model_dir, isolated):
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray((np.arange(8 * 8 * 3) % 251).astype("uint8").reshape(8, 8, 3)).save(isolated / "img.png")
+    write_jsonl(isolated / "m.jsonl", [
+        {"id": "a", "task": "text-to-image", "segments": [
+            {"modality": "text", "text": "draw it", "role": "prompt"},
+            {"modality": "image", "path": "img.png", "role": "target", "speaker": "s1", "lang": "en"}]},
+        {"id": "b", "image": "img.png", "text": "a picture", "label": "cat", "split": 3}])
+    result = cli("tokenize", "m.jsonl", "--codec", "codecs/patch-p2-k16", "-q")
+    assert result.exit_code == 0, result.stderr
+    a, b = [json.loads(line) for line in result.stdout.splitlines()]
+    image = a["segments"][1]
+    assert image["tokens"] and image["role"] == "target" and image["speaker"] == "s1" and image["lang"] == "en"
+    assert a["task"] == "text-to-image" and a["segments"][0]["role"] == "prompt"
+    assert b["label"] == "cat" and b["split"] == 3 and [s["modality"] for s in b["segments"]] == ["image", "text"]
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity", "1e999"])
+def test_non_finite_numbers_in_records_are_one_line_errors(cli, isolated, value):
+    (isolated / "refs.jsonl").write_text('{"v": 1, "id": "r0", "label": %s, "segments": [{"modality": "text", "text": "a"}, '
+                                         '{"modality": "text", "text": "seven"}]}\n' % value)
+    write_jsonl(isolated / "preds.jsonl", [{"v": 1, "id": "r0", "segments": [{"modality": "text", "text": "nan"}]}])
+    one_line_error(cli("eval", "classify", "--predictions", "preds.jsonl", "--data", "refs.jsonl"), 1, "refs.jsonl:1",
+                   "invalid JSON")
+
+
+def test_a_label_that_is_not_a_string_or_integer_is_refused(cli, isolated):
+    write_jsonl(isolated / "refs.jsonl", [{"v": 1, "id": "r0", "label": [7], "segments": [
+        {"modality": "text", "text": "a"}, {"modality": "text", "text": "seven"}]}])
+    write_jsonl(isolated / "preds.jsonl", [{"v": 1, "id": "r0", "segments": [{"modality": "text", "text": "[7]"}]}])
+    one_line_error(cli("eval", "classify", "--predictions", "preds.jsonl", "--data", "refs.jsonl"), 1, "record 'r0'",
+                   "not a string or an integer")

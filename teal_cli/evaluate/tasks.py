@@ -8,6 +8,7 @@ A reference a scorer cannot use (no text target, an answer letter it cannot read
 
 from __future__ import annotations
 
+import json
 from typing import Callable
 
 from ..errors import DataError
@@ -147,6 +148,9 @@ def score_classify(pairs: Pairs, stats: MatchStats, ref_name: str, on_error: str
     shown: dict[str, str] = {}  # canonical -> the spelling first seen in the references
     for ref, pred in pairs:
         label = next((ref.extra[k] for k in ("class", "label") if ref.extra.get(k) is not None), None)
+        if label is not None and (isinstance(label, bool) or not isinstance(label, (str, int))):
+            bad(ref, f"its class/label {json.dumps(label)[:40]} is not a string or an integer")
+            continue
         if label is not None:  # the record names its class: any wording of the answer that names it counts
             key = canonical_class(str(label))
             name = str(ref.extra.get("word") or label)
