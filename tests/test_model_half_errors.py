@@ -252,3 +252,109 @@ def test_a_label_that_is_not_a_string_or_integer_is_refused(cli, isolated):
     write_jsonl(isolated / "preds.jsonl", [{"v": 1, "id": "r0", "segments": [{"modality": "text", "text": "[7]"}]}])
     one_line_error(cli("eval", "classify", "--predictions", "preds.jsonl", "--data", "refs.jsonl"), 1, "record 'r0'",
                    "not a string or an integer")
+
+
+# ---------------------------------------------------------------------- 10. nothing to score; 11. ppl and the context
+
+
+def last_line_error(result, code: int, *texts: str) -> None:
+    """Exit ``code``; the last stderr line is the one ``Error:`` (``skipped:`` warnings may precede it)."""
+    assert result.exit_code == code, (result.exit_code, result.stderr)
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("Error: ") and sum(line.startswith("Error: ") for line in result.stderr.splitlines()) == 1
+    for text in texts:
+        assert text in last, (text, last)
+
+
+@pytest.mark.parametrize("task", ["caption", "mcq", "asr", "classify"])
+def test_empty_references_are_an_error_not_a_score(cli, isolated, task):
+    (isolated / "refs.jsonl").write_text("")
+    (isolated / "preds.jsonl").write_text("")
+    result = cli("eval", task, "--predictions", "preds.jsonl", "--data", "refs.jsonl")
+    one_line_error(result, 1, "refs.jsonl", "nothing to score")
+    assert result.stdout == ""
+
+
+def test_empty_references_for_ppl_are_an_error(cli, model_dir, isolated):
+    (isolated / "refs.jsonl").write_text("\n")
+    one_line_error(cli("eval", "ppl", "--model", model_dir, "--data", "refs.jsonl"), 1, "nothing to score")
+
+
+@pytest.mark.parametrize("task", ["caption", "asr", "classify", "mcq"])
+def test_every_reference_skipped_is_an_error(cli, isolated, task):
+    write_jsonl(isolated / "refs.jsonl", [{"v": 1, "id": f"r{i}", "segments": [
+        {"modality": "text", "text": "a"}, image_segment(range(16))]} for i in range(3)])  # no text target
+    write_jsonl(isolated / "preds.jsonl", [{"v": 1, "id": f"r{i}", "segments": [{"modality": "text", "text": "a"}]}
+                                          for i in range(3)])
+    result = cli("eval", task, "--predictions", "preds.jsonl", "--data", "refs.jsonl", "--on-error", "skip")
+    last_line_error(result, 1, "nothing to score")
+    assert result.stdout == ""
+
+
+def _long_and_short(path: Path) -> Path:
+    return write_jsonl(path, [
+        {"v": 1, "id": "short", "segments": [{"modality": "text", "text": "one"}, {"modality": "text", "text": "two"}]},
+        {"v": 1, "id": "long", "segments": [{"modality": "text", "text": "seven " * 80}, {"modality": "text", "text": "two"}]}])
+
+
+def test_ppl_refuses_records_longer_than_the_context(cli, model_dir, isolated):
+    refs = _long_and_short(isolated / "refs.jsonl")
+    one_line_error(cli("eval", "ppl", "--model", model_dir, "--data", refs), 1, "refs.jsonl", "record 'long'",
+                   "context of 64")
+    result = cli("eval", "ppl", "--model", model_dir, "--data", refs, "--on-error", "skip")
+    assert result.exit_code == 1 and "Traceback" not in result.stderr and "record 'long'" in result.stderr
+    out = json.loads(result.stdout)
+    assert out["counts"]["records"] == 2 and out["counts"]["skipped"] == 1 and out["metrics"]["perplexity"] >= 1
+
+
+def test_eval_model_skips_a_prompt_longer_than_the_context(cli, model_dir, isolated):
+    refs = _long_and_short(isolated / "refs.jsonl")
+    one_line_error(cli("eval", "classify", "--model", model_dir, "--data", refs, "--max-new-tokens", "2", "-q"), 1,
+                   "refs.jsonl", "record 'long'")
+    result = cli("eval", "classify", "--model", model_dir, "--data", refs, "--max-new-tokens", "2", "--on-error", "skip")
+    assert result.exit_code == 1 and "Traceback" not in result.stderr and "record 'long'" in result.stderr
+    out = json.loads(result.stdout)
+    assert out["counts"]["scored"] == 1 and out["counts"]["bad"] == 1 and out["counts"]["missing"] == 0
+
+
+# ---------------------------------------------------------------------- 7. the report
+
+
+def test_report_tolerates_a_torn_metrics_line_and_results_come_first(cli, isolated):
+    refs = _word_refs(isolated / "refs.jsonl")
+    write_jsonl(isolated / "preds.jsonl", [{"v": 1, "id": f"r{i}", "segments": [{"modality": "text", "text": WORDS[i]}]}
+                                          for i in range(4)])
+    rows = "".join(json.dumps({"step": s, "loss": 3.0 / (s + 1), "lr": 1e-3}) + "\n" for s in range(30))
+    (isolated / "metrics.jsonl").write_text(rows + '{"step": 30, "lo')
+    result = cli("eval", "classify", "--predictions", "preds.jsonl", "--data", refs, "--report", "rep",
+                 "--curves", "metrics.jsonl", "-q")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["metrics"]["accuracy"] == 1.0
+    assert (isolated / "rep" / "curves.png").stat().st_size > 0
+    # a damaged line before the last fails the report, but the results are already written
+    (isolated / "metrics.jsonl").write_text('{"step": 0, "lo\n' + rows)
+    result = cli("eval", "classify", "--predictions", "preds.jsonl", "--data", refs, "--report", "rep2",
+                 "--curves", "metrics.jsonl", "-o", "results.json")
+    one_line_error(result, 1, "metrics.jsonl:1")
+    assert json.loads((isolated / "results.json").read_text())["metrics"]["accuracy"] == 1.0
+
+
+def test_a_report_written_again_leaves_no_stale_pictures(cli, isolated):
+    refs = _word_refs(isolated / "refs.jsonl")
+    write_jsonl(isolated / "preds.jsonl", [{"v": 1, "id": f"r{i}", "segments": [{"modality": "text", "text": WORDS[i]}]}
+                                          for i in range(4)])
+    (isolated / "rep").mkdir()
+    (isolated / "rep" / "notes.txt").write_text("mine\n")
+    assert cli("eval", "classify", "--predictions", "preds.jsonl", "--data", refs, "--report", "rep", "-q").exit_code == 0
+    assert (isolated / "rep" / "confusion.png").exists()
+    assert cli("eval", "asr", "--predictions", "preds.jsonl", "--data", refs, "--report", "rep", "-q").exit_code == 0
+    assert sorted(p.name for p in (isolated / "rep").iterdir()) == ["index.html", "notes.txt", "teal-report.json"]
+
+
+def test_smoothed_curve_follows_the_trend_without_start_up_bias():
+    from teal_cli.evaluate.report import smoothed
+
+    assert smoothed([2.0] * 5) == pytest.approx([2.0] * 5)
+    noisy = [1.0 + (0.5 if i % 2 else -0.5) for i in range(40)]
+    assert max(abs(v - 1.0) for v in smoothed(noisy)[10:]) < 0.1

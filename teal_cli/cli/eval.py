@@ -89,13 +89,14 @@ def eval(
                           max_new_tokens=max_new_tokens, template=_template(template, templates), cfg_scale=cfg_scale,
                           temperature=temperature, top_k=top_k, top_p=top_p)
     result = run_eval(options, warn=log.warn, info=log.info)
+    # The results first: a report that fails to draw must not lose them.
+    with output_stream(output) as stream:
+        stream.write(json.dumps(result.to_json(), ensure_ascii=False, indent=2, allow_nan=False) + "\n")
     if report:
         from ..evaluate.report import write_report
 
         files = write_report(result, report, curves or model)
         log.info(f"report: {len(files)} file(s) in {report}")
-    with output_stream(output) as stream:
-        stream.write(json.dumps(result.to_json(), ensure_ascii=False, indent=2, allow_nan=False) + "\n")
     skipped = sum(result.counts.get(k, 0) for k in ("missing", "extra", "duplicates", "bad", "skipped"))
     if skipped:
         log.info(f"skipped {skipped} item(s); see the warnings above")

@@ -50,7 +50,7 @@ import itertools
 import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -498,7 +498,8 @@ def provenance(model: "TealModel", options: GenerateOptions) -> dict[str, Any]:
     }
 
 
-def generate(model: "TealModel", records: Iterable[Record], options: GenerateOptions) -> Iterator[Record]:
+def generate(model: "TealModel", records: Iterable[Record], options: GenerateOptions,
+             on_bad: "Callable[[Record, DataError], None] | None" = None) -> Iterator[Record]:
     """Continue each prompt record; yield one record per prompt, in input order.
 
     The prompt is the record's segments without ``role: target``
@@ -509,7 +510,8 @@ def generate(model: "TealModel", records: Iterable[Record], options: GenerateOpt
     ``finish`` (see :class:`Generated`) and, for a repeated id, ``repeat`` (its seed input).
 
     Raises UsageError for bad options, DataError naming the record for a prompt that does not
-    fit the context (or leaves no room for a forced image segment).
+    fit the context (or leaves no room for a forced image segment) or cannot be read; with
+    ``on_bad``, such a prompt is passed to ``on_bad(record, error)`` instead and gets no output.
     """
     options.check()
     model.eval()
@@ -533,15 +535,13 @@ def generate(model: "TealModel", records: Iterable[Record], options: GenerateOpt
 
     batch: list[tuple[Record, list[int], int]] = []
     for record in records:
-        ids = model.encode_record(record, prompt_only=True).ids
-        if not ids:
-            raise DataError(f"record '{record.id}': the prompt is empty (no segments without role 'target', and the "
-                            "tokenizer adds no BOS); give it a text or media segment")
-        if context and len(ids) + need > context:
-            room = ("no room for a token" if need == 1 else f"no room for the {need - 2}-id image segment"
-                    if options.output_modality == "image" else "no room for an audio segment")
-            raise DataError(f"record '{record.id}': the prompt has {len(ids)} tokens and the base LLM's context is "
-                            f"{context}: {room}; shorten the prompt")
+        try:
+            ids = _prompt_ids(model, record, context, need, options)
+        except DataError as exc:
+            if on_bad is None:
+                raise
+            on_bad(record, exc)
+            continue
         batch.append((record, ids, seen[record.id]))
         seen[record.id] += 1
         if len(batch) == options.batch_size:
@@ -549,6 +549,20 @@ def generate(model: "TealModel", records: Iterable[Record], options: GenerateOpt
             batch = []
     if batch:
         yield from run(batch)
+
+
+def _prompt_ids(model: "TealModel", record: Record, context: int | None, need: int, options: GenerateOptions) -> list[int]:
+    """A prompt's joint ids; DataError naming the record when it is empty or leaves no room."""
+    ids = model.encode_record(record, prompt_only=True).ids
+    if not ids:
+        raise DataError(f"record '{record.id}': the prompt is empty (no segments without role 'target', and the "
+                        "tokenizer adds no BOS); give it a text or media segment")
+    if context and len(ids) + need > context:
+        room = ("no room for a token" if need == 1 else f"no room for the {need - 2}-id image segment"
+                if options.output_modality == "image" else "no room for an audio segment")
+        raise DataError(f"record '{record.id}': the prompt has {len(ids)} tokens and the base LLM's context is "
+                        f"{context}: {room}; shorten the prompt")
+    return ids
 
 
 def text_prompt(text: str, record_id: str = "prompt") -> Record:
