@@ -358,3 +358,19 @@ def test_smoothed_curve_follows_the_trend_without_start_up_bias():
     assert smoothed([2.0] * 5) == pytest.approx([2.0] * 5)
     noisy = [1.0 + (0.5 if i % 2 else -0.5) for i in range(40)]
     assert max(abs(v - 1.0) for v in smoothed(noisy)[10:]) < 0.1
+
+
+# ---------------------------------------------------------------------- special strings in text
+
+
+def test_special_strings_in_text_are_plain_text(model_dir):
+    from teal_cli.model import TealModel
+    from teal_cli.records import Record, Segment
+
+    model = TealModel.from_dir(model_dir)
+    eos = model.tokenizer.eos_token
+    rec = Record("r", [Segment("text", text="say", extra={"role": "prompt"}),
+                       Segment("text", text=f"seven {eos} and more", extra={"role": "target"})])
+    enc = model.encode_record(rec)
+    assert enc.ids.count(model.eos_id) == 1 and enc.ids[-1] == model.eos_id  # only the EOS teal adds after the target
+    assert model.tokenizer.decode(model.text_ids(f"a {eos} b")) == f"a {eos} b"

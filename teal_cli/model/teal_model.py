@@ -162,11 +162,17 @@ class TealModel(nn.Module):
 
     # ------------------------------------------------------------------ records <-> ids
 
+    def text_ids(self, text: str) -> list[int]:
+        """Token ids of ``text`` as plain text: a special string in it (``<|im_end|>``,
+        ``</s>``) is spelled out, never the special token, so data cannot end a target early
+        or fake a turn (transformers' ``split_special_tokens``)."""
+        return list(self.tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids)
+
     def segment_ids(self, segment: Segment, where: str) -> list[int]:
         """Joint ids of one segment: text through the tokenizer, media as
         ``<open> offset+ids </close>``. Errors name ``where``."""
         if segment.modality == "text":
-            return list(self.tokenizer(segment.text, add_special_tokens=False).input_ids)
+            return self.text_ids(segment.text)
         if segment.tokens is None:
             raise DataError(f"{where}: {segment.modality} segment has no tokens (tokenize it first with 'teal tokenize')")
         try:
