@@ -178,6 +178,7 @@ def usage_error(result, *texts: str) -> None:
     ["eval", "ppl", "--data", "refs.jsonl", "--seed", str(2**64)],
     ["tokenize", "x.png", "--codec", "codecs/patch-p2-k16", "--sample-temperature", "inf"],
     ["tokenize", "x.png", "--codec", "codecs/patch-p2-k16", "--sample-temperature", "nan"],
+    ["tokenize", "x.png", "--codec", "codecs/patch-p2-k16", "--image-size", "100000000"],
 ])
 def test_numeric_options_are_usage_errors_before_any_model_loads(cli, isolated, args):
     _word_refs(isolated / "refs.jsonl")

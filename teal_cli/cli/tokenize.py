@@ -62,6 +62,15 @@ def tokenize(
     if not codec:
         raise UsageError("--codec is required (a codec name, e.g. beit2, or a directory made by 'teal cluster')")
     check_number(sample_temperature, "--sample-temperature", above=0)
+    if image_size is not None:
+        import os
+
+        from ..media import DEFAULT_MAX_IMAGE_PIXELS
+
+        limit = int(os.environ.get("TEAL_MAX_IMAGE_PIXELS", DEFAULT_MAX_IMAGE_PIXELS))
+        if image_size * image_size > limit:  # the bound loaded images have (a resize would allocate it)
+            raise UsageError(f"--image-size {image_size}: {image_size}x{image_size} pixels is over the image limit of "
+                             f"{limit} pixels (TEAL_MAX_IMAGE_PIXELS)")
     if (checkpoint or config) and len(codec) > 1:
         raise UsageError("--checkpoint/--config apply to a single --codec")
     sources = stdin_or_usage_error(inputs or [])
