@@ -268,7 +268,7 @@ def last_line_error(result, code: int, *texts: str) -> None:
         assert text in last, (text, last)
 
 
-@pytest.mark.parametrize("task", ["caption", "mcq", "asr", "classify"])
+@pytest.mark.parametrize("task", ["caption", "mcq", "asr", "classify", "gen"])
 def test_empty_references_are_an_error_not_a_score(cli, isolated, task):
     (isolated / "refs.jsonl").write_text("")
     (isolated / "preds.jsonl").write_text("")
@@ -277,9 +277,10 @@ def test_empty_references_are_an_error_not_a_score(cli, isolated, task):
     assert result.stdout == ""
 
 
-def test_empty_references_for_ppl_are_an_error(cli, model_dir, isolated):
+def test_empty_references_for_ppl_and_recon_are_an_error(cli, model_dir, isolated):
     (isolated / "refs.jsonl").write_text("\n")
     one_line_error(cli("eval", "ppl", "--model", model_dir, "--data", "refs.jsonl"), 1, "nothing to score")
+    one_line_error(cli("eval", "recon", "--codec", "codecs/patch-p2-k16", "--data", "refs.jsonl"), 1, "nothing to score")
 
 
 @pytest.mark.parametrize("task", ["caption", "asr", "classify", "mcq"])
