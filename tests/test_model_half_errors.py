@@ -376,3 +376,17 @@ def test_special_strings_in_text_are_plain_text(model_dir):
     enc = model.encode_record(rec)
     assert enc.ids.count(model.eos_id) == 1 and enc.ids[-1] == model.eos_id  # only the EOS teal adds after the target
     assert model.tokenizer.decode(model.text_ids(f"a {eos} b")) == f"a {eos} b"
+
+
+def test_generate_says_when_a_record_without_roles_is_a_prompt_as_a_whole(cli, model_dir, isolated):
+    refs = write_jsonl(isolated / "refs.jsonl", [
+        {"v": 1, "id": f"r{i}", "segments": [image_segment(range(16)), {"modality": "text", "text": WORDS[i]}]}
+        for i in range(2)])
+    result = cli("generate", refs, "--model", model_dir, "-n", "2", "--output-modality", "text")
+    assert result.exit_code == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("Warning: ")]
+    assert len(warnings) == 1 and "record 'r0'" in warnings[0] and '"role": "target"' in warnings[0]
+    # a single segment (what 'teal tokenize img.png' pipes in) is a prompt without a word said
+    single = write_jsonl(isolated / "one.jsonl", [{"v": 1, "id": "img.png", "segments": [image_segment(range(16))]}])
+    result = cli("generate", single, "--model", model_dir, "-n", "2", "--output-modality", "text")
+    assert result.exit_code == 0 and "Warning" not in result.stderr

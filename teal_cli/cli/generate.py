@@ -80,7 +80,16 @@ def generate(
               + ", ".join(f"{c.name} ({c.modality}{', writes' if c.output else ''})" for c in teal_model.config.codecs))
 
     def prompts():
-        yield from iter_input_records(sources)
+        warned = False
+        for record in iter_input_records(sources):
+            if not warned and len(record.segments) > 1 and all("role" not in s.extra for s in record.segments):
+                # train and eval would take its last segment as the target: say so once, since a
+                # reference file piped in here would otherwise show the model its answers.
+                log.warn(f"record '{record.id}' has no \"role\" keys: all {len(record.segments)} of its segments are the "
+                         "prompt (train and eval take the last one as the target); mark an answer \"role\": \"target\" "
+                         "to leave it out")
+                warned = True
+            yield record
         for i, t in enumerate(text):
             yield text_prompt(t, f"text-{i}")
 
