@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import IO, Any, Iterable, Iterator
 
 from .errors import DataError
@@ -57,6 +57,11 @@ class Segment:
     durations: list[int] | None = None
     path: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def with_role(self, role: str) -> "Segment":
+        """A copy with ``extra["role"] = role`` and every other field kept (``weights`` included:
+        a copy that drops it would let ids of other codec weights through)."""
+        return replace(self, extra={**self.extra, "role": role})
 
     @property
     def is_tokens(self) -> bool:
@@ -177,7 +182,9 @@ def parse_record(obj: Any, where: str) -> Record:
         raise _fail(where, f"field 'id': expected a string, got {json.dumps(rid)}")
     rid = str(rid)
     if "segments" not in obj:
-        return Record(id=rid, segments=manifest_segments(obj, where), extra={})
+        # A flat manifest's other keys (label, task, ...) are the record's, kept like any unknown key.
+        extra = {k: v for k, v in obj.items() if k not in _RECORD_KEYS and k not in MODALITIES}
+        return Record(id=rid, segments=manifest_segments(obj, where), extra=extra)
     raw = obj["segments"]
     if not isinstance(raw, list):
         raise _fail(where, f"field 'segments': expected a list, got {type(raw).__name__}")
@@ -189,7 +196,8 @@ def parse_record(obj: Any, where: str) -> Record:
 def manifest_segments(obj: dict[str, Any], where: str) -> list[Segment]:
     """Segments of a manifest entry: ``image``/``audio`` paths and ``text``, in key order.
 
-    A value may be a list, for several items of one modality. Other keys are ignored.
+    A value may be a list, for several items of one modality. Other keys are the record's
+    (:func:`parse_record` keeps them in ``Record.extra``).
     """
     segments: list[Segment] = []
     for key, value in obj.items():
@@ -206,6 +214,19 @@ def manifest_segments(obj: dict[str, Any], where: str) -> list[Segment]:
 
 
 # --------------------------------------------------------------------------- streaming I/O
+
+
+def _no_constant(name: str) -> float:
+    # NaN and Infinity are not JSON; Python's json reads them, and a record holding one cannot be
+    # written back (allow_nan=False) nor mean anything as a label or a rate.
+    raise ValueError(f"invalid JSON ({name} is not a JSON number; write a finite number, or a string)")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"invalid JSON (the number {text[:40]} overflows a 64-bit float)")
+    return value
 
 
 def read_records(stream: IO[str] | IO[bytes], name: str = "<stdin>") -> Iterator[Record]:
@@ -226,9 +247,11 @@ def read_records(stream: IO[str] | IO[bytes], name: str = "<stdin>") -> Iterator
             continue
         where = f"{name}:{lineno}"
         try:
-            obj = json.loads(line)
+            obj = json.loads(line, parse_constant=_no_constant, parse_float=_finite_float)
         except json.JSONDecodeError as exc:
             raise _fail(where, f"invalid JSON ({exc.msg} at column {exc.colno})") from None
+        except ValueError as exc:
+            raise _fail(where, str(exc)) from None
         yield parse_record(obj, where)
 
 

@@ -21,7 +21,7 @@ from ..errors import TealError, UsageError
 
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA when available), cpu, cuda or cuda:N.")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto, float32, bfloat16 or float16 (auto: bf16 on GPU, fp32 on CPU).")]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.", min=0, max=2**63 - 1)]
 QuietOpt = Annotated[bool, typer.Option("-q", "--quiet", help="No progress or info on stderr; errors only.")]
 VerboseOpt = Annotated[bool, typer.Option("-v", "--verbose", help="More detail on stderr.")]
 WorkersOpt = Annotated[Optional[int], typer.Option("--workers", help="Loaders decoding media ahead of the encoder [default: one per usable core, at most 16].", min=1, show_default=False)]
@@ -131,6 +131,23 @@ def check_choice(value: str, choices: tuple[str, ...], option: str) -> str:
     if value not in choices:
         raise UsageError(f"{option} {value}: expected one of {', '.join(choices)}")
     return value
+
+
+def check_number(value: float | None, option: str, *, minimum: float | None = None, maximum: float | None = None,
+                 above: float | None = None) -> None:
+    """Raise UsageError unless ``value`` (None: not given) is a finite number in range:
+    ``>= minimum``, ``<= maximum``, ``> above``. Commands call it before any model loads."""
+    if value is None:
+        return
+    import math
+
+    bounds = [f">= {minimum:g}" if minimum is not None else "", f"> {above:g}" if above is not None else "",
+              f"<= {maximum:g}" if maximum is not None else ""]
+    expected = " and ".join(b for b in bounds if b)
+    ok = math.isfinite(value) and (minimum is None or value >= minimum) and (maximum is None or value <= maximum) \
+        and (above is None or value > above)
+    if not ok:
+        raise UsageError(f"{option} {value}: expected a finite number" + (f" {expected}" if expected else ""))
 
 
 @contextlib.contextmanager

@@ -44,6 +44,7 @@ def detokenize(
 ) -> None:
     from ..codecs.registry import CodecCache
     from ..pipeline.detokenize import DetokenizeStats, OutputTarget, detokenize_records
+    from ..media.outputs import check_output_target
     from ..errors import UsageError
     from ..media.inputs import iter_input_records, stdin_or_usage_error
 
@@ -52,6 +53,7 @@ def detokenize(
     if output is None:
         raise UsageError("-o/--output is required: a file, a folder, or a pattern with {id}")
     target = OutputTarget(output)
+    check_output_target(target)
     sources = stdin_or_usage_error(inputs or [], "token records")
     if vocoder is None and (vocoder_config or speaker is not None or style is not None or dur_prediction):
         raise UsageError("--vocoder-config, --speaker, --style and --dur-prediction need --vocoder")

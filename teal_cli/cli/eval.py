@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from .common import (DeviceOpt, DtypeOpt, Log, OnErrorOpt, QuietOpt, SeedOpt, TemperatureOpt, TopKOpt, TopPOpt, VerboseOpt,
-                     check_choice, handle_errors, output_stream)
+                     check_choice, check_number, handle_errors, output_stream)
 
 HELP = """Score predictions against references; JSON results on stdout.
 
@@ -51,7 +51,7 @@ def eval(
     temperature: TemperatureOpt = 0.0,
     top_k: TopKOpt = None,
     top_p: TopPOpt = None,
-    cfg_scale: Annotated[float, typer.Option("--cfg-scale", help="With --model, gen: classifier-free guidance inside image segments (1 = off), as 'teal generate --cfg-scale'.")] = 1.0,
+    cfg_scale: Annotated[float, typer.Option("--cfg-scale", help="With --model, gen: classifier-free guidance inside image segments (1 = off), as 'teal generate --cfg-scale'.", min=0.0)] = 1.0,
     template: Annotated[Optional[str], typer.Option("--template", help="With --model: wrap each prompt in a stage-2 prompt template, TASK or TASK:N (the N-th of the task's templates, default 0), as 'teal train --stage 2' renders them.")] = None,
     templates: Annotated[Optional[str], typer.Option("--templates", help="JSON templates file (as for 'teal train'), for --template.")] = None,
     on_error: OnErrorOpt = "fail",
@@ -66,9 +66,17 @@ def eval(
 
     from ..evaluate import TASKS, EvalOptions, run_eval
 
+    from ..media.outputs import check_output_file, check_output_folder
+
     log = Log(quiet, verbose)
     check_choice(task, TASKS, "TASK")
     check_choice(on_error, ("fail", "skip"), "--on-error")
+    # Every number and every output path before any work: a bad one must not cost the run.
+    check_number(temperature, "--temperature", minimum=0)
+    check_number(top_p, "--top-p", above=0, maximum=1)
+    check_number(cfg_scale, "--cfg-scale", minimum=0)
+    check_output_file(output)
+    check_output_folder(report, "--report")
     if model is None and predictions is None and task not in ("recon",):
         model = os.environ.get("TEAL_MODEL") or None
     dev, dt = "cpu", None
@@ -81,13 +89,14 @@ def eval(
                           max_new_tokens=max_new_tokens, template=_template(template, templates), cfg_scale=cfg_scale,
                           temperature=temperature, top_k=top_k, top_p=top_p)
     result = run_eval(options, warn=log.warn, info=log.info)
+    # The results first: a report that fails to draw must not lose them.
+    with output_stream(output) as stream:
+        stream.write(json.dumps(result.to_json(), ensure_ascii=False, indent=2, allow_nan=False) + "\n")
     if report:
         from ..evaluate.report import write_report
 
         files = write_report(result, report, curves or model)
         log.info(f"report: {len(files)} file(s) in {report}")
-    with output_stream(output) as stream:
-        stream.write(json.dumps(result.to_json(), ensure_ascii=False, indent=2, allow_nan=False) + "\n")
     skipped = sum(result.counts.get(k, 0) for k in ("missing", "extra", "duplicates", "bad", "skipped"))
     if skipped:
         log.info(f"skipped {skipped} item(s); see the warnings above")

@@ -12,7 +12,8 @@ from .common import (DeviceOpt, DtypeOpt, Log, QuietOpt, SeedOpt, TemperatureOpt
 HELP = """Continue prompts with a TEAL model: text, image or audio segments (JSONL on stdout).
 
 Prompts are token records (files, '-' or a pipe; any mix of text/image/audio segments;
-segments with "role": "target" are left out) or --text. Each prompt gives one record, in
+segments with "role": "target" are left out: a record without roles is a prompt as a
+whole, unlike in train and eval, where its last segment is the target) or --text. Each prompt gives one record, in
 input order, with the generated segments and a 'generation' field (model, adapter sha256,
 seed, sampling settings) that says how it was made. Decoding follows the segment grammar:
 inside an image segment only that codec's ids, exactly H x W of them; audio until </aud>
@@ -45,7 +46,7 @@ def generate(
     codec: Annotated[Optional[str], typer.Option("--codec", "-c", help="Output codec, when the model writes several for a modality.", show_default=False)] = None,
     max_audio_seconds: Annotated[float, typer.Option("--max-audio-seconds", help="Longest generated audio segment.", min=0.0)] = 10.0,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Prompts decoded together.", min=1)] = 8,
-    echo: Annotated[bool, typer.Option("--echo", help="Output records start with the prompt's segments.")] = False,
+    echo: Annotated[bool, typer.Option("--echo", help="Output records start with the prompt's segments, marked \"role\": \"prompt\" (eval leaves them out).")] = False,
     output: Annotated[Optional[str], typer.Option("-o", "--output", help="Write JSONL to this file (atomically) instead of stdout.", show_default=False)] = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -61,8 +62,10 @@ def generate(
         raise UsageError("no model given: pass --model DIR or export TEAL_MODEL=DIR (a directory made by 'teal init-embeddings')")
     if output_modality is not None and output_modality not in ("image", "audio", "text"):
         raise UsageError(f"--output-modality {output_modality}: expected one of image, audio, text")
+    from ..media.outputs import check_output_file
+
+    check_output_file(output)  # before the model loads and the generation runs
     sources = (inputs or []) if text else stdin_or_usage_error(inputs or [], "prompts")
-    dev, dt = setup_torch(device, dtype, seed)
 
     from ..model.generate import GenerateOptions, generate as generate_records, text_prompt
     from ..model.teal_model import TealModel
@@ -71,12 +74,22 @@ def generate(
                               cfg_scale=cfg_scale, output_modality=output_modality, codec=codec,
                               max_audio_seconds=max_audio_seconds, batch_size=batch_size, echo=echo)
     options.check()  # before loading the model: a bad option should not cost the load
+    dev, dt = setup_torch(device, dtype, seed)
     teal_model = TealModel.from_dir(model, device=dev, dtype=dt)
     log.debug(f"model {model}: base {teal_model.config.llm.get('name')}, codecs "
               + ", ".join(f"{c.name} ({c.modality}{', writes' if c.output else ''})" for c in teal_model.config.codecs))
 
     def prompts():
-        yield from iter_input_records(sources)
+        warned = False
+        for record in iter_input_records(sources):
+            if not warned and len(record.segments) > 1 and all("role" not in s.extra for s in record.segments):
+                # train and eval would take its last segment as the target: say so once, since a
+                # reference file piped in here would otherwise show the model its answers.
+                log.warn(f"record '{record.id}' has no \"role\" keys: all {len(record.segments)} of its segments are the "
+                         "prompt (train and eval take the last one as the target); mark an answer \"role\": \"target\" "
+                         "to leave it out")
+                warned = True
+            yield record
         for i, t in enumerate(text):
             yield text_prompt(t, f"text-{i}")
 

@@ -6,7 +6,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import DeviceOpt, Log, OnErrorOpt, QuietOpt, SeedOpt, VerboseOpt, WorkersOpt, check_choice, handle_errors, output_stream, setup_torch
+from .common import (DeviceOpt, Log, OnErrorOpt, QuietOpt, SeedOpt, VerboseOpt, WorkersOpt, check_choice, check_number, handle_errors,
+                     output_stream, setup_torch)
 
 HELP = """Turn images and audio into token records (JSONL on stdout).
 
@@ -50,7 +51,7 @@ def tokenize(
     from ..codecs.registry import load_codec
     from ..errors import UsageError
     from ..media.inputs import iter_input_records, parse_shard, shard_records, stdin_or_usage_error
-    from ..media.outputs import OutputTarget
+    from ..media.outputs import OutputTarget, check_output_target
     from ..records import RecordWriter
     from ..pipeline.tokenize import TokenizeOptions, TokenizeStats, check_codecs, tokenize_records
 
@@ -60,14 +61,25 @@ def tokenize(
     check_choice(resize_on, ("loader", "device"), "--resize-on")
     if not codec:
         raise UsageError("--codec is required (a codec name, e.g. beit2, or a directory made by 'teal cluster')")
-    if sample_temperature is not None and not sample_temperature > 0:
-        raise UsageError(f"--sample-temperature {sample_temperature}: must be > 0")
+    check_number(sample_temperature, "--sample-temperature", above=0)
+    if image_size is not None:
+        import os
+
+        from ..media.io import DEFAULT_MAX_IMAGE_PIXELS
+
+        limit = int(os.environ.get("TEAL_MAX_IMAGE_PIXELS", DEFAULT_MAX_IMAGE_PIXELS))
+        if image_size * image_size > limit:  # the bound loaded images have (a resize would allocate it)
+            raise UsageError(f"--image-size {image_size}: {image_size}x{image_size} pixels is over the image limit of "
+                             f"{limit} pixels (TEAL_MAX_IMAGE_PIXELS)")
     if (checkpoint or config) and len(codec) > 1:
         raise UsageError("--checkpoint/--config apply to a single --codec")
     sources = stdin_or_usage_error(inputs or [])
     shard_index, shard_count = parse_shard(shard)
     if output and "{shard}" in output:
         output = output.replace("{shard}", str(shard_index))
+    target = OutputTarget(output, extension=".jsonl") if output and output != "-" else None
+    if target is not None:
+        check_output_target(target)  # before the codecs load and the work starts
     dev, dt = setup_torch(device, dtype, seed)
     if dtype == "auto":
         # Tokenizers default to fp32 even on GPU: half precision flips near-tie ids (measured on
@@ -91,7 +103,6 @@ def tokenize(
     stats = TokenizeStats()
     records = tokenize_records(shard_records(iter_input_records(sources), shard_index, shard_count), codecs, options,
                                warn=log.warn, stats=stats)
-    target = OutputTarget(output, extension=".jsonl") if output and output != "-" else None
     with log.progress("tokenize") as advance:
         if target is None or target.kind == "file":
             with output_stream(output) as stream:

@@ -18,7 +18,7 @@ from ..errors import TealError
 from . import metrics as M
 from .judge import LinearJudge
 from .pairs import MatchStats, predicted_segments, split_roles, text_of
-from .result import EvalResult, per_category, sort_labels
+from .result import EvalResult, nothing_to_score, per_category, sort_labels
 from .tasks import NO_CLASS, Pairs, _Bad
 from .text import canonical_class, class_of
 
@@ -57,6 +57,8 @@ def score_gen(pairs: Pairs, stats: MatchStats, ref_name: str, judge: LinearJudge
         no_image += image is None
         truth.append(key)
         images.append(image)
+    if not truth:
+        nothing_to_score("gen", ref_name, stats.counts(0))
     found = judge.classify([im for im in images if im is not None])
     it = iter(found)
     for key, image in zip(truth, images):

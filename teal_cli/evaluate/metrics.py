@@ -78,8 +78,10 @@ def wer_cer(references: Sequence[str], hypotheses: Sequence[str]) -> tuple[float
 
 
 def accuracy(correct: Sequence[bool]) -> float:
-    """Fraction correct; 0.0 for no items."""
-    return sum(bool(c) for c in correct) / len(correct) if correct else 0.0
+    """Fraction correct. Raises ValueError for no items (an accuracy of nothing is no number)."""
+    if not correct:
+        raise ValueError("accuracy of no items")
+    return sum(bool(c) for c in correct) / len(correct)
 
 
 def confusion(truth: Sequence[str], predicted: Sequence[str], labels: Sequence[str]) -> list[list[int]]:

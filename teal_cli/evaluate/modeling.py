@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
-from ..errors import UsageError
+from ..errors import DataError, UsageError
 from ..records import Record
 from .pairs import split_roles
-from .result import EvalResult
+from .result import EvalResult, nothing_to_score
 
 
 def load_model(path: str, device: Any, dtype: Any):
@@ -41,14 +41,18 @@ def prompts_of(references: Iterable[Record], template: str | None = None) -> Ite
         yield bare
 
 
-def generate_predictions(model, references: list[Record], options: Any = None, template: str | None = None) -> list[Record]:
-    """Predictions for ``references`` by ``teal_cli.model.generate.generate`` (ids kept)."""
+def generate_predictions(model, references: list[Record], options: Any = None, template: str | None = None,
+                         on_bad: Callable[[Record, Exception], None] | None = None) -> list[Record]:
+    """Predictions for ``references`` by ``teal_cli.model.generate.generate`` (ids kept).
+    ``on_bad(prompt, error)``: a prompt the model cannot continue (e.g. longer than its
+    context) is reported there and gets no prediction; None: the error is raised."""
     from ..model.generate import GenerateOptions, generate
 
-    return list(generate(model, prompts_of(references, template), options or GenerateOptions()))
+    return list(generate(model, prompts_of(references, template), options or GenerateOptions(), on_bad=on_bad))
 
 
-def score_ppl(model, records: Iterable[Record], *, batch_size: int = 8, device: Any = "cpu") -> EvalResult:
+def score_ppl(model, records: Iterable[Record], *, batch_size: int = 8, device: Any = "cpu",
+              where: str = "references", on_error: str = "fail", warn: Callable[[str], None] | None = None) -> EvalResult:
     """Per-token loss (nats) and perplexity of the target positions of token records,
     overall and per modality.
 
@@ -56,6 +60,10 @@ def score_ppl(model, records: Iterable[Record], *, batch_size: int = 8, device: 
     ``t - 1`` (next-token prediction over the joint vocabulary), for every ``t`` the
     encoding marks as a target; a record's first position is never scored. Records are
     padded to the longest of their batch (right padding, masked out).
+
+    A record the model cannot read, or longer than the base LLM's context (as ``teal train``
+    refuses it), is a :class:`~teal_cli.errors.DataError` naming ``where`` and the record; with
+    ``on_error="skip"`` it is reported through ``warn``, counted as ``skipped`` and left out.
     """
     import torch
 
@@ -82,20 +90,33 @@ def score_ppl(model, records: Iterable[Record], *, batch_size: int = 8, device: 
                     counts[m] = counts.get(m, 0) + 1
 
     batch: list = []
+    skipped = 0
     for record in records:
-        batch.append(model.encode_record(record))
         n_records += 1
+        try:
+            encoded = model.encode_record(record)
+            model.check_length(len(encoded.ids), f"record '{record.id}'")
+        except DataError as exc:
+            if on_error == "fail":
+                raise DataError(f"{where}: {exc}") from None
+            skipped += 1
+            if warn is not None:
+                warn(f"skipped: {where}: {exc}")
+            continue
+        batch.append(encoded)
         if len(batch) == batch_size:
             run(batch)
             batch = []
     if batch:
         run(batch)
     total, tokens = sum(totals.values()), sum(counts.values())
-    metrics = {"loss": total / tokens if tokens else 0.0, "perplexity": math.exp(total / tokens) if tokens else 0.0}
+    if not tokens:
+        nothing_to_score("ppl", where, {"records": n_records, "skipped": skipped, "target_tokens": 0})
+    metrics = {"loss": total / tokens, "perplexity": math.exp(total / tokens)}
     for m in sorted(totals):
         metrics[f"{m}_loss"] = totals[m] / counts[m]
         metrics[f"{m}_perplexity"] = math.exp(totals[m] / counts[m])
-    return EvalResult("ppl", metrics, {"records": n_records, "target_tokens": tokens,
+    return EvalResult("ppl", metrics, {"records": n_records, "skipped": skipped, "target_tokens": tokens,
                                        **{f"{m}_tokens": counts[m] for m in sorted(counts)}},
                       {"loss": "mean next-token cross-entropy (nats) over target positions, joint vocabulary",
                        "batch_size": batch_size})

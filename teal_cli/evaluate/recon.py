@@ -19,7 +19,7 @@ from ..codecs.base import Codec, ImageCodec
 from ..errors import TealError
 from ..records import Record
 from . import metrics as M
-from .result import EvalResult
+from .result import EvalResult, nothing_to_score
 
 PAIRS_KEPT = 8  # original/reconstruction pairs kept for the report
 
@@ -74,6 +74,8 @@ def score_recon(records: Iterable[Record], codecs: Sequence[Codec], *, batch_siz
                 failed += 1
                 if warn is not None:
                     warn(f"skipped: {where}: {exc}")
+    if not psnrs and not mels:
+        nothing_to_score("recon", "--data", {"records": stats.records, "skipped": stats.skipped + failed})
     metrics: dict[str, float] = {}
     if psnrs:
         metrics["psnr_db"] = float(np.mean(psnrs))

@@ -4,7 +4,12 @@
 - ``gen``: generations per prompt class, one row each, wrong ones framed red (``gen.png``);
 - ``classify`` and ``gen``: the confusion matrix (``confusion.png``);
 - training curves from a model directory's ``metrics.jsonl`` (``curves.png``): every
-  numeric field against ``step``, losses on one panel, the learning rate on another.
+  numeric field against ``step``, losses on one panel (from 20 points on, a smoothed curve over
+  the faint raw one), the learning rate on another.
+
+The files written are listed in ``teal-report.json``; writing a report again into the same
+folder first removes the files the previous report listed, so no stale picture stays beside
+the new ones (other files in the folder are left alone).
 
 Matplotlib's Agg backend (no display needed). Every file is written atomically;
 ``index.html`` also lists the metrics and the settings.
@@ -118,19 +123,34 @@ def gen_png(grid: dict[str, list], path: Path) -> None:
 
 
 def read_curves(path: Path) -> list[dict]:
-    """The lines of a ``metrics.jsonl`` (JSON objects with a ``step``); errors name the line."""
+    """The lines of a ``metrics.jsonl`` (JSON objects with a ``step``); errors name the line.
+
+    A torn last line (a run killed while writing it) is left out, as ``teal train --resume``
+    does; a bad line before the last is a :class:`DataError`."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{n}: invalid JSON ({exc.msg})") from None
-            if isinstance(row, dict) and isinstance(row.get("step"), (int, float)):
-                rows.append(row)
+    for i, (n, line) in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if i == len(lines) - 1:
+                break
+            raise DataError(f"{path}:{n}: invalid JSON ({exc.msg})") from None
+        if isinstance(row, dict) and isinstance(row.get("step"), (int, float)):
+            rows.append(row)
     return rows
+
+
+def smoothed(values: list[float]) -> list[float]:
+    """TensorBoard's smoothing: an exponential moving average (weight 0.9, about the last ten
+    values) with its start-up bias removed, so the first points are not pulled to 0."""
+    out, ema, norm = [], 0.0, 0.0
+    for v in values:
+        ema = 0.9 * ema + 0.1 * v
+        norm = 0.9 * norm + 0.1
+        out.append(ema / norm)
+    return out
 
 
 def _runs_end_to_end(rows: list[dict]) -> list[list[tuple[float, dict]]]:
@@ -166,9 +186,16 @@ def curves_png(rows: list[dict], path: Path) -> bool:
         for i, k in enumerate(keys):
             for j, run in enumerate(runs):
                 pts = [(x, r[k]) for x, r in run if isinstance(r.get(k), (int, float))]
-                if pts:
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if len(pts) < 30 else None, ms=3,
-                            color=colors[i % len(colors)], label=k if j == 0 or not ax.get_legend_handles_labels()[1].count(k) else None)
+                if not pts:
+                    continue
+                xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+                color, label = colors[i % len(colors)], k if j == 0 or not ax.get_legend_handles_labels()[1].count(k) else None
+                if keys is losses and len(pts) >= 20:
+                    # Per-step losses are noisy: the raw values faint, a smoothed curve over them.
+                    ax.plot(xs, ys, color=color, alpha=0.25, lw=0.8)
+                    ax.plot(xs, smoothed(ys), color=color, lw=1.6, label=label)
+                else:
+                    ax.plot(xs, ys, marker="o" if len(pts) < 30 else None, ms=3, color=color, label=label)
         for run in runs[1:]:
             ax.axvline(run[0][0], color="grey", ls="--", lw=0.8)
         ax.set_xlabel("step (runs end to end)" if len(runs) > 1 else "step")
@@ -188,6 +215,7 @@ def write_report(result: "EvalResult", folder: str | Path, curves: str | Path | 
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    _remove_previous(folder)
     written: list[tuple[Path, str]] = []
     if result.task == "recon" and result.figures.get("pairs"):
         recon_png(result.figures["pairs"], folder / "recon.png")
@@ -220,4 +248,28 @@ def write_report(result: "EvalResult", folder: str | Path, curves: str | Path | 
             "img{max-width:100%}figure{margin:1.5em 0}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
     with atomic_output(folder / "index.html") as f:
         f.write(page)
-    return [p for p, _ in written] + [folder / "index.html"]
+    files = [p for p, _ in written] + [folder / "index.html"]
+    with atomic_output(folder / MANIFEST) as f:
+        json.dump({"written_by": "teal eval --report", "files": [p.name for p in files]}, f, indent=1)
+        f.write("\n")
+    return files
+
+
+MANIFEST = "teal-report.json"
+
+
+def _remove_previous(folder: Path) -> None:
+    """Remove the files an earlier report listed in its manifest (names only, inside ``folder``)."""
+    import contextlib
+
+    manifest = folder / MANIFEST
+    try:
+        names = json.loads(manifest.read_text(encoding="utf-8")).get("files", [])
+    except (OSError, ValueError, AttributeError):
+        return
+    for name in names:
+        if isinstance(name, str) and name == Path(name).name and name not in ("", ".", ".."):
+            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                (folder / name).unlink()
+    with contextlib.suppress(FileNotFoundError):
+        manifest.unlink()

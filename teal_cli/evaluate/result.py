@@ -7,6 +7,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+def nothing_to_score(task: str, where: str, counts: dict[str, int] | None = None) -> None:
+    """Raise DataError: a metric over an empty set is no number (accuracy, WER or perplexity
+    of nothing would read as a result). ``counts`` say what was read and skipped."""
+    from ..errors import DataError
+
+    seen = ""
+    if counts:
+        shown = ", ".join(f"{k} {v}" for k, v in counts.items() if v)
+        seen = f" ({shown})" if shown else ""
+    raise DataError(f"{where}: nothing to score for {task}{seen}; every metric needs at least one scored item")
+
+
 @dataclass
 class EvalResult:
     """One task's scores.

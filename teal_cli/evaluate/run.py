@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ..errors import UsageError
+from ..errors import DataError, UsageError
 from .result import EvalResult
 
 TASKS = ("caption", "mcq", "asr", "classify", "recon", "gen", "ppl")
@@ -102,7 +102,8 @@ def run_eval(o: EvalOptions, warn: Callable[[str], None] | None = None,
         from .modeling import load_model, score_ppl
 
         model = load_model(o.model, o.device, o.dtype)
-        return score_ppl(model, references, batch_size=o.batch_size, device=o.device)
+        return score_ppl(model, references, batch_size=o.batch_size, device=o.device, where=o.data[0],
+                         on_error=o.on_error, warn=warn)
 
     if o.model:
         from ..model.generate import GenerateOptions
@@ -114,10 +115,25 @@ def run_eval(o: EvalOptions, warn: Callable[[str], None] | None = None,
         options.check()  # before loading the model: a bad option should not cost the load
         model = load_model(o.model, o.device, o.dtype)
         info(f"generating {len(references)} prediction(s) with {o.model}")
-        predictions, pred_name = generate_predictions(model, references, options, template=o.template), f"generations of {o.model}"
+        unanswerable: list[str] = []
+
+        def on_bad(prompt, exc) -> None:
+            message = f"{o.data[0]}: {exc}"
+            if o.on_error == "fail":
+                raise DataError(message) from None
+            stats.bad.append(message)
+            unanswerable.append(prompt.id)
+            if warn:
+                warn(f"skipped: {message}")
+
+        stats = MatchStats()
+        predictions = generate_predictions(model, references, options, template=o.template, on_bad=on_bad)
+        pred_name = f"generations of {o.model}"
+        # A reference whose prompt was skipped is counted once (bad), not again as missing.
+        references = [r for r in references if r.id not in set(unanswerable)]
     else:
         predictions, pred_name = read_file(o.predictions), o.predictions
-    stats = MatchStats()
+        stats = MatchStats()
     pairs, stats = match(references, predictions, o.data[0], pred_name, o.on_error, warn, stats)
     if o.task == "gen":
         from ..codecs.registry import CodecCache

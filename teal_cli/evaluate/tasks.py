@@ -8,13 +8,14 @@ A reference a scorer cannot use (no text target, an answer letter it cannot read
 
 from __future__ import annotations
 
+import json
 from typing import Callable
 
 from ..errors import DataError
 from ..records import Record
 from . import metrics as M
 from .pairs import MatchStats, predicted_segments, split_roles, text_of
-from .result import EvalResult, per_category, sort_labels
+from .result import EvalResult, nothing_to_score, per_category, sort_labels
 from .text import asr_normalize, canonical_class, class_of, parse_choice, prompt_options
 
 Pairs = list[tuple[Record, Record]]
@@ -58,6 +59,8 @@ def score_caption(pairs: Pairs, stats: MatchStats, ref_name: str, on_error: str 
             bad(ref, "no text target to compare with (mark reference captions \"role\": \"target\")")
             continue
         refs[ref.id], hyps[ref.id] = texts, text_of(predicted_segments(pred))
+    if not refs:
+        nothing_to_score("caption", ref_name, stats.counts(0))
     scores = M.coco_caption_scores(refs, hyps)
     sacre, signature = M.sacrebleu_corpus([hyps[k] for k in refs], [refs[k] for k in refs])
     scores["sacrebleu"] = sacre
@@ -94,6 +97,8 @@ def score_mcq(pairs: Pairs, stats: MatchStats, ref_name: str, on_error: str = "f
         cat = _category(ref, pred)
         has_category |= cat is not None
         items.append((cat or "", chosen == answer))
+    if not items:
+        nothing_to_score("mcq", ref_name, stats.counts(0))
     result = EvalResult("mcq", {"accuracy": M.accuracy([ok for _, ok in items])},
                         {**stats.counts(len(items)), "unparsed": unparsed},
                         {"parser": "whole answer one letter; 'answer is X'; first '(X)'; leading 'X.'/'X)'/'X '; exact option text",
@@ -120,11 +125,10 @@ def score_asr(pairs: Pairs, stats: MatchStats, ref_name: str, on_error: str = "f
             continue
         refs.append(texts[0])
         hyps.append(text_of(predicted_segments(pred)))
-    if refs:
-        wer, cer = M.wer_cer([asr_normalize(r) for r in refs], [asr_normalize(h) for h in hyps])
-        wer_raw, cer_raw = M.wer_cer(refs, hyps)
-    else:
-        wer = cer = wer_raw = cer_raw = 0.0
+    if not refs:
+        nothing_to_score("asr", ref_name, stats.counts(0))
+    wer, cer = M.wer_cer([asr_normalize(r) for r in refs], [asr_normalize(h) for h in hyps])
+    wer_raw, cer_raw = M.wer_cer(refs, hyps)
     return EvalResult("asr", {"wer": wer, "cer": cer, "wer_raw": wer_raw, "cer_raw": cer_raw},
                       {**stats.counts(len(refs)), "reference_words": sum(len(asr_normalize(r).split()) for r in refs)},
                       {"normalisation": "NFKC, lowercase, apostrophes removed, other punctuation/symbols -> space, whitespace collapsed",
@@ -147,6 +151,9 @@ def score_classify(pairs: Pairs, stats: MatchStats, ref_name: str, on_error: str
     shown: dict[str, str] = {}  # canonical -> the spelling first seen in the references
     for ref, pred in pairs:
         label = next((ref.extra[k] for k in ("class", "label") if ref.extra.get(k) is not None), None)
+        if label is not None and (isinstance(label, bool) or not isinstance(label, (str, int))):
+            bad(ref, f"its class/label {json.dumps(label)[:40]} is not a string or an integer")
+            continue
         if label is not None:  # the record names its class: any wording of the answer that names it counts
             key = canonical_class(str(label))
             name = str(ref.extra.get("word") or label)
@@ -159,6 +166,8 @@ def score_classify(pairs: Pairs, stats: MatchStats, ref_name: str, on_error: str
             continue
         shown.setdefault(key, name)
         truth_pairs.append((ref, pred, key))
+    if not truth_pairs:
+        nothing_to_score("classify", ref_name, stats.counts(0))
     classes = sort_labels(list(shown))
     truth, guess, items = [], [], []
     for ref, pred, key in truth_pairs:

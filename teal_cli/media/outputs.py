@@ -71,3 +71,73 @@ class OutputTarget:
         return Path(self.spec)
 
 
+
+
+# --------------------------------------------------------------------------- checked before any work
+
+
+def _nearest_existing(path: Path) -> Path:
+    for candidate in (path, *path.parents):
+        if os.path.lexists(candidate):
+            return candidate
+    return Path(".")
+
+
+def _check_creatable(path: Path, option: str, what: str) -> None:
+    """``path`` (absent) can be made: its nearest existing ancestor is a writable folder."""
+    base = _nearest_existing(path.parent if str(path.parent) else Path("."))
+    if not base.is_dir():
+        raise UsageError(f"{option} {path}: {base} is a file, not a folder; the {what} cannot be written there")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise UsageError(f"{option} {path}: the folder {base} is not writable")
+
+
+def check_output_file(path: str | Path | None, option: str = "-o") -> None:
+    """Raise UsageError unless ``path`` (None or ``-``: stdout) can be written as a file:
+    not a folder, not under a file, in a writable folder. Commands call it before any work,
+    so a bad path never costs a run's results."""
+    if path is None or str(path) == "-":
+        return
+    if not str(path):
+        raise UsageError(f"{option} is empty")
+    p = Path(path)
+    if p.is_dir():
+        raise UsageError(f"{option} {path}: is a folder; expected a file name")
+    if os.path.lexists(p):
+        if not os.access(p.parent if str(p.parent) else ".", os.W_OK | os.X_OK):
+            raise UsageError(f"{option} {path}: the folder {p.parent} is not writable (the file is replaced atomically)")
+        return
+    _check_creatable(p, option, "file")
+
+
+def check_output_folder(path: str | Path | None, option: str) -> None:
+    """Raise UsageError unless ``path`` is a writable folder or can be made as one."""
+    if path is None:
+        return
+    if not str(path):
+        raise UsageError(f"{option} is empty")
+    p = Path(path)
+    if os.path.lexists(p):
+        if not p.is_dir():
+            raise UsageError(f"{option} {path}: is a file; expected a folder")
+        if not os.access(p, os.W_OK | os.X_OK):
+            raise UsageError(f"{option} {path}: the folder is not writable")
+        return
+    _check_creatable(p, option, "folder")
+
+
+def check_output_target(target: OutputTarget, option: str = "-o") -> None:
+    """:func:`check_output_file` / :func:`check_output_folder` for a file, a folder, or the
+    fixed folder part of a pattern (what precedes the first ``{...}``)."""
+    if target.kind == "file":
+        check_output_file(target.spec, option)
+    elif target.kind == "folder":
+        check_output_folder(target.spec, option)
+    else:
+        fixed = []
+        for part in Path(target.spec).parent.parts:
+            if "{" in part:
+                break
+            fixed.append(part)
+        if fixed:
+            check_output_folder(Path(*fixed), option)

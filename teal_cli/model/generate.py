@@ -13,10 +13,14 @@ enforced by a vocabulary mask per decoder state, prepared once per run:
 - **image**: after ``<img>`` only that modality's output-codec ids, exactly ``H*W`` of them (the
   codec's ``segment.shape``; the first id picks the codec when the model writes several, or
   ``codec`` names it), then ``</img>`` is forced and decoding returns to text;
-- **audio**: codec ids or ``</aud>``; ``</aud>`` is forced after
+- **audio**: at least one codec id, then ids or ``</aud>``; ``</aud>`` is forced after
   ``max_audio_seconds * frame_rate`` ids;
 - ``output_modality="image"|"audio"`` forces ``<open>`` as the first token and stops once that
-  segment closes.
+  segment closes;
+- the context: a segment is opened only when it fits in the room left (an image's
+  ``H*W + 2`` tokens; an audio segment's ``<aud>``, one id and ``</aud>``), and ``</aud>`` is
+  forced when only its own place is left, so a segment the model opens always completes;
+  generation ends with ``finish: context`` in text.
 
 Masks are boolean ``[S, V]`` tensors (S states, V the joint vocabulary); each step selects one
 row per sequence (``masks[state]``) and keeps logits where it is true. Logits are computed
@@ -44,10 +48,11 @@ out of range come from :meth:`TealModel.encode_record`; bad options are
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -79,7 +84,7 @@ class GenerateOptions:
         codec: the output codec (name) when the model writes several for a modality.
         max_audio_seconds: longest audio segment, in seconds of the codec's frame rate.
         batch_size: prompts decoded together.
-        echo: output records start with the prompt's segments.
+        echo: output records start with the prompt's segments, each marked ``"role": "prompt"``.
     """
 
     max_new_tokens: int = 64
@@ -109,7 +114,7 @@ class GenerateOptions:
         if self.output_modality is not None and self.output_modality not in OUTPUT_MODALITIES:
             raise UsageError(f"--output-modality {self.output_modality}: expected one of {', '.join(OUTPUT_MODALITIES)}")
         if not (self.max_audio_seconds > 0 and math.isfinite(self.max_audio_seconds)):
-            raise UsageError(f"--max-audio-seconds {self.max_audio_seconds}: expected a positive number")
+            raise UsageError(f"--max-audio-seconds {self.max_audio_seconds}: expected a finite number > 0")
         if self.batch_size < 1:
             raise UsageError(f"--batch-size {self.batch_size}: expected 1 or more")
 
@@ -163,10 +168,18 @@ class Grammar:
             self.allowed.append(ranges)
             return len(self.states) - 1
 
-        text_ranges = [(0, t_vocab)]
-        if options.output_modality != "text":
-            text_ranges += [(i, i + 1) for i in self.open_ids]
-        self.text = add(State("text", blocks=frozenset({TEXT_BLOCK, BOUNDARY_BLOCK})), text_ranges)
+        # One text state per set of modalities whose segments still fit in the context: an
+        # ``<open>`` is masked once the room left is less than its segment needs (need), so a
+        # segment the model opens always completes.
+        openable = list(self.open_ids.items()) if options.output_modality != "text" else []
+        self.text_for: dict[frozenset, int] = {}
+        for n in range(len(openable), -1, -1):
+            for subset in itertools.combinations(openable, n):
+                ranges = [(0, t_vocab)] + [(i, i + 1) for i, _ in subset]
+                self.text_for[frozenset(m for _, m in subset)] = add(
+                    State("text", blocks=frozenset({TEXT_BLOCK, BOUNDARY_BLOCK})), ranges)
+        self.openable = frozenset(m for _, m in openable)
+        self.text = self.text_for[self.openable]
         # DONE emits EOS as filler; it needs no logits (uncomputed blocks are finite zeros).
         self.done = add(State("done"), [(self.eos, self.eos + 1)])
         self.force_open, self.open, self.close, self.codec_state = {}, {}, {}, {}
@@ -180,8 +193,8 @@ class Grammar:
             boundary = frozenset({BOUNDARY_BLOCK}) if may_close else frozenset()
             self.force_open[modality] = add(State("force_open", modality, blocks=frozenset({BOUNDARY_BLOCK})),
                                             [(open_id, open_id + 1)])
-            self.open[modality] = add(State("open", modality, blocks=codec_blocks | boundary, guided=guided),
-                                      codec_ranges + may_close)
+            # At least one id: an empty segment decodes to nothing (an audio answer with no audio).
+            self.open[modality] = add(State("open", modality, blocks=codec_blocks, guided=guided), codec_ranges)
             self.close[modality] = add(State("close", modality, blocks=frozenset({BOUNDARY_BLOCK})),
                                        [(close_id, close_id + 1)])
             for e in entries:
@@ -194,7 +207,9 @@ class Grammar:
                     rate = float(e.segment.get("frame_rate") or 0)
                     if rate <= 0:
                         raise ModelDirError(f"codec '{e.name}' has no frame_rate in the model's config.json")
-                    limit = max(1, int(options.max_audio_seconds * rate))
+                    # The context bounds an audio segment long before 2**31 frames; the clamp
+                    # keeps int() finite for any finite --max-audio-seconds (1e308 * rate is inf).
+                    limit = max(1, int(min(options.max_audio_seconds * rate, 2**31)))
                     audio_cap[e.key] = limit
                 self.codec_state[e.key] = add(
                     State("codec", modality, e, limit, frozenset({self.codec_index[e.key]}) | boundary, guided=guided),
@@ -206,6 +221,10 @@ class Grammar:
         self.masks = masks.to(model.device)
         self.guided = torch.tensor([s.guided for s in self.states], device=model.device)
         self.entries = {e.key: e for es in writable.values() for e in es}
+        # Tokens a segment needs once opened: <open>, its ids (image: exactly H*W, the largest
+        # of the modality's codecs; audio: at least one) and its closing token.
+        self.need = {m: 2 + (max(self.states[self.codec_state[e.key]].limit for e in es) if m == "image" else 1)
+                     for m, es in writable.items()}
         self._ranges = sorted((e.offset, e.offset + e.vocab_size, e) for e in self.entries.values())
 
     @staticmethod
@@ -234,10 +253,17 @@ class Grammar:
                 return entry
         return None
 
-    def initial(self, options: GenerateOptions) -> int:
+    def initial(self, options: GenerateOptions, room: int | None = None) -> int:
+        """The first state of a row with ``room`` tokens left in the context (None: unbounded)."""
         if self.forced:
             return self.force_open[options.output_modality]
-        return self.text if options.max_new_tokens > 0 else self.done
+        return self.text_state(room) if options.max_new_tokens > 0 else self.done
+
+    def text_state(self, room: int | None) -> int:
+        """The text state whose ``<open>`` tokens are those of segments that fit in ``room``."""
+        if room is None:
+            return self.text
+        return self.text_for[frozenset(m for m in self.openable if self.need[m] <= room)]
 
 
 # ---------------------------------------------------------------------- logits and sampling
@@ -362,8 +388,15 @@ def _advance(row: _Row, token: int, grammar: Grammar, context: int | None) -> No
             row.state = grammar.close[st.modality] if row.count >= limit else grammar.codec_state[entry.key]
     elif kind == "close":
         _after_close(row, grammar)
-    if row.finish is None and context and row.prompt_len + len(row.ids) >= context:
-        row.state, row.finish = grammar.done, "context"
+    if row.finish is None and context:
+        room = context - row.prompt_len - len(row.ids)
+        after = grammar.states[row.state]
+        if room <= 0:
+            row.state, row.finish = grammar.done, "context"
+        elif after.kind == "text":
+            row.state = grammar.text_state(room)
+        elif after.modality == "audio" and after.kind in ("open", "codec") and room <= 1:
+            row.state = grammar.close["audio"]  # the room left bounds an audio segment too
 
 
 def _after_close(row: _Row, grammar: Grammar) -> None:
@@ -388,7 +421,8 @@ def generate_ids(model: "TealModel", prompts: list[list[int]], options: Generate
     P = len(prefix)
     R = 2 * B if cfg_on else B
     context = model.context_length
-    rows = [_Row(len(p), grammar.initial(options), budget=options.max_new_tokens) for p in prompts]
+    rows = [_Row(len(p), grammar.initial(options, context - len(p) if context else None), budget=options.max_new_tokens)
+            for p in prompts]
     for r in rows:
         if r.state == grammar.done:
             r.finish = "max_new_tokens"
@@ -466,7 +500,8 @@ def provenance(model: "TealModel", options: GenerateOptions) -> dict[str, Any]:
     }
 
 
-def generate(model: "TealModel", records: Iterable[Record], options: GenerateOptions) -> Iterator[Record]:
+def generate(model: "TealModel", records: Iterable[Record], options: GenerateOptions,
+             on_bad: "Callable[[Record, DataError], None] | None" = None) -> Iterator[Record]:
     """Continue each prompt record; yield one record per prompt, in input order.
 
     The prompt is the record's segments without ``role: target``
@@ -477,7 +512,8 @@ def generate(model: "TealModel", records: Iterable[Record], options: GenerateOpt
     ``finish`` (see :class:`Generated`) and, for a repeated id, ``repeat`` (its seed input).
 
     Raises UsageError for bad options, DataError naming the record for a prompt that does not
-    fit the context (or leaves no room for a forced image segment).
+    fit the context (or leaves no room for a forced image segment) or cannot be read; with
+    ``on_bad``, such a prompt is passed to ``on_bad(record, error)`` instead and gets no output.
     """
     options.check()
     model.eval()
@@ -485,16 +521,14 @@ def generate(model: "TealModel", records: Iterable[Record], options: GenerateOpt
     info = provenance(model, options)
     context = model.context_length
     seen: Counter[str] = Counter()
-    need = 1
-    if grammar.forced and options.output_modality == "image":
-        need = 2 + max(grammar.states[grammar.codec_state[e.key]].limit for e in grammar.entries.values()
-                       if e.modality == "image")
+    need = grammar.need[options.output_modality] if grammar.forced else 1
 
     def run(batch: list[tuple[Record, list[int], int]]) -> Iterator[Record]:
         seeds = [row_seed(options.seed, rec.id, repeat) for rec, _, repeat in batch]
         results = generate_ids(model, [ids for _, ids, _ in batch], options, grammar, seeds)
         for (rec, _, repeat), res in zip(batch, results):
-            segments = [s for s in rec.segments if s.extra.get("role") != "target"] if options.echo else []
+            # Echoed segments say they are the prompt, so that eval scores only what was generated.
+            segments = [s.with_role("prompt") for s in rec.segments if s.extra.get("role") != "target"] if options.echo else []
             generation = {**info, "finish": res.finish}
             if repeat:
                 generation["repeat"] = repeat
@@ -503,14 +537,13 @@ def generate(model: "TealModel", records: Iterable[Record], options: GenerateOpt
 
     batch: list[tuple[Record, list[int], int]] = []
     for record in records:
-        ids = model.encode_record(record, prompt_only=True).ids
-        if not ids:
-            raise DataError(f"record '{record.id}': the prompt is empty (no segments without role 'target', and the "
-                            "tokenizer adds no BOS); give it a text or media segment")
-        if context and len(ids) + need > context:
-            room = "no room for a token" if need == 1 else f"no room for the {need - 2}-id image segment"
-            raise DataError(f"record '{record.id}': the prompt has {len(ids)} tokens and the base LLM's context is "
-                            f"{context}: {room}; shorten the prompt")
+        try:
+            ids = _prompt_ids(model, record, context, need, options)
+        except DataError as exc:
+            if on_bad is None:
+                raise
+            on_bad(record, exc)
+            continue
         batch.append((record, ids, seen[record.id]))
         seen[record.id] += 1
         if len(batch) == options.batch_size:
@@ -518,6 +551,20 @@ def generate(model: "TealModel", records: Iterable[Record], options: GenerateOpt
             batch = []
     if batch:
         yield from run(batch)
+
+
+def _prompt_ids(model: "TealModel", record: Record, context: int | None, need: int, options: GenerateOptions) -> list[int]:
+    """A prompt's joint ids; DataError naming the record when it is empty or leaves no room."""
+    ids = model.encode_record(record, prompt_only=True).ids
+    if not ids:
+        raise DataError(f"record '{record.id}': the prompt is empty (no segments without role 'target', and the "
+                        "tokenizer adds no BOS); give it a text or media segment")
+    if context and len(ids) + need > context:
+        room = ("no room for a token" if need == 1 else f"no room for the {need - 2}-id image segment"
+                if options.output_modality == "image" else "no room for an audio segment")
+        raise DataError(f"record '{record.id}': the prompt has {len(ids)} tokens and the base LLM's context is "
+                        f"{context}: {room}; shorten the prompt")
+    return ids
 
 
 def text_prompt(text: str, record_id: str = "prompt") -> Record:

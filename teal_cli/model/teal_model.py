@@ -163,11 +163,17 @@ class TealModel(nn.Module):
 
     # ------------------------------------------------------------------ records <-> ids
 
+    def text_ids(self, text: str) -> list[int]:
+        """Token ids of ``text`` as plain text: a special string in it (``<|im_end|>``,
+        ``</s>``) is spelled out, never the special token, so data cannot end a target early
+        or fake a turn (transformers' ``split_special_tokens``)."""
+        return list(self.tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids)
+
     def segment_ids(self, segment: Segment, where: str) -> list[int]:
         """Joint ids of one segment: text through the tokenizer, media as
         ``<open> offset+ids </close>``. Errors name ``where``."""
         if segment.modality == "text":
-            return list(self.tokenizer(segment.text, add_special_tokens=False).input_ids)
+            return self.text_ids(segment.text)
         if segment.tokens is None:
             raise DataError(f"{where}: {segment.modality} segment has no tokens (tokenize it first with 'teal tokenize')")
         try:
@@ -176,9 +182,9 @@ class TealModel(nn.Module):
             raise DataError(f"{where}: {exc}") from None
         if not entry.input:
             raise DataError(f"{where}: codec '{entry.name}' is output-only in this model; it cannot be read")
-        recorded = segment.extra.get("weights")
+        recorded = segment.weights  # the parser keeps it here, never in extra
         common = min(len(recorded or ""), len(entry.weights or ""))
-        if common and recorded[:common] != entry.weights[:common]:  # as codecs.base.check_segment_weights
+        if common and recorded[:common].lower() != entry.weights[:common].lower():  # as codecs.base.check_segment_weights
             raise DataError(f"{where}: tokens were made by weights {recorded} of codec '{entry.name}', "
                             f"but the model was built for weights {entry.weights}; tokenize again with the model's codec")
         if segment.tokens and max(segment.tokens) >= entry.vocab_size:
@@ -282,7 +288,7 @@ class TealModel(nn.Module):
         if "frame_rate" in entry.segment:
             seg.frame_rate = entry.segment["frame_rate"]
         if entry.weights:
-            seg.extra["weights"] = entry.weights
+            seg.weights = entry.weights
         return seg
 
     def codec_of_id(self, joint_id: int) -> CodecEntry | None:

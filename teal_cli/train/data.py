@@ -308,9 +308,7 @@ def record_roles(record: Record) -> list[str]:
 
 
 def _role(segment: Segment, role: str) -> Segment:
-    return Segment(modality=segment.modality, text=segment.text, codec=segment.codec, tokens=segment.tokens,
-                   shape=segment.shape, frame_rate=segment.frame_rate, durations=segment.durations,
-                   extra={**segment.extra, "role": role})
+    return segment.with_role(role)
 
 
 class _Builder:
@@ -324,12 +322,11 @@ class _Builder:
 
     def task_index(self, name: str | None) -> int:
         if name not in self.task_extra:
-            tok = self.model.tokenizer
             extra = 0
             for prompt in self.templates[name]:
                 # Each text piece becomes its own segment, tokenized alone (as encode_record does).
                 pieces = [p for p in template_pieces(prompt) if p]
-                extra = max(extra, sum(len(tok(p, add_special_tokens=False).input_ids) for p in pieces))
+                extra = max(extra, sum(len(self.model.text_ids(p)) for p in pieces))
             self.task_extra[name] = extra
             self.tasks.append(name)
         return self.tasks.index(name)

@@ -156,6 +156,4 @@ def render(record: Record, template: str | None, roles: list[str]) -> Record:
 
 
 def _with_role(segment: Segment, role: str) -> Segment:
-    return Segment(modality=segment.modality, text=segment.text, codec=segment.codec, tokens=segment.tokens,
-                   shape=segment.shape, frame_rate=segment.frame_rate, durations=segment.durations,
-                   path=segment.path, extra={**segment.extra, "role": role})
+    return segment.with_role(role)

@@ -77,7 +77,7 @@ def test_eval_decodes_as_asked_and_records_it(cli, model_dir, tmp_path, monkeypa
     seen = []
     real = modeling.generate_predictions
     monkeypatch.setattr(modeling, "generate_predictions",
-                        lambda model, refs, options=None, template=None: seen.append(options) or real(model, refs, options, template))
+                        lambda model, refs, options=None, template=None, **kw: seen.append(options) or real(model, refs, options, template, **kw))
     monkeypatch.setenv("TEAL_CODEC_PATH", str(model_dir / "codecs"))
     refs = _refs(tmp_path / "ref.jsonl", n=4)
     args = ("eval", "gen", "--model", model_dir / "model", "--data", refs, "--temperature", "0.7", "--top-k", "5",

@@ -207,8 +207,13 @@ def test_bad_records_are_one_line_errors(llm_dirs, codecs):
         model.encode_record(image_record([16] * 16))
     with pytest.raises(DataError, match="codec 'nope' is not part of this model"):
         model.encode_record(image_record(range(16), codec="nope"))
-    rec = image_record(range(16))
-    rec.segments[0].extra["weights"] = "0123456789abcdef"
+    from teal_cli.records import parse_record
+
+    # through the parser, as records arrive (it keeps 'weights' in Segment.weights, not in extra)
+    obj = image_record(range(16)).to_json()
+    obj["segments"][0]["weights"] = "0123456789abcdef"
+    rec = parse_record(obj, "f:1")
+    assert rec.segments[0].weights == "0123456789abcdef" and "weights" not in rec.segments[0].extra
     model.config.codecs[0].weights = "fedcba9876543210"
     with pytest.raises(DataError, match="made by weights 0123456789abcdef"):
         model.encode_record(rec)
