@@ -169,7 +169,10 @@ class TealGrammar:
     def max_new_tokens_bound(self) -> int:
         """The most tokens (EOS included) one row can take under this grammar: a bound for an
         engine's own length limit, so that only the grammar ends a row."""
-        longest = max((self.states[s].limit for s in self.codec_state.values()), default=0) + 2
+        states = [self.states[s] for s in self.codec_state.values()]
+        if self.forced:
+            states = [s for s in states if s.modality == self.output_modality]
+        longest = max((s.limit for s in states), default=0) + 2
         opens = 1 if self.forced else 0
         texts = self.max_new_tokens if not self.forced else 0
         per_text = longest if self.open_ids and self.output_modality != "text" else 1
