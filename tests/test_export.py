@@ -305,3 +305,27 @@ def test_smollm2_export_gives_teal_greedy_ids(smollm2_dir, tmp_path):
             assert a["segments"] == b["segments"], mode
         if mode == "image":
             assert all(len(r["segments"][0]["tokens"]) == 256 for r in ours)
+
+
+def test_request_processor_gives_teal_ids(exported):
+    """The per-request form (vLLM / llama-cpp-python call it with the generated ids and one
+    logits row) in a hand-written greedy loop over the plain checkpoint."""
+    from transformers import AutoModelForCausalLM
+
+    model, _, out = exported
+    tg = load_standalone(out)
+    hf = AutoModelForCausalLM.from_pretrained(out).eval()
+    options = GenerateOptions(max_new_tokens=6)
+    grammar = Grammar(model, options)
+    for rec in prompts(model):
+        ids = model.encode_record(rec, prompt_only=True).ids
+        want = generate_ids(model, [ids], options, grammar)[0]
+        proc = tg.TealRequestProcessor(out, max_new_tokens=6)
+        generated: list[int] = []
+        # Every grammar path ends with the model emitting EOS (forced once the row is done).
+        while (not generated or generated[-1] != proc.grammar.eos) and len(generated) < 200:
+            with torch.no_grad():
+                logits = hf(torch.tensor([ids + generated])).logits[0, -1]
+            generated.append(int(proc(generated, logits).argmax()))
+        row = tg.run_grammar(proc.grammar, generated)
+        assert (row.ids, row.finish) == (want.ids, want.finish), rec.id

@@ -22,6 +22,8 @@ implementation). It reads the sidecar ``teal.json`` and gives:
   Greedy decoding with it gives exactly the ids teal's own decoder gives (the exported
   weights compute the same logits up to float rounding). It follows each row of a batch
   from the tokens ``generate`` appends; beam search (which reorders rows) is not supported.
+- :class:`TealRequestProcessor`: the same for one sequence, ``(output_ids, logits) -> logits``,
+  the per-request form vLLM and llama-cpp-python call;
 - :func:`prompt_ids` / :func:`segments_from_ids`: token records (plain dicts, format v1) to
   the exported vocabulary and back, so ``teal detokenize`` reads what any engine wrote.
 
@@ -290,6 +292,37 @@ class TealGrammarProcessor(_Base):
             return head
         # An engine may pad the vocabulary (e.g. to a multiple of 64): those ids are never allowed.
         return torch.cat([head, torch.full_like(scores[:, V:], float("-inf"))], dim=-1)
+
+
+class TealRequestProcessor:
+    """The same constraint for one sequence, as engines with per-request processors call it
+    (vLLM's ``AdapterLogitsProcessor``, llama-cpp-python's ``logits_processor``):
+    ``processor(output_ids, logits) -> logits`` with ``output_ids`` the tokens generated so
+    far (prompt excluded) and ``logits`` ``[V]`` (or ``[..., V]``). Make one per request.
+
+    Args: as :class:`TealGrammarProcessor`, or ``grammar`` (a :class:`TealGrammar` to share).
+    """
+
+    def __init__(self, sidecar: "str | Path | dict[str, Any] | None" = None, *, grammar: TealGrammar | None = None,
+                 **options):
+        if grammar is None:
+            grammar = TealGrammar(sidecar if isinstance(sidecar, dict) else load_sidecar(sidecar), **options)
+        self.grammar = grammar
+        self.bias = logit_bias(grammar.sidecar)
+        self.row = GrammarRow(grammar)
+        self.seen = 0
+
+    def __call__(self, output_ids: Sequence[int], logits: torch.Tensor) -> torch.Tensor:
+        for token in list(output_ids)[self.seen:]:
+            self.row.advance(int(token))
+        self.seen = len(output_ids)
+        V = self.grammar.vocab_size
+        mask = self.grammar.masks[self.row.state].to(logits.device)
+        head = logits[..., :V] + self.bias.to(logits.device, logits.dtype)
+        head = torch.where(mask, head, torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device))
+        if logits.shape[-1] == V:
+            return head
+        return torch.cat([head, torch.full_like(logits[..., V:], float("-inf"))], dim=-1)
 
 
 def run_grammar(grammar: TealGrammar, tokens: Iterable[int]) -> GrammarRow:
