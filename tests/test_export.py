@@ -329,3 +329,31 @@ def test_request_processor_gives_teal_ids(exported):
             generated.append(int(proc(generated, logits).argmax()))
         row = tg.run_grammar(proc.grammar, generated)
         assert (row.ids, row.finish) == (want.ids, want.finish), rec.id
+
+
+@pytest.mark.slow
+def test_a_model_trained_by_teal_train_exports_exactly(tmp_path, cli):
+    """Stage 1, then stage 2 adding bias-norm (scale) and LoRA, through teal's trainer; the
+    CLI export gives the trained model's greedy records under --engine hf."""
+    from teal_cli.train import TrainOptions, train
+    from tiny_teal import toy_captions, toy_pairs
+
+    model_dir = make_model_dir(tmp_path, "llama", audio=False)
+    common = dict(batch_size=8, max_steps=4, lr=1e-2, device="cpu", checkpoint_every=0)
+    train(model_dir, TrainOptions(data=str(toy_pairs(tmp_path / "p.jsonl", 16)), stage=1, **common))
+    train(model_dir, TrainOptions(data=str(toy_captions(tmp_path / "c.jsonl", 16)), stage=2, bias_norm="scale", lora=4,
+                                  train=["bias_norm"], **common))
+    assert json.loads((model_dir / "config.json").read_text())["groups"]["bias_norm"] == "scale"
+    r = cli("export", model_dir, "-o", tmp_path / "hf", "-q")
+    assert r.exit_code == 0, r.stderr
+    side = json.loads((tmp_path / "hf" / "teal.json").read_text())
+    assert side["source"]["adapter_sha256"] == TealModel.from_dir(model_dir).adapter_sha256(model_dir)
+    prompt = tmp_path / "prompt.jsonl"
+    prompt.write_text(Record("q", [Segment("image", codec="patch-p2-k16", tokens=list(range(16)), shape=[4, 4]),
+                                   Segment("text", text="Describe this image in a few words:")]).dumps() + "\n")
+    for mode in ("text", "image"):
+        args = [prompt, "--output-modality", mode, "-n", "8", "-q"]
+        a = cli("generate", "--model", model_dir, *args)
+        b = cli("generate", "--engine", "hf", "--model", tmp_path / "hf", *args)
+        assert a.exit_code == 0 and b.exit_code == 0, b.stderr
+        assert json.loads(a.stdout)["segments"] == json.loads(b.stdout)["segments"], mode
