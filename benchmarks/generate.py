@@ -5,6 +5,7 @@ same prompts, same lengths, same run; ratio printed; batch 1 and 8; text and ima
     python benchmarks/generate.py --tiny           # a tiny random Llama (no model files needed)
     python benchmarks/generate.py --repeats 5 --new-tokens 48 --grid 8
     python benchmarks/generate.py --device cuda    # a GPU, when there is one
+    python benchmarks/generate.py --exported       # also: the 'teal export' checkpoint under HF generate
 
 Arms, each timed end to end (prefill + decoding, what a user waits for):
 
@@ -17,6 +18,9 @@ Arms, each timed end to end (prefill + decoding, what a user waits for):
 Tokens/s counts generated tokens of all rows (a row's tokens after its EOS are not counted;
 both arms count the same). Arms alternate within each repeat and the paired ratios are
 reported as a range, so load from other processes on the machine hits both alike.
+``--exported`` adds, per arm and batch, the model written by ``teal export`` and run by
+transformers' ``generate`` with the shipped grammar processor (what ``teal generate --engine
+hf`` runs) against teal's decoder on the same prompts, interleaved, ids compared.
 ``--profile`` adds where teal's time goes: embed, backbone, logits, masks (+CFG), sampling,
 the grammar's per-row bookkeeping, and the rest (Python in the loop, cache/mask growth).
 """
@@ -169,6 +173,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--arms", nargs="+", default=["text", "image"])
     ap.add_argument("--profile", action="store_true", help="where teal's time goes (one extra run per case)")
+    ap.add_argument("--exported", action="store_true", help="also time the 'teal export' checkpoint under HF generate")
     args = ap.parse_args()
 
     from teal_cli.runtime.device import fit_threads_to_cpus
@@ -229,6 +234,57 @@ def main() -> None:
                     parts["rest (loop, cache/mask growth, prefill setup)"] = total - sum(parts.values())
                     print("      teal profile: " + ", ".join(f"{k} {v / total:.0%}" for k, v in sorted(
                         parts.items(), key=lambda kv: -kv[1])) + f" (of {total:.2f}s)", flush=True)
+        if args.exported:
+            report_exported(args, model, Path(work))
+
+
+def report_exported(args, model, work: Path) -> None:
+    """Rows for the exported checkpoint: teal's decoder vs ``teal generate --engine hf``'s path
+    (plain transformers ``generate`` + ``TealGrammarProcessor``), same prompts and options,
+    arms interleaved, greedy ids compared."""
+    from teal_cli.model import hf_grammar
+    from teal_cli.model.export import export_dir
+    from teal_cli.model.hf_engine import ExportedModel, generate_batch
+
+    model.save(work / "teal-model")
+    t = time.perf_counter()
+    export_dir(work / "teal-model", work / "exported")
+    print(f"exported in {time.perf_counter() - t:.1f}s (with its reload-and-compare check)", flush=True)
+    exported = ExportedModel(work / "exported", device=args.device)
+    for arm in args.arms:
+        if arm == "text":
+            options = GenerateOptions(max_new_tokens=args.new_tokens, output_modality="text")
+        else:
+            options = GenerateOptions(output_modality="image")
+        grammar = Grammar(model, options)
+        processor = hf_grammar.TealGrammarProcessor(exported.sidecar, output_modality=options.output_modality,
+                                                    max_new_tokens=options.max_new_tokens)
+        for batch in args.batch:
+            prompts = encode(model, (PROMPTS * batch)[:batch])
+            run_teal(model, prompts, options, grammar, args.device)
+            generate_batch(exported, prompts, options, processor)
+            teal_rates, hf_rates, ratios, same = [], [], [], True
+            for r in range(args.repeats):
+                got = {}
+                for which in (("hf", "teal") if r % 2 == 0 else ("teal", "hf")):
+                    if which == "teal":
+                        got["teal"] = run_teal(model, prompts, options, grammar, args.device)
+                    else:
+                        sync(args.device)
+                        t = time.perf_counter()
+                        rows = generate_batch(exported, prompts, options, processor)
+                        sync(args.device)
+                        got["hf"] = (time.perf_counter() - t, rows)
+                (t_teal, teal_res), (t_hf, hf_rows) = got["teal"], got["hf"]
+                same &= [x.ids for x in teal_res] == [ids for ids, _ in hf_rows]
+                n = sum(len(x.ids) for x in teal_res)
+                teal_rates.append(n / t_teal)
+                hf_rates.append(sum(len(ids) for ids, _ in hf_rows) / t_hf)
+                ratios.append(hf_rates[-1] / teal_rates[-1])
+            print(f"{arm:5s} batch {batch}: teal {statistics.median(teal_rates):7.1f} tok/s  exported-HF+processor "
+                  f"{statistics.median(hf_rates):7.1f} tok/s [{min(hf_rates):.1f}-{max(hf_rates):.1f}]  "
+                  f"exported/teal {statistics.median(ratios):.2f}x [{min(ratios):.2f}-{max(ratios):.2f}]  "
+                  f"({'same ids as teal' if same else 'IDS DIFFER FROM TEAL'})", flush=True)
 
 
 if __name__ == "__main__":

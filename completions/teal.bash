@@ -5,7 +5,7 @@ _teal() {
   prev="${COMP_WORDS[COMP_CWORD-1]}"
   cmd="${COMP_WORDS[1]}"
   if [[ $COMP_CWORD -eq 1 ]]; then
-    COMPREPLY=($(compgen -W "cluster codecs completions detokenize eval generate init-embeddings tokenize train --help --version" -- "$cur")); return
+    COMPREPLY=($(compgen -W "cluster codecs completions detokenize eval export generate init-embeddings tokenize train --help --version" -- "$cur")); return
   fi
   case "$prev" in
     --device) COMPREPLY=($(compgen -W "auto cpu cuda" -- "$cur")); return;;
@@ -20,7 +20,8 @@ _teal() {
     completions) if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "-h --help" -- "$cur")); return; fi;;
     detokenize) if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "-o --output --checkpoint --config --vocoder --vocoder-config --speaker --style --dur-prediction --on-error --device -q --quiet -v --verbose -h --help" -- "$cur")); return; fi;;
     eval) if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--data -d --predictions -p --model -m --codec -c --judge --report --curves -o --output --batch-size -b --max-new-tokens --temperature --top-k --top-p --cfg-scale --template --templates --on-error --device --dtype --seed -q --quiet -v --verbose -h --help" -- "$cur")); return; fi;;
-    generate) if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--text -t --model -m --max-new-tokens -n --temperature --top-k --top-p --seed --cfg-scale --output-modality --codec -c --max-audio-seconds --batch-size -b --echo -o --output --device --dtype -q --quiet -v --verbose -h --help" -- "$cur")); return; fi;;
+    export) if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "-o --output --force --verify -q --quiet -v --verbose -h --help" -- "$cur")); return; fi;;
+    generate) if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--text -t --model -m --engine --max-new-tokens -n --temperature --top-k --top-p --seed --cfg-scale --output-modality --codec -c --max-audio-seconds --batch-size -b --echo -o --output --device --dtype -q --quiet -v --verbose -h --help" -- "$cur")); return; fi;;
     init-embeddings) if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "-o --output --llm --revision --codec -c --input-codec --output-codec --init --code-dim --image-size --force --device --seed -q --quiet -v --verbose -h --help" -- "$cur")); return; fi;;
     tokenize) if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--codec -c -o --output --batch-size -b --image-size --sample-temperature --dedup --checkpoint --config --shard --workers --loader --resize-on --on-error --device --dtype --seed -q --quiet -v --verbose -h --help" -- "$cur")); return; fi;;
     train) if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--data --stage --val --val-fraction --task --templates --batch-size --grad-accum --lr --warmup --weight-decay --max-steps --epochs --clip --bias-norm --lora --train --freeze --checkpoint-every --eval-every --log-every --resume --gradient-checkpointing --no-bucket --device --dtype --seed -q --quiet -v --verbose -h --help" -- "$cur")); return; fi;;

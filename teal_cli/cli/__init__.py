@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from .. import __version__
-from . import cluster, codecs, completions, detokenize, eval, generate, init_embeddings, tokenize, train
+from . import cluster, codecs, completions, detokenize, eval, export, generate, init_embeddings, tokenize, train
 
 app = typer.Typer(
     name="teal",
@@ -33,7 +33,7 @@ def _root(
     """teal: tokenize and embed all modalities for a frozen text LLM (TEAL)."""
 
 
-for module in (tokenize, detokenize, cluster, init_embeddings, train, generate, eval, codecs, completions):
+for module in (tokenize, detokenize, cluster, init_embeddings, train, generate, export, eval, codecs, completions):
     name = module.__name__.rsplit(".", 1)[-1]
     # Command names use dashes (init-embeddings); each module's function has the module's name.
     app.command(name.replace("_", "-"), help=module.HELP, no_args_is_help=False)(getattr(module, name))

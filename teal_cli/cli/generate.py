@@ -19,6 +19,8 @@ seed, sampling settings) that says how it was made. Decoding follows the segment
 inside an image segment only that codec's ids, exactly H x W of them; audio until </aud>
 or --max-audio-seconds; text until EOS or --max-new-tokens. --output-modality image|audio
 makes the answer one segment of that modality; text forbids segments.
+--engine hf runs a directory made by 'teal export' with transformers' own generate and the
+shipped grammar processor (same greedy ids; no --cfg-scale).
 
 \b
 Examples:
@@ -28,6 +30,7 @@ Examples:
   teal tokenize img.png --codec codecs/patch-p2-k64 | teal generate --output-modality image | teal detokenize -o out.png
   teal generate prompts.tok.jsonl --model runs/teal-7b --temperature 0.8 --top-p 0.95 --seed 1 -o answers.jsonl
   teal generate --text "Say seven:" --output-modality audio --cfg-scale 3 --max-audio-seconds 2 | teal detokenize -o '{id}.wav'
+  teal generate --engine hf --model runs/teal-digits-hf --text "Draw a seven:" --output-modality image   # after 'teal export'
 """
 
 
@@ -35,7 +38,8 @@ Examples:
 def generate(
     inputs: Annotated[Optional[list[str]], typer.Argument(help="Token record files (.jsonl), or - for stdin.", show_default=False)] = None,
     text: Annotated[list[str], typer.Option("--text", "-t", help="A text prompt (repeatable); its record id is 'text-N'.", show_default=False)] = [],
-    model: Annotated[Optional[str], typer.Option("--model", "-m", envvar="TEAL_MODEL", show_envvar=True, help="Model directory made by 'teal init-embeddings' or 'teal train'.", show_default=False)] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", envvar="TEAL_MODEL", show_envvar=True, help="Model directory made by 'teal init-embeddings' or 'teal train' (with --engine hf: one made by 'teal export').", show_default=False)] = None,
+    engine: Annotated[str, typer.Option("--engine", help="teal: teal's decoder; hf: an exported checkpoint under transformers' generate.")] = "teal",
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Text tokens per prompt (a segment the model opens counts as one and always completes).", min=0)] = 64,
     temperature: TemperatureOpt = 0.0,
     top_k: TopKOpt = None,
@@ -60,6 +64,10 @@ def generate(
     log = Log(quiet, verbose)
     if not model:
         raise UsageError("no model given: pass --model DIR or export TEAL_MODEL=DIR (a directory made by 'teal init-embeddings')")
+    if engine not in ("teal", "hf"):
+        raise UsageError(f"--engine {engine}: expected teal or hf")
+    if engine == "hf" and cfg_scale != 1.0:
+        raise UsageError("--cfg-scale: classifier-free guidance is teal's own; use --engine teal for it")
     if output_modality is not None and output_modality not in ("image", "audio", "text"):
         raise UsageError(f"--output-modality {output_modality}: expected one of image, audio, text")
     from ..media.outputs import check_output_file
@@ -75,9 +83,20 @@ def generate(
                               max_audio_seconds=max_audio_seconds, batch_size=batch_size, echo=echo)
     options.check()  # before loading the model: a bad option should not cost the load
     dev, dt = setup_torch(device, dtype, seed)
-    teal_model = TealModel.from_dir(model, device=dev, dtype=dt)
-    log.debug(f"model {model}: base {teal_model.config.llm.get('name')}, codecs "
-              + ", ".join(f"{c.name} ({c.modality}{', writes' if c.output else ''})" for c in teal_model.config.codecs))
+    if engine == "hf":
+        from ..model.hf_engine import ExportedModel, generate as hf_generate
+
+        exported = ExportedModel(model, device=dev, dtype=dt)
+        run = lambda records: hf_generate(exported, records, options)  # noqa: E731
+    else:
+        from pathlib import Path
+
+        if (Path(model) / "teal.json").is_file():
+            raise UsageError(f"{model} was made by 'teal export' (a plain Hugging Face checkpoint); run it with --engine hf")
+        teal_model = TealModel.from_dir(model, device=dev, dtype=dt)
+        log.debug(f"model {model}: base {teal_model.config.llm.get('name')}, codecs "
+                  + ", ".join(f"{c.name} ({c.modality}{', writes' if c.output else ''})" for c in teal_model.config.codecs))
+        run = lambda records: generate_records(teal_model, records, options)  # noqa: E731
 
     def prompts():
         warned = False
@@ -95,7 +114,7 @@ def generate(
 
     with log.progress("generate") as advance, output_stream(output) as stream:
         writer = RecordWriter(stream)
-        for record in generate_records(teal_model, prompts(), options):
+        for record in run(prompts()):
             writer.write(record)
             advance()
     log.info(f"generated {writer.count} record(s)")
