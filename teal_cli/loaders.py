@@ -3,19 +3,20 @@
 Audio, and images with ``--loader threads``, go to a thread pool: soundfile, soxr and PIL
 release the GIL, and waveforms are big to copy. With ``processes`` images go to the worker
 processes of a persistent ``torch.utils.data.DataLoader`` (several images per job, uint8
-tensors back through shared memory, page-locked copies for CUDA, results in job order).
+tensors back through shared memory, results in job order).
 Processes pay off only with many workers (a 16-core GPU host decoded 1,303 images/s with 16
 processes, 914 with 16 threads), so ``auto`` takes them from ``PROCESS_MIN_WORKERS`` up.
 Workers fork from a fork server that preloaded what they need (the parent, which may hold
 CUDA state and threads, is never forked), run below the parent's priority (``LOADER_NICE``)
 so that the process feeding the GPU is not the one that waits, leave Ctrl-C to the parent
-(which shuts them down) and exit when it dies (the DataLoader's watchdog).
+(which shuts them down) and exit when it dies.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -53,9 +54,11 @@ def resolve_loader(kind: str, workers: int) -> str:
     return kind
 
 
-def _quiet_worker(nice: int, worker_id: int = 0) -> None:
+def _quiet_worker(nice: int, parent: int, worker_id: int = 0) -> None:
     """A loader process's start (``worker_init_fn``): Ctrl-C is left to the parent, which shuts
-    the workers down, and the CPU to the parent (``nice``)."""
+    the workers down, and the CPU to the parent (``nice``); the worker exits when process
+    ``parent`` is gone, even killed outright. (The DataLoader's own watchdog waits for its
+    parent process to change, but that is the fork server, which lives as long as any worker.)"""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -64,6 +67,30 @@ def _quiet_worker(nice: int, worker_id: int = 0) -> None:
             os.nice(nice)
         except OSError:  # not permitted here: run at the parent's priority
             pass
+    threading.Thread(target=_exit_with, args=(parent,), name="teal-parent-watch", daemon=True).start()
+
+
+def _exit_with(pid: int) -> None:
+    """Wait for process ``pid`` to end (a pidfd on Linux, else polling), then exit."""
+    import select
+    import time
+
+    try:
+        fd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        fd = None
+    if fd is not None:
+        select.select([fd], [], [])
+    else:
+        while True:
+            time.sleep(1.0)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            except PermissionError:  # the pid now belongs to another user's process
+                break
+    os._exit(0)
 
 
 def load_image_job(prep, path: str) -> "tuple[np.ndarray, tuple[int, int] | None]":
@@ -154,14 +181,12 @@ class Loaders:
     Use as a context manager; one instance can serve many ``tokenize_records`` calls, from one
     thread (results are taken in the order the loads were started)."""
 
-    def __init__(self, workers: int | None = None, kind: str = "auto", nice: int = LOADER_NICE,
-                 pin_memory: bool = False):
+    def __init__(self, workers: int | None = None, kind: str = "auto", nice: int = LOADER_NICE):
         self.workers = default_workers() if workers is None else workers
         if self.workers < 1:
             raise UsageError(f"--workers {workers}: must be >= 1")
         self.kind = resolve_loader(kind, self.workers)
         self.nice = nice
-        self.pin_memory = pin_memory
         self._threads = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="teal-load")
         self._jobs = _JobQueue()
         self._awaiting: deque[tuple[ImageLoads, int]] = deque()  # jobs queued, not received: (loads, first image)
@@ -217,9 +242,10 @@ class Loaders:
 
             context = multiprocessing.get_context("forkserver")
             context.set_forkserver_preload(PRELOAD)
+            # (No pin_memory: tokenize stacks a batch into page-locked memory itself, one copy.)
             self._loader = DataLoader(_ImageJobs(), batch_sampler=self._jobs, num_workers=self.workers,
-                                      collate_fn=_one_job, pin_memory=self.pin_memory, persistent_workers=True, prefetch_factor=PREFETCH,
-                                      worker_init_fn=partial(_quiet_worker, self.nice), multiprocessing_context=context)
+                                      collate_fn=_one_job, persistent_workers=True, prefetch_factor=PREFETCH,
+                                      worker_init_fn=partial(_quiet_worker, self.nice, os.getpid()), multiprocessing_context=context)
             self._iterator = iter(self._loader)
         return self
 

@@ -151,8 +151,7 @@ def tokenize_records(
 
     own = loaders is None
     if own:
-        cuda = any(isinstance(c, ImageCodec) and str(c.device).startswith("cuda") for c in codecs)
-        loaders = Loaders(options.workers, options.loader, pin_memory=cuda)
+        loaders = Loaders(options.workers, options.loader)
     run = _Run(codecs, options, loaders, preps, stats, warn)
     try:
         yield from pipeline(_windows(records, options.batch_size), partial(_start, run), partial(_launch, run),

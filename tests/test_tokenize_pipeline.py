@@ -253,7 +253,7 @@ def test_pack_and_unpack_round_trip():
     out = unpack(packed, parts)
     assert [o.shape for o in out] == [p.shape for p in parts]
     assert all(torch.equal(o, p.float()) for o, p in zip(out, parts))
-    # Read-only numpy arrays (decoded images) beside tensors, as resize_window packs them.
+    # Read-only numpy arrays (decoded images) beside tensors.
     image = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
     image.flags.writeable = False
     mixed = [image, torch.full((2, 2), 7, dtype=torch.uint8)]
