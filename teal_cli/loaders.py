@@ -153,8 +153,7 @@ class _JobQueue:
 class ImageLoads:
     """Images being loaded: :meth:`result` ``(i)`` gives ``(pixels [H, W, 3] uint8, content
     size or None)`` for the i-th path (:func:`load_image_job`), or raises its error. Pixels
-    are numpy arrays from threads, torch tensors (in shared or page-locked memory) from
-    processes."""
+    are numpy arrays from threads, torch tensors in shared memory from processes."""
 
     def __init__(self, count: int, futures: Sequence[Future] | None = None, pull: Callable[[], None] | None = None):
         self._futures = futures
@@ -189,7 +188,7 @@ class Loaders:
         self.nice = nice
         self._threads = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="teal-load")
         self._jobs = _JobQueue()
-        self._awaiting: deque[tuple[ImageLoads, int]] = deque()  # jobs queued, not received: (loads, first image)
+        self._awaiting: deque[tuple[ImageLoads, int, int]] = deque()  # jobs not received: (loads, first image, count)
         self._loader = None
         self._iterator = None
 
@@ -207,26 +206,26 @@ class Loaders:
         size = max(1, min(CHUNK_MAX, math.ceil(len(paths) / self.workers)))
         for first in range(0, len(paths), size):
             self._jobs.jobs.append((prep, [str(p) for p in paths[first : first + size]]))
-            self._awaiting.append((loads, first))
+            self._awaiting.append((loads, first, len(self._jobs.jobs[-1][1])))
         return loads
 
     def _pull(self) -> None:
-        """Receive the oldest job queued (the DataLoader returns jobs in order)."""
-        loads, first = self._awaiting[0]
+        """Receive the oldest job queued (the DataLoader returns jobs in order); a job that
+        failed as a whole (a bug, a dead worker) gives its error to each of its images."""
+        loads, first, count = self._awaiting.popleft()
         try:
             try:
-                results = next(self._iterator)
+                pixels, results = next(self._iterator)
             except StopIteration:  # the pass ran dry before this job was queued: a new pass takes it up
                 self._iterator = iter(self._loader)
-                results = next(self._iterator)
-        except RuntimeError as exc:
-            if "DataLoader worker" in str(exc):  # killed or exited: every load from now on fails
-                raise BrokenProcessPool(str(exc)) from exc
-            raise
-        self._awaiting.popleft()
-        pixels, results = results
-        loads._out[first : first + len(results)] = [r if isinstance(r, BaseException) else (pixels[r[0]], r[1])
-                                                    for r in results]
+                pixels, results = next(self._iterator)
+        except BaseException as exc:  # noqa: BLE001 (raised by result(), for each image of the job)
+            if isinstance(exc, RuntimeError) and "DataLoader worker" in str(exc):  # killed or exited
+                broken = BrokenProcessPool(str(exc))
+                broken.__cause__, exc = exc, broken
+            loads._out[first : first + count] = [exc] * count
+            return
+        loads._out[first : first + count] = [r if isinstance(r, BaseException) else (pixels[r[0]], r[1]) for r in results]
 
     @property
     def using_processes(self) -> bool:

@@ -32,6 +32,14 @@ class CrashingPrep:
 
 
 @dataclasses.dataclass(frozen=True)
+class BuggyPrep:
+    """A pixel geometry that fails as a bug would (not a teal error)."""
+
+    def apply(self, image):
+        raise ValueError("a bug in a loader")
+
+
+@dataclasses.dataclass(frozen=True)
 class NicePrep:
     """A pixel geometry whose one pixel is its loader's nice value (as a loader sees it)."""
 

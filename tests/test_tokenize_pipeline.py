@@ -75,6 +75,25 @@ def test_closing_skips_the_loads_still_queued(images):
     assert time.perf_counter() - start < 2.5
 
 
+def test_a_bug_in_a_loader_job_fails_its_images_and_later_loads_still_match(images):
+    """A job that fails as a whole (not a bad file) raises for each of its images; the loads
+    queued after it still get their own images."""
+    from helpers import BuggyPrep
+
+    from teal_cli.loaders import load_image_job
+    from teal_cli.pixels import PixelPrep
+
+    paths = [str(images / name) for name in ("a.jpg", "b.png", "c.png")]
+    with Loaders(2, "processes").start() as loaders:
+        bad = loaders.load_images(BuggyPrep(), paths)
+        good = loaders.load_images(PixelPrep("square", 8), paths)
+        for i in range(len(bad)):
+            with pytest.raises(ValueError, match="a bug in a loader"):
+                bad.result(i)
+        for i, path in enumerate(paths):
+            assert np.array_equal(good.result(i)[0].numpy(), load_image_job(PixelPrep("square", 8), path)[0])
+
+
 def test_loader_choice():
     assert resolve_loader("auto", 16) == "processes" and resolve_loader("auto", 4) == "threads"
     assert resolve_loader("threads", 16) == "threads"
