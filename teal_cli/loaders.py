@@ -3,8 +3,7 @@
 Audio, and images with ``--loader threads``, go to a thread pool: soundfile, soxr and PIL
 release the GIL, and waveforms are big to copy. With ``processes`` images go to the worker
 processes of a persistent ``torch.utils.data.DataLoader`` (several images per job, uint8
-tensors back through shared memory, results in job order).
-Processes pay off only with many workers (a 16-core GPU host decoded 1,303 images/s with 16
+tensors back through shared memory, results in job order). Processes pay off only with many workers (a 16-core GPU host decoded 1,303 images/s with 16
 processes, 914 with 16 threads), so ``auto`` takes them from ``PROCESS_MIN_WORKERS`` up.
 Workers fork from a fork server that preloaded what they need (the parent, which may hold
 CUDA state and threads, is never forked), run below the parent's priority (``LOADER_NICE``)
@@ -28,7 +27,6 @@ from .errors import TealError, UsageError
 
 if TYPE_CHECKING:
     import numpy as np
-    import torch
 
 LOADERS = ("auto", "threads", "processes")
 PRELOAD = ["numpy", "torch", "PIL.Image", "PIL.JpegImagePlugin", "PIL.PngImagePlugin", "teal_cli.media",
