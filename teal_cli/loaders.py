@@ -32,6 +32,7 @@ LOADERS = ("auto", "threads", "processes")
 PRELOAD = ["numpy", "torch", "PIL.Image", "PIL.JpegImagePlugin", "PIL.PngImagePlugin", "teal_cli.media",
            "teal_cli.pixels", "teal_cli.loaders"]
 PROCESS_MIN_WORKERS = 8
+PROCESS_AFTER = 128  # image jobs run on threads while the processes start (see Loaders)
 MAX_DEFAULT_WORKERS = 16
 CHUNK_MAX = 8  # images per process job: each job costs the parent the same whatever its size
 PREFETCH = 16  # jobs in flight per worker at most; what is queued (two windows) is the real bound
@@ -174,9 +175,15 @@ class ImageLoads:
 
 class Loaders:
     """A thread pool for audio (and images, with ``threads``) plus, with ``processes``, the
-    DataLoader's worker processes for images, started with the first images (or :meth:`start`).
-    Use as a context manager; one instance can serve many ``tokenize_records`` calls, from one
-    thread (results are taken in the order the loads were started)."""
+    DataLoader's worker processes for images. Use as a context manager; one instance can
+    serve many ``tokenize_records`` calls, from one thread (results are taken in the order
+    the loads were started).
+
+    Starting the processes costs seconds (their fork server imports torch: 8 workers took
+    7 s on a loaded 2-core machine), so they are not started for a handful of images: the
+    first ``PROCESS_AFTER`` images load on the threads while the processes start in the
+    background, and later ones go to the processes once they are up. :meth:`start` starts
+    them at once instead."""
 
     def __init__(self, workers: int | None = None, kind: str = "auto", nice: int = LOADER_NICE):
         self.workers = default_workers() if workers is None else workers
@@ -189,6 +196,10 @@ class Loaders:
         self._awaiting: deque[tuple[ImageLoads, int, int]] = deque()  # jobs not received: (loads, first image, count)
         self._loader = None
         self._iterator = None
+        self._ready = threading.Event()
+        self._starter: threading.Thread | None = None
+        self._start_error: BaseException | None = None
+        self._image_jobs = 0
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
         """Run ``fn(*args)`` on a loader thread."""
@@ -197,9 +208,12 @@ class Loaders:
     def load_images(self, prep, paths: Sequence[str]) -> ImageLoads:
         """Start loading ``paths`` with the pixel geometry ``prep`` (a picklable
         :class:`~teal_cli.pixels.PixelPrep`)."""
-        if self.kind != "processes":
+        if self.kind != "processes" or not self._ready.is_set():
+            self._image_jobs += len(paths)
+            if self.kind == "processes" and self._starter is None and self._image_jobs >= PROCESS_AFTER:
+                self._starter = threading.Thread(target=self._start_quietly, name="teal-loader-start", daemon=True)
+                self._starter.start()
             return ImageLoads(len(paths), [self._threads.submit(load_image_job, prep, str(p)) for p in paths])
-        self.start()
         loads = ImageLoads(len(paths), pull=self._pull)
         size = max(1, min(CHUNK_MAX, math.ceil(len(paths) / self.workers)))
         for first in range(0, len(paths), size):
@@ -227,26 +241,47 @@ class Loaders:
 
     @property
     def using_processes(self) -> bool:
-        """Whether the loader processes are running."""
-        return self._iterator is not None
+        """Whether image jobs now go to the processes."""
+        return self._ready.is_set()
 
     def start(self) -> "Loaders":
-        """Start the loader processes now (with ``processes``)."""
-        if self.kind == "processes" and self._iterator is None:
-            import multiprocessing
-
-            from torch.utils.data import DataLoader
-
-            context = multiprocessing.get_context("forkserver")
-            context.set_forkserver_preload(PRELOAD)
-            # (No pin_memory: tokenize stacks a batch into page-locked memory itself, one copy.)
-            self._loader = DataLoader(_ImageJobs(), batch_sampler=self._jobs, num_workers=self.workers,
-                                      collate_fn=_one_job, persistent_workers=True, prefetch_factor=PREFETCH,
-                                      worker_init_fn=partial(_quiet_worker, self.nice, os.getpid()), multiprocessing_context=context)
-            self._iterator = iter(self._loader)
+        """Start the loader processes now (with ``processes``), and wait until they are up."""
+        if self.kind == "processes" and not self._ready.is_set():
+            if self._starter is not None:
+                self._starter.join()
+                if self._start_error is not None:
+                    raise self._start_error
+            else:
+                self._start_processes()
         return self
 
+    def _start_quietly(self) -> None:
+        # In the background: if the processes cannot start, the images simply stay on the threads.
+        try:
+            self._start_processes()
+        except BaseException as exc:  # noqa: BLE001 (reported through start() when asked)
+            self._start_error = exc
+
+    def _start_processes(self) -> None:
+        import multiprocessing
+        import warnings
+
+        from torch.utils.data import DataLoader
+
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(PRELOAD)
+        # (No pin_memory: tokenize stacks a batch into page-locked memory itself, one copy.)
+        self._loader = DataLoader(_ImageJobs(), batch_sampler=self._jobs, num_workers=self.workers,
+                                  collate_fn=_one_job, persistent_workers=True, prefetch_factor=PREFETCH,
+                                  worker_init_fn=partial(_quiet_worker, self.nice, os.getpid()), multiprocessing_context=context)
+        with warnings.catch_warnings():  # more workers than cores: what --workers asked for
+            warnings.filterwarnings("ignore", message="This DataLoader will create")
+            self._iterator = iter(self._loader)
+        self._ready.set()
+
     def close(self) -> None:
+        if self._starter is not None:
+            self._starter.join()
         self._threads.shutdown(wait=True, cancel_futures=True)
         if self._iterator is not None:
             # Persistent workers end with their iterator; ask now rather than at garbage collection.

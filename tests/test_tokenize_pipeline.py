@@ -53,6 +53,26 @@ def test_process_loaders_give_the_thread_records(images, patch_codec):
     assert padded[0]["segments"][0]["shape"] == [11, 17]
 
 
+def test_processes_take_over_from_threads_once_started(images, patch_codec, monkeypatch):
+    """Small jobs stay on threads; past PROCESS_AFTER images the processes start in the
+    background and later windows go to them, with the same records either way."""
+    import time
+
+    import teal_cli.loaders as loaders_module
+
+    expected = _records(images, patch_codec, loader="threads", workers=2)
+    with Loaders(2, "processes") as loaders:
+        assert _records(images, patch_codec, loaders) == expected  # 3 jobs: below the threshold
+        assert loaders._starter is None and not loaders.using_processes
+        monkeypatch.setattr(loaders_module, "PROCESS_AFTER", 4)
+        assert _records(images, patch_codec, loaders) == expected  # job 4 starts the pool
+        deadline = time.time() + 60
+        while not loaders.using_processes and time.time() < deadline:
+            time.sleep(0.05)
+        assert loaders.using_processes
+        assert _records(images, patch_codec, loaders) == expected
+
+
 def test_a_dying_loader_process_is_a_clear_error(images, patch_codec, monkeypatch):
     from helpers import CrashingPrep
 
