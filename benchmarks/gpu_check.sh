@@ -38,10 +38,10 @@ tokenize() {  # codec dtype [extra benchmark options]
   local codec="$1" dtype="$2"
   shift 2
   step 90 python3 benchmarks/tokenize_image.py --codec "$codec" --device cuda --dtype "$dtype" --images 2048 --batch-size 64 \
-    --image-dir /tmp/teal-bench-images "$@" 2>&1 | tee -a "$OUT/tokenize_image_gpu.log" | grep -E "^codec|images/s|ratio|CPU|thread|Error|resize"
+    --image-dir /tmp/teal-bench-images "$@" 2>&1 | tee -a "$OUT/tokenize_image_gpu.log" | grep -E "^codec|images/s|ratio|CPU|thread|Error"
 }
 # Tokenize runs: "codec dtype [extra benchmark options]", separated by ';' (TEAL_GPU_RUNS overrides).
-RUNS="${TEAL_GPU_RUNS:-beit2 bfloat16 --resize-on device;beit2 bfloat16;vqgan bfloat16;dalle bfloat16;beit2 float32;vqgan float32;vqgan bfloat16 --resize-on device}"
+RUNS="${TEAL_GPU_RUNS:-beit2 bfloat16;vqgan bfloat16;dalle bfloat16;beit2 float32;vqgan float32}"
 IFS=';' read -ra RUN_LIST <<< "$RUNS"
 tokenize ${RUN_LIST[0]}
 audio float16 wav

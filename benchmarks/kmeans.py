@@ -7,9 +7,8 @@ and a bare matmul floor, on the same data from the same initial centroids, in on
 
 Every method gets one warm-up fit of one iteration, then ``--repeat`` rounds of timed fits
 of ``--iters`` iterations, the methods alternating (reversed every other round, so load from
-other processes falls on all of them alike), of which each method's fastest counts. On CPU
-with faiss installed, the run records both backends' times in ``$TEAL_CACHE_DIR`` for
-``--backend auto`` (``--no-record`` to leave it). "passes" is how many assignment passes the timed fit makes: teal and
+other processes falls on all of them alike), of which each method's fastest counts.
+"passes" is how many assignment passes the timed fit makes: teal and
 scikit-learn measure the inertia of their final centroids with one extra pass (it is in
 their time); faiss and the plain loop do not, so their inertia is measured afterwards,
 untimed. On CUDA scikit-learn and faiss are skipped and TF32 variants are added.
@@ -188,7 +187,6 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--gpu-case", action="store_true", help="preset: --n 1000000 --d 768 --k 2048 --device cuda")
     p.add_argument("--repeat", type=int, default=3, help="timed fits per method; the fastest counts")
-    p.add_argument("--no-record", action="store_true", help="do not record the teal/faiss times for --backend auto")
     p.add_argument("--skip", default="", help="comma-separated methods to leave out (sklearn,faiss,loop,floor)")
     p.add_argument("--breakdown", action="store_true", help="time the parts of one teal pass instead")
     a = p.parse_args(argv)
@@ -231,13 +229,6 @@ def main(argv=None) -> None:
               f"{inertia / teal_inertia:12.5f}")
     for name, sec in lloyd.items():
         print(f"{name}: {sec:.4f} s per Lloyd iteration (update + pass, median between passes, final pass excluded)")
-    if device.type == "cpu" and "faiss" in best and not a.no_record:
-        import faiss
-
-        path = engine.record_backend_timings(best["teal"][0] / a.iters, best["faiss"][0] / a.iters,
-                                             faiss_version=getattr(faiss, "__version__", None))
-        choice = "faiss" if engine.auto_prefers_faiss() else "torch"
-        print(f"recorded for --backend auto in {path}: auto now picks {choice} on this machine")
 
 
 def breakdown(x: torch.Tensor, init: torch.Tensor, device: torch.device) -> None:

@@ -12,12 +12,9 @@ Arms, on the same images, batch size, device and dtype:
   forward pass and codebook lookup alone.
 - ``loaders``: the same loader pool (``--workers``, ``--loader``) decoding and resizing every
   image to uint8 with no encoder: the most images per second this host's CPUs can feed.
-- ``device resize alone`` (with ``--resize-on device``): decoded images resized and cropped on
-  the device by :mod:`teal_cli.media.resample`, upload included, both ways it can run the passes
-  (float64 matrix products, int32 gathers), and their ratio.
 - ``tokenize, no device work``: the tokenize arm with the device's work replaced by
-  constants (``codec.encode`` by a grid of zeros, the value mapping by nothing and, with
-  ``--resize-on device``, the resize by an empty batch): the ceiling of the host side of the
+  constants (``codec.encode`` by a grid of zeros, the value mapping by nothing): the
+  ceiling of the host side of the
   pipeline (loaders, hand-over, upload, launches, JSONL), and the parent process's CPU time
   per image it costs. On a CPU device that leaves out compute the host does in the
   tokenize arm.
@@ -30,6 +27,12 @@ device's ids, writing JSONL, the rest), which says what a shortfall on a GPU is 
 single-threaded, where the time of one image goes: decode, geometry (resize, crop),
 value mapping + encode (batched, per image), JSON. Without ``--checkpoint`` the codec has random weights in the official
 architecture (speed does not depend on the values).
+
+``--against REV`` compares the loaders alone with those of a git revision instead (e.g. the
+last one with teal's own process pool, before the DataLoader: ``--against d2c201c``), at the
+same ``--workers`` and ``--loader``: each of ``--repeats`` rounds runs both, in alternating
+order, each in a fresh process on the BEiT-v2 geometry (224 px crop), and the ratio of the
+medians is printed. Run it on an otherwise idle machine, or repeat more.
 """
 
 from __future__ import annotations
@@ -41,7 +44,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+# TEAL_TREE: the teal tree to import (--against runs a git revision's loaders that way).
+sys.path.insert(0, os.environ.get("TEAL_TREE") or os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 # Loader processes re-import the script that started them (as __mp_main__, multiprocessing's
 # rule); keep that as cheap as the `teal` command's own script, which imports no torch.
@@ -110,12 +114,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_tokenize(codec, paths: list[Path], out: Path, batch_size: int, loaders, resize_on: str = "loader") -> tuple[float, int]:
+def run_tokenize(codec, paths: list[Path], out: Path, batch_size: int, loaders) -> tuple[float, int]:
     from teal_cli.media.inputs import iter_input_records
     from teal_cli.records import RecordWriter
     from teal_cli.pipeline.tokenize import TokenizeOptions, tokenize_records
 
-    options = TokenizeOptions(batch_size=batch_size, resize_on=resize_on)
+    options = TokenizeOptions(batch_size=batch_size)
     start = time.perf_counter()
     with open(out, "w") as f:
         count = RecordWriter(f).write_all(tokenize_records(iter_input_records([str(p) for p in paths]), [codec], options,
@@ -134,41 +138,75 @@ def run_bare(codec, batches: list[torch.Tensor]) -> float:
     return time.perf_counter() - start
 
 
-def run_loaders(codec, paths: list[Path], loaders, batch_size: int, raw_bytes: int = 0) -> float:
+def run_loaders(prep, paths: list[Path], loaders, batch_size: int) -> float:
     """Seconds for the loader pool alone to decode and resize every image (no encoder), in
     windows of ``batch_size`` with the next window queued, as tokenize does."""
-    prep = codec.pixel_prep()
     windows = [[str(p) for p in paths[i : i + batch_size]] for i in range(0, len(paths), batch_size)]
     start = time.perf_counter()
-    ahead = loaders.load_images(prep, windows[0], raw_bytes)
+    ahead = loaders.load_images(prep, windows[0])
     for window in windows[1:] + [None]:
-        current, ahead = ahead, loaders.load_images(prep, window, raw_bytes) if window else None
+        current, ahead = ahead, loaders.load_images(prep, window) if window else None
         for i in range(len(current)):
             np.ascontiguousarray(current.result(i)[0])  # read the pixels, as tokenize copies them
-        current.release()
+        getattr(current, "release", lambda: None)()  # (teal's own pool, up to d2c201c, recycled shared memory)
     return time.perf_counter() - start
 
 
-def run_device_resize(codec, paths: list[Path], batch_size: int, matmul: bool) -> float:
-    """Images per second of :func:`teal_cli.media.resample.resize_window` alone, on decoded images,
-    with its passes as float64 matrix products or as int32 gathers."""
-    from teal_cli.media.io import load_image
-    from teal_cli.media.pixels import rgb_array, rgbx_array
-    from teal_cli.media.resample import resize_window
+def loaders_rate(folder: str, count: int, batch_size: int, workers: int, loader: str) -> None:
+    """In a fresh process (``--against``): print images/s of the loaders alone of the teal
+    tree on ``sys.path`` and this process's CPU ms per image (BEiT-v2 geometry, after a
+    warm-up pass over one window)."""
+    from teal_cli.media.pixels import PixelPrep
 
-    prep = codec.pixel_prep()
-    # As the loaders hand them over: Pillow's 4 bytes a pixel where it can export them so.
-    decoded = [load_image(p) for p in paths[: batch_size * 4]]
-    images = [rgb_array(im) if (x := rgbx_array(im)) is None else x for im in decoded]
-    windows = [prep.window(im.shape[1], im.shape[0]) for im in images]
-    chunks = [(images[i : i + batch_size], windows[i : i + batch_size]) for i in range(0, len(images), batch_size)]
-    resize_window(*chunks[0], prep.resample, codec.device, matmul=matmul)  # warm-up
-    _sync(codec.device)
-    start = time.perf_counter()
-    for chunk in chunks:
-        resize_window(*chunk, prep.resample, codec.device, matmul=matmul)
-    _sync(codec.device)
-    return len(images) / (time.perf_counter() - start)
+    prep = PixelPrep("shorter", 256, Image.BICUBIC, crop=224)
+    paths = sorted(Path(folder).glob("img*.jpg"))[:count]
+    with Loaders(workers, loader) as loaders:
+        loaders.start()
+        run_loaders(prep, paths[:batch_size], loaders, batch_size)
+        cpu = time.process_time()
+        rate = count / run_loaders(prep, paths, loaders, batch_size)
+        print(rate, (time.process_time() - cpu) / count * 1000)
+
+
+def against(rev: str, args, count: int) -> None:
+    """The loaders alone of the working tree and of git revision ``rev``, alternating."""
+    import statistics
+    import subprocess
+
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    with tempfile.TemporaryDirectory() as tmp:
+        old = Path(tmp) / "old"
+        old.mkdir()
+        archive = subprocess.run(["git", "-C", root, "archive", rev, "teal_cli"], capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(old)], input=archive, check=True)
+        folder = Path(args.image_dir or Path(tmp) / "images")
+        folder.mkdir(parents=True, exist_ok=True)
+        if len(list(folder.glob("img*.jpg"))) < count:
+            write_images(folder, count)
+        rates: dict[str, list[float]] = {rev: [], "this tree": []}
+        cpu: dict[str, list[float]] = {rev: [], "this tree": []}
+        for r in range(args.repeats):
+            for name in (rev, "this tree") if r % 2 == 0 else ("this tree", rev):
+                tree = str(old) if name == rev else os.path.abspath(root)
+                # PYTHONPATH too, and a neutral working directory: loader processes start from a
+                # fork server, which imports from both (the working directory first).
+                env = {**os.environ, "TEAL_TREE": tree, "PYTHONPATH": os.pathsep.join([tree, os.environ.get("PYTHONPATH", "")])}
+                out = subprocess.run([sys.executable, os.path.abspath(__file__), "--loaders-rate", str(folder), "--images",
+                                      str(count), "--batch-size", str(args.batch_size), "--workers", str(args.workers),
+                                      "--loader", args.loader], env=env, cwd=tmp, capture_output=True, text=True)
+                if out.returncode != 0:
+                    sys.exit(f"{name}: {out.stderr}")
+                rate, ms = map(float, out.stdout.split()[-2:])
+                rates[name].append(rate)
+                cpu[name].append(ms)
+                print(f"round {r + 1}: {name:>10}: {rate:7.1f} images/s, parent CPU {ms:.3f} ms/image", flush=True)
+    medians = {name: statistics.median(v) for name, v in rates.items()}
+    for name, v in rates.items():
+        print(f"{name:>10}: median {medians[name]:.1f} images/s (min {min(v):.1f}, max {max(v):.1f}, {len(v)} runs), "
+              f"parent CPU median {statistics.median(cpu[name]):.3f} ms/image")
+    paired = statistics.median(new / old for new, old in zip(rates["this tree"], rates[rev]))
+    print(f"this tree / {rev}: {medians['this tree'] / medians[rev]:.3f} (ratio of medians), "
+          f"{paired:.3f} (median of the rounds' ratios)")
 
 
 def timed_stages(fn, device) -> dict[str, float]:
@@ -225,10 +263,15 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--loader", default="auto", choices=["auto", "threads", "processes"])
     parser.add_argument("--nice", type=int, default=None, help="loader processes' priority increment (default: teal's)")
-    parser.add_argument("--resize-on", default="loader", choices=["loader", "device"],
-                        help="device: loaders only decode; resize and crop on the encoder's device")
+    parser.add_argument("--against", metavar="REV", help="compare the loaders alone with those of this git revision")
+    parser.add_argument("--repeats", type=int, default=6, help="--against: rounds (each runs both)")
+    parser.add_argument("--loaders-rate", metavar="FOLDER", help=argparse.SUPPRESS)
     parser.add_argument("--image-dir", help="write the test JPEGs here and reuse them on later runs (default: a temp dir)")
     args = parser.parse_args()
+    if args.loaders_rate:
+        return loaders_rate(args.loaders_rate, args.images, args.batch_size, args.workers, args.loader)
+    if args.against:
+        return against(args.against, args, args.images or 512)
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
@@ -236,8 +279,7 @@ def main() -> None:
     codec = build_codec(args.codec, args.checkpoint, dtype).to(device)
     count = args.images or args.batch_size * (4 if device.type == "cuda" else 2)
     print(f"codec {codec.name} ({args.codec}), device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
-          f"dtype {str(dtype).replace('torch.', '')}, batch {args.batch_size}, {count} images, {args.workers} loaders ({resolve_loader(args.loader, args.workers)}), "
-          f"resize on the {args.resize_on}", flush=True)
+          f"dtype {str(dtype).replace('torch.', '')}, batch {args.batch_size}, {count} images, {args.workers} loaders ({resolve_loader(args.loader, args.workers)})", flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(args.image_dir or Path(tmp) / "images")
@@ -254,7 +296,7 @@ def main() -> None:
         loaders.start()
         started = time.perf_counter() - t0
         cpu = time.process_time()
-        seconds, written = run_tokenize(codec, paths, Path(tmp) / "out.jsonl", args.batch_size, loaders, args.resize_on)
+        seconds, written = run_tokenize(codec, paths, Path(tmp) / "out.jsonl", args.batch_size, loaders)
         tok_cpu = (time.process_time() - cpu) / count
         bare2 = run_bare(codec, batches)  # again after, to see drift (clocks, other load)
         assert written == count, (written, count)
@@ -262,46 +304,23 @@ def main() -> None:
         tok_ips = count / seconds
         print(f"bare encoder forward : {bare_ips:9.1f} images/s  (runs: {len(batches) * args.batch_size / bare:.1f}, {len(batches) * args.batch_size / bare2:.1f})")
         print(f"teal tokenize        : {tok_ips:9.1f} images/s  (decode + resize + map + encode + JSONL write)")
-        stages = timed_stages(lambda: run_tokenize(codec, paths, Path(tmp) / "out.jsonl", args.batch_size, loaders,
-                                                   args.resize_on), codec.device)
+        stages = timed_stages(lambda: run_tokenize(codec, paths, Path(tmp) / "out.jsonl", args.batch_size, loaders),
+                              codec.device)
         cpu = time.process_time()
-        from teal_cli.pipeline.loaders import RAW_BYTES
-
-        load_ips = count / run_loaders(codec, paths, loaders, args.batch_size, RAW_BYTES if args.resize_on == "device" else 0)
+        load_ips = count / run_loaders(codec.pixel_prep(), paths, loaders, args.batch_size)
         load_cpu = (time.process_time() - cpu) / count
-        if args.resize_on == "device":
-            from teal_cli.media.resample import matmul_suits
-
-            gather, matmul = (run_device_resize(codec, paths, args.batch_size, m) for m in (False, True))
-            used = "matmul" if matmul_suits(torch.device(codec.device)) else "gathers"
-            print(f"device resize alone  : {matmul:9.1f} images/s as float64 matmuls, {gather:.1f} as int32 gathers "
-                  f"(x{matmul / gather:.2f}; teal uses {used} here; decoded images in memory -> upload -> resize + crop)")
         grid = codec.encode(batches[0][:1]).shape[1:]
         codec.encode = lambda pixels: torch.zeros((pixels.shape[0], *grid), dtype=torch.long, device=pixels.device)
         codec.normalize = lambda pixels: pixels
-        from teal_cli.media import resample
-
-        resize_window = resample.resize_window
-        if args.resize_on == "device":  # device work too: what is left is the host's
-            empty: dict[tuple, torch.Tensor] = {}  # one batch per shape, made once: no host work per call
-
-            def no_resize(images, windows, *_, **__):
-                shape = (len(images), windows[0][5], windows[0][4], 3)
-                if shape not in empty:
-                    empty[shape] = torch.zeros(shape, dtype=torch.uint8, device=codec.device)
-                return empty[shape]
-
-            resample.resize_window = no_resize
         cpu = time.process_time()
-        host_seconds, _ = run_tokenize(codec, paths, Path(tmp) / "out.jsonl", args.batch_size, loaders, args.resize_on)
+        host_seconds, _ = run_tokenize(codec, paths, Path(tmp) / "out.jsonl", args.batch_size, loaders)
         host_cpu = (time.process_time() - cpu) / count
         del codec.encode, codec.normalize
-        resample.resize_window = resize_window
         loaders.close()
         print(f"loader start         : {started:9.3f} s once per run (not in the rates; {loaders.kind})")
-        print(f"loaders alone        : {load_ips:9.1f} images/s  (decode{'' if args.resize_on == 'device' else ' + resize to uint8'}, no encoder)")
+        print(f"loaders alone        : {load_ips:9.1f} images/s  (decode + resize to uint8, no encoder)")
         print(f"tokenize, no device  : {count / host_seconds:9.1f} images/s  (the host side's ceiling: no encoder, "
-              f"value mapping{' or resize' if args.resize_on == 'device' else ''})")
+              f"value mapping)")
         print(f"parent CPU per image : {tok_cpu * 1000:9.3f} ms tokenize, {host_cpu * 1000:.3f} ms with no device work, "
               f"{load_cpu * 1000:.3f} ms loaders alone (all threads of this process)")
         print(f"ratio                : {tok_ips / bare_ips:9.3f}  (tokenize / bare)")

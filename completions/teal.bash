@@ -11,7 +11,7 @@ _teal() {
     --device) COMPREPLY=($(compgen -W "auto cpu cuda" -- "$cur")); return;;
     --dtype) COMPREPLY=($(compgen -W "auto float32 bfloat16 float16" -- "$cur")); return;;
     --on-error) COMPREPLY=($(compgen -W "fail skip" -- "$cur")); return;;
-    --backend) COMPREPLY=($(compgen -W "torch faiss auto" -- "$cur")); return;;
+    --backend) COMPREPLY=($(compgen -W "torch faiss" -- "$cur")); return;;
     --features) COMPREPLY=($(compgen -W "patch mel whisper-small hubert-base-ls960" -- "$cur")); return;;
   esac
   case "$cmd" in
@@ -23,7 +23,7 @@ _teal() {
     export) if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "-o --output --force --verify -q --quiet -v --verbose -h --help" -- "$cur")); return; fi;;
     generate) if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--text -t --model -m --engine --max-new-tokens -n --temperature --top-k --top-p --seed --cfg-scale --output-modality --codec -c --max-audio-seconds --batch-size -b --echo -o --output --device --dtype -q --quiet -v --verbose -h --help" -- "$cur")); return; fi;;
     init-embeddings) if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "-o --output --llm --revision --codec -c --input-codec --output-codec --init --code-dim --image-size --force --device --seed -q --quiet -v --verbose -h --help" -- "$cur")); return; fi;;
-    tokenize) if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--codec -c -o --output --batch-size -b --image-size --sample-temperature --dedup --checkpoint --config --shard --workers --loader --resize-on --on-error --device --dtype --seed -q --quiet -v --verbose -h --help" -- "$cur")); return; fi;;
+    tokenize) if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--codec -c -o --output --batch-size -b --image-size --sample-temperature --dedup --checkpoint --config --shard --workers --loader --on-error --device --dtype --seed -q --quiet -v --verbose -h --help" -- "$cur")); return; fi;;
     train) if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--data --stage --val --val-fraction --task --templates --batch-size --grad-accum --lr --warmup --weight-decay --max-steps --epochs --clip --bias-norm --lora --train --freeze --checkpoint-every --eval-every --log-every --resume --gradient-checkpointing --no-bucket --device --dtype --seed -q --quiet -v --verbose -h --help" -- "$cur")); return; fi;;
   esac
   COMPREPLY=($(compgen -f -- "$cur"))

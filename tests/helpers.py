@@ -31,6 +31,41 @@ class CrashingPrep:
         os._exit(3)
 
 
+@dataclasses.dataclass(frozen=True)
+class BuggyPrep:
+    """A pixel geometry that fails as a bug would (not a teal error)."""
+
+    def apply(self, image):
+        raise ValueError("a bug in a loader")
+
+
+@dataclasses.dataclass(frozen=True)
+class NicePrep:
+    """A pixel geometry whose one pixel is its loader's nice value (as a loader sees it)."""
+
+    def apply(self, image):
+        import os
+
+        import numpy as np
+
+        return np.full((1, 1, 3), os.nice(0), np.uint8), None
+
+
+@dataclasses.dataclass(frozen=True)
+class SlowPrep:
+    """A pixel geometry that takes ``seconds`` per image."""
+
+    seconds: float = 0.5
+
+    def apply(self, image):
+        import time
+
+        import numpy as np
+
+        time.sleep(self.seconds)
+        return np.zeros((1, 1, 3), np.uint8), None
+
+
 def fit_patch_codec(folder, out, k: int):
     """A patch-p4 k-means codec fitted on every image in ``folder``, written to ``out``, loaded."""
     from teal_cli.cluster.fit import ClusterOptions, fit_codec

@@ -151,7 +151,7 @@ mv "$OUT/stage1.tok.jsonl.tmp" "$OUT/stage1.tok.jsonl"
 # Stage 2 sees each training digit CAPTION_REPEAT times: identical copies by default; with
 # DIGITS_CAPTION_TEMPERATURE=T all but the first draw their ids from the softmax over centroid
 # distances (teal tokenize --sample-temperature), so a near-tie code takes a neighbouring one
-# (measured in defaults.sh with the quadrant codec: no gain beyond the spread between draws).
+# (measured with the quadrant codec, benchmarks/README.md: no gain beyond the spread between draws).
 caps=("$CAP/caption.train.tok.jsonl")
 for ((i = 1; i < CAPTION_REPEAT; i++)); do
   if [[ $CAPTION_TEMPERATURE == 0 ]]; then caps+=("$CAP/caption.train.tok.jsonl"); continue; fi

@@ -38,7 +38,7 @@ def cluster(
     layer: Annotated[Optional[str], typer.Option("--layer", help="speech models: encoder layer (1..depth, or 'final').")] = None,
     checkpoint: Annotated[Optional[str], typer.Option("--checkpoint", help="speech models: local checkpoint file or folder.")] = None,
     features_cache: Annotated[Optional[str], typer.Option("--features-cache", help="Folder caching extracted features, reused across k sweeps.")] = None,
-    backend: Annotated[str, typer.Option("--backend", help="k-means backend: torch, faiss (if installed) or auto (faiss where benchmarks/kmeans.py measured it faster on this machine).")] = "torch",
+    backend: Annotated[str, typer.Option("--backend", help="k-means backend: torch, or faiss (if installed; CPU only).")] = "torch",
     tf32: Annotated[bool, typer.Option("--tf32/--exact-fp32", help="CUDA k-means distances in TF32 (~5x faster; inertia still reported in fp32) or full fp32.")] = True,
     import_km: Annotated[Optional[str], typer.Option("--import-km", help="Make the codec from a GSLM/fairseq km.bin (sklearn KMeans) instead of fitting.")] = None,
     export_km: Annotated[Optional[str], typer.Option("--export-km", help="Also write the centroids as a GSLM/fairseq km.bin.")] = None,
@@ -59,7 +59,7 @@ def cluster(
 
     log = Log(quiet, verbose)
     check_choice(on_error, ("fail", "skip"), "--on-error")
-    check_choice(backend, ("torch", "faiss", "auto"), "--backend")
+    check_choice(backend, ("torch", "faiss"), "--backend")
     dev, dt = setup_torch(device, dtype, seed)
     options = {"patch_size": patch_size, "image_size": image_size, "n_mels": n_mels, "layer": layer,
                "checkpoint": checkpoint, "dtype": dt, "device": dev, "batch_size": batch_size}

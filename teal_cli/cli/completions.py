@@ -24,7 +24,7 @@ Examples:
 
 SHELLS = ("bash", "zsh", "fish")
 CHOICES = {"--device": "auto cpu cuda", "--dtype": "auto float32 bfloat16 float16", "--on-error": "fail skip",
-           "--backend": "torch faiss auto", "--features": "patch mel whisper-small hubert-base-ls960"}
+           "--backend": "torch faiss", "--features": "patch mel whisper-small hubert-base-ls960"}
 
 
 def command_tree() -> dict[str, list[tuple[list[str], str, bool]]]:

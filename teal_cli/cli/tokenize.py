@@ -40,7 +40,6 @@ def tokenize(
     shard: Annotated[Optional[str], typer.Option("--shard", help="Tokenize only shard I/N of the records (auto: from torchrun's RANK/WORLD_SIZE); {shard} in -o becomes I.")] = None,
     workers: WorkersOpt = None,
     loader: Annotated[str, typer.Option("--loader", help="Image loaders: threads, processes, or auto (processes from 8 workers up).")] = "auto",
-    resize_on: Annotated[str, typer.Option("--resize-on", help="Where images are resized and cropped: loader (Pillow, on the CPU) or device (the encoder's device, Pillow's exact bytes; loaders then only decode).")] = "loader",
     on_error: OnErrorOpt = "fail",
     device: DeviceOpt = "auto",
     dtype: Annotated[str, typer.Option("--dtype", help="auto (= float32: ids as the reference code gives them), bfloat16 or float16 (faster on GPU, some near-tie ids change).")] = "auto",
@@ -58,7 +57,6 @@ def tokenize(
     log = Log(quiet, verbose)
     check_choice(on_error, ("fail", "skip"), "--on-error")
     check_choice(loader, ("auto", "threads", "processes"), "--loader")
-    check_choice(resize_on, ("loader", "device"), "--resize-on")
     if not codec:
         raise UsageError("--codec is required (a codec name, e.g. beit2, or a directory made by 'teal cluster')")
     check_number(sample_temperature, "--sample-temperature", above=0)
@@ -99,7 +97,7 @@ def tokenize(
         log.info(f"sampling ids at temperature {sample_temperature:g} (seed {seed}), not the nearest centroid")
     log.debug("codecs: " + ", ".join(f"{c.name} ({c.modality}, {c.vocab_size} ids) on {dev}" for c in codecs))
     options = TokenizeOptions(batch_size=batch_size, image_size=image_size, dedup=dedup, on_error=on_error,
-                              workers=workers, loader=loader, resize_on=resize_on)
+                              workers=workers, loader=loader)
     stats = TokenizeStats()
     records = tokenize_records(shard_records(iter_input_records(sources), shard_index, shard_count), codecs, options,
                                warn=log.warn, stats=stats)

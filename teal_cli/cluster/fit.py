@@ -212,7 +212,7 @@ def fit_codec(items: list[tuple[str, str]], extractor: FeatureExtractor, output:
     import torch
 
     from ..codecs.kmeans_codec import codec_name, save_codec_dir
-    from .kmeans import kmeans, kmeans_streaming
+    from .kmeans import kmeans_streaming
 
     if options.k < 1:
         raise UsageError(f"--k {options.k}: must be >= 1")
@@ -237,19 +237,7 @@ def fit_codec(items: list[tuple[str, str]], extractor: FeatureExtractor, output:
     if not report.streaming:
         x = torch.cat(held).to(device)
         del held
-        if x.shape[0] < options.k:
-            raise UsageError(f"--k {options.k} is larger than the {x.shape[0]} feature vectors extracted; lower --k or add data")
-        fit_x = x
-        if options.sample is not None and options.sample < x.shape[0]:
-            gen = torch.Generator(device="cpu").manual_seed(options.seed)
-            fit_x = x[torch.randperm(x.shape[0], generator=gen)[: options.sample].to(x.device)]
-        result = kmeans(fit_x, options.k, iters=options.iters, seed=options.seed, backend=options.backend,
-                        progress=progress, allow_tf32=options.tf32)
-        if fit_x is not x:
-            from .kmeans import assign
-
-            result.inertia = float(assign(x, result.centroids, exact=True)[1].double().sum())
-        report.result = result
+        report.result = _fit_in_memory(x, options, progress)
     else:
         del held
         # Streaming: the stream is re-read on every pass (from the cache when one is given);
@@ -273,7 +261,36 @@ def fit_codec(items: list[tuple[str, str]], extractor: FeatureExtractor, output:
              f"distinct vectors, so {options.k - distinct} ids duplicate others and are never produced; "
              f"use --k {distinct} or more varied data")
     out = Path(output) if output else Path("codecs") / codec_name(extractor, options.k)
-    provenance = {
+    report.directory = save_codec_dir(out, extractor, report.result.centroids,
+                                      _provenance(report, options, device, distinct))
+    return report
+
+
+def _fit_in_memory(x: "torch.Tensor", options: ClusterOptions, progress) -> "KMeansResult":
+    """k-means on every held feature vector ``x`` ([N, d]), or on ``options.sample`` of them
+    (the inertia then measured on all of them)."""
+    import torch
+
+    from .kmeans import assign, kmeans
+
+    if x.shape[0] < options.k:
+        raise UsageError(f"--k {options.k} is larger than the {x.shape[0]} feature vectors extracted; lower --k or add data")
+    fit_x = x
+    if options.sample is not None and options.sample < x.shape[0]:
+        gen = torch.Generator(device="cpu").manual_seed(options.seed)
+        fit_x = x[torch.randperm(x.shape[0], generator=gen)[: options.sample].to(x.device)]
+    result = kmeans(fit_x, options.k, iters=options.iters, seed=options.seed, backend=options.backend,
+                    progress=progress, allow_tf32=options.tf32)
+    if fit_x is not x:
+        result.inertia = float(assign(x, result.centroids, exact=True)[1].double().sum())
+    return result
+
+
+def _provenance(report: ClusterReport, options: ClusterOptions, device: Any, distinct: int) -> dict:
+    """The fit's record in the codec's config."""
+    import torch
+
+    return {
         "fit": {
             "iters": options.iters,
             "iterations_run": report.result.iterations,
@@ -289,5 +306,3 @@ def fit_codec(items: list[tuple[str, str]], extractor: FeatureExtractor, output:
             "distinct_centroids": distinct,
         },
     }
-    report.directory = save_codec_dir(out, extractor, report.result.centroids, provenance)
-    return report

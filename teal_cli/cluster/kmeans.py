@@ -39,7 +39,7 @@ from ..codecs.assign import (  # the nearest-centroid passes, shared with the k-
 from ..codecs.assign import assign, sample_assign  # noqa: F401  (k-means' API too: fit.py and callers import them from here)
 from ..errors import DataError, UsageError
 
-BACKENDS = ("torch", "faiss", "auto")
+BACKENDS = ("torch", "faiss")
 EMPTY_POLICIES = ("reseed", "keep")
 
 # faiss's default cap on training points per centroid, reused as the default sample size
@@ -210,81 +210,11 @@ def _reseed_split(centroids: Tensor, counts: Tensor, empty_ids: Tensor, generato
 
 # ---------------------------------------------------------------------------- backend choice
 
-BACKEND_RECORD = "kmeans-backend.json"  # in $TEAL_CACHE_DIR, written by benchmarks/kmeans.py
-# faiss must be at least this much faster per iteration for "auto" to take it: the two
-# differ in how they refill empty clusters, so a near tie is not worth a change of method.
-FAISS_MARGIN = 1.1
-
-
-def machine_key(faiss_version: str | None = None) -> dict:
-    """What a backend timing depends on: CPU model, torch threads, torch and faiss versions."""
-    import platform
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    if faiss_version is None:
-        faiss = _faiss_module(required=False)
-        faiss_version = getattr(faiss, "__version__", None) if faiss is not None else None
-    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__, "faiss": faiss_version}
-
-
-def _record_path():
-    from ..weights.hub import cache_dir
-
-    return cache_dir() / BACKEND_RECORD
-
-
-def record_backend_timings(torch_s: float, faiss_s: float, *, faiss_version: str | None = None):
-    """Store seconds per Lloyd iteration of both backends on this machine (atomically);
-    ``backend="auto"`` reads it. Returns the file's path."""
-    import json
-
-    from ..media.io import atomic_output
-
-    path = _record_path()
-    with atomic_output(path) as f:
-        json.dump({**machine_key(faiss_version), "torch_s_per_iter": torch_s, "faiss_s_per_iter": faiss_s}, f)
-        f.write("\n")
-    return path
-
-
-def auto_prefers_faiss() -> bool:
-    """``backend="auto"``'s choice, made from a measurement, never from timing at run time.
-
-    faiss's speed is not a property of faiss: its wheel bundles OpenBLAS 0.3.15, which falls
-    back to its SSE3 kernels on some CPUs (a KVM Ice Lake Xeon: 8 GFLOP/s against MKL's 240,
-    faiss 7x slower than teal), while on an AMD EPYC it was 3x faster than teal was then. So
-    "auto" takes faiss only where ``benchmarks/kmeans.py`` recorded it faster by
-    ``FAISS_MARGIN`` on this CPU, thread count and torch/faiss versions. The same record
-    gives the same choice, so results do not depend on timing noise.
-    """
-    import json
-
-    faiss = _faiss_module(required=False)
-    if faiss is None:
-        return False
-    try:
-        record = json.loads(_record_path().read_text(encoding="utf-8"))
-        key = machine_key(getattr(faiss, "__version__", None))
-        if any(record.get(name) != value for name, value in key.items()):
-            return False
-        return float(record["faiss_s_per_iter"]) * FAISS_MARGIN < float(record["torch_s_per_iter"])
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return False
-
-
 def _resolve_backend(backend: str, x: Tensor, all_reduce_fn, tol: float) -> str:
     if backend not in BACKENDS:
         raise UsageError(f"unknown k-means backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     if backend == "torch":
         return "torch"
-    if backend == "auto":
-        usable = x.device.type == "cpu" and all_reduce_fn is None and tol == 0
-        return "faiss" if usable and auto_prefers_faiss() else "torch"
     if x.device.type != "cpu":
         raise UsageError("backend='faiss' uses faiss-cpu and needs CPU data; move x to CPU or use backend='torch'")
     if all_reduce_fn is not None or tol != 0:
@@ -359,9 +289,9 @@ def kmeans(
     - ``empty``: ``"reseed"`` moves an empty cluster onto the point farthest from its
       centroid (with ``all_reduce_fn``: splits the biggest cluster instead); ``"keep"``
       leaves its centroid where it was.
-    - ``backend``: ``"torch"``; ``"faiss"`` (faiss-cpu's loop from the same init);
-      ``"auto"``: faiss when x is on CPU, no torch-only option is used and faiss was
-      measured faster on this machine (see ``auto_prefers_faiss``), else torch.
+    - ``backend``: ``"torch"``, or ``"faiss"`` (faiss-cpu's loop from the same init, CPU
+      only; which is faster depends on the CPU and on the BLAS in faiss's wheel, see
+      ``benchmarks/kmeans.py``).
     - ``all_reduce_fn``: in-place sum across processes; each process passes its own shard
       and the same ``init`` tensor, and gets the same centroids back.
     - ``progress(i, inertia)`` is called after each assignment pass.
@@ -393,33 +323,36 @@ def kmeans(
 
     with torch.no_grad():
         x_sq = _sq_norms(x, chunk)
-        if isinstance(init, Tensor):
-            if tuple(init.shape) != (k, d):
-                raise UsageError(f"init has shape {tuple(init.shape)}, expected ({k}, {d})")
-            _check_data(init, "init")
-            centroids = init.detach().to(device=x.device, dtype=torch.float32).clone()
-        elif distributed:
-            raise UsageError(
-                "with all_reduce_fn, pass init= a [k, d] tensor identical on every process "
-                "(e.g. kmeans_plusplus on one process, then broadcast)"
-            )
-        elif init == "k-means++":
-            if n > SEED_SAMPLE_PER_CENTROID * k:
-                rows = torch.randperm(n, generator=generator, device=generator.device)[: SEED_SAMPLE_PER_CENTROID * k]
-                rows = rows.to(x.device)
-                centroids = _plusplus(x[rows], k, generator, chunk, x_sq[rows])
-            else:
-                centroids = _plusplus(x, k, generator, chunk, x_sq)
-        elif init == "random":
-            rows = torch.randperm(n, generator=generator, device=generator.device)[:k].to(x.device)
-            centroids = x[rows].float()
-        else:
-            raise UsageError(f"init={init!r}: expected 'k-means++', 'random' or a [k, d] tensor")
-
+        centroids = _initial_centroids(x, x_sq, k, init, generator, chunk, distributed)
         if backend == "faiss":
             return _kmeans_faiss(x, x_sq, centroids, iters, seed, chunk, progress)
-
         return _lloyd(x, x_sq, centroids, iters, tol, chunk, empty, generator, all_reduce_fn, progress, allow_tf32)
+
+
+def _initial_centroids(x: Tensor, x_sq: Tensor, k: int, init: str | Tensor, generator: torch.Generator, chunk: int,
+                       distributed: bool) -> Tensor:
+    """``kmeans``'s ``init``: ``[k, d]`` float32 centroids on x's device."""
+    n, d = x.shape
+    if isinstance(init, Tensor):
+        if tuple(init.shape) != (k, d):
+            raise UsageError(f"init has shape {tuple(init.shape)}, expected ({k}, {d})")
+        _check_data(init, "init")
+        return init.detach().to(device=x.device, dtype=torch.float32).clone()
+    if distributed:
+        raise UsageError(
+            "with all_reduce_fn, pass init= a [k, d] tensor identical on every process "
+            "(e.g. kmeans_plusplus on one process, then broadcast)"
+        )
+    if init == "k-means++":
+        if n > SEED_SAMPLE_PER_CENTROID * k:
+            rows = torch.randperm(n, generator=generator, device=generator.device)[: SEED_SAMPLE_PER_CENTROID * k]
+            rows = rows.to(x.device)
+            return _plusplus(x[rows], k, generator, chunk, x_sq[rows])
+        return _plusplus(x, k, generator, chunk, x_sq)
+    if init == "random":
+        rows = torch.randperm(n, generator=generator, device=generator.device)[:k].to(x.device)
+        return x[rows].float()
+    raise UsageError(f"init={init!r}: expected 'k-means++', 'random' or a [k, d] tensor")
 
 
 def _lloyd(x, x_sq, centroids, iters, tol, chunk, empty, generator, all_reduce_fn, progress, tf32) -> KMeansResult:

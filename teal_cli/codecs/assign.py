@@ -17,9 +17,9 @@ from torch import Tensor
 
 from ..errors import DataError, UsageError
 
-# The distance buffer of one chunk is kept at about this size. Measured with 768-d data:
-# on a 2-core Sapphire Rapids 16 MiB (4096 rows at k=1024) beat 4 and 64 MiB by 5–8 %; on an
-# H100 256 MiB to 4 GiB were within 3 %, and big chunks keep the Python loop short.
+# The distance buffer of one chunk is kept at about this size: on a 2-core CPU 16 MiB beat
+# 4 and 64 MiB by 5–8 % (timings in benchmarks/README.md); on CUDA big chunks keep the
+# Python loop short.
 CPU_CHUNK_BYTES = 16 << 20
 CUDA_CHUNK_BYTES = 1 << 30
 

@@ -85,81 +85,6 @@ def rgb_array(image: "Image.Image") -> "np.ndarray":
     return np.asarray(as_rgb(image), dtype=np.uint8)
 
 
-def rgbx_array(image: "Image.Image") -> "np.ndarray | None":
-    """An RGB image's pixels as Pillow holds them, ``[H, W, 4]`` uint8 (RGB and a padding
-    byte), without a copy; None where Pillow cannot export them that way.
-
-    :func:`rgb_array` packs Pillow's 4 bytes per pixel into 3, a quarter of a millisecond
-    for 500 x 375 (as long as a sixth of decoding the JPEG); a device drops the 4th byte for
-    free. The view comes through the Arrow C data interface (Pillow >= 11.2: a fixed-size
-    list of 4 uint8 per pixel, one memory block), checked field by field, and keeps the
-    image alive."""
-    import numpy as np
-
-    if image.mode != "RGB" or not hasattr(image, "__arrow_c_array__"):
-        return None
-    w, h = image.size
-    try:
-        capsules = image.__arrow_c_array__()
-    except (ValueError, OSError, TypeError):  # several memory blocks (very large images), or no support
-        return None
-    schema = _ArrowSchema.from_address(_capsule_pointer(capsules[0], b"arrow_schema"))
-    array = _ArrowArray.from_address(_capsule_pointer(capsules[1], b"arrow_array"))
-    if schema.format != b"+w:4" or schema.n_children != 1 or schema.children[0][0].format != b"C" \
-            or array.offset != 0 or array.length != w * h or array.n_children != 1:
-        return None
-    child = array.children[0][0]
-    if child.offset != 0 or child.length != 4 * w * h or child.n_buffers != 2 or not child.buffers[1]:
-        return None
-    return np.asarray(_Pixels(child.buffers[1], (h, w, 4), (image, capsules)))
-
-
-class _Pixels:
-    """Memory at ``address`` as a read-only numpy array, holding ``owners`` alive."""
-
-    def __init__(self, address: int, shape: tuple, owners: object):
-        self.__array_interface__ = {"shape": shape, "typestr": "|u1", "data": (address, True), "version": 3}
-        self._owners = owners
-
-
-def _capsule_getter():
-    """``PyCapsule_GetPointer(capsule, name)`` through ctypes, its signature set once."""
-    import ctypes
-
-    get = ctypes.pythonapi.PyCapsule_GetPointer
-    get.restype, get.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
-    return get
-
-
-def _arrow_structs():
-    """ctypes layouts of the Arrow C data interface's ArrowSchema and ArrowArray (a stable ABI)."""
-    import ctypes
-
-    class ArrowSchema(ctypes.Structure):
-        pass
-
-    ArrowSchema._fields_ = [("format", ctypes.c_char_p), ("name", ctypes.c_char_p), ("metadata", ctypes.c_char_p),
-                            ("flags", ctypes.c_int64), ("n_children", ctypes.c_int64),
-                            ("children", ctypes.POINTER(ctypes.POINTER(ArrowSchema))),
-                            ("dictionary", ctypes.POINTER(ArrowSchema)), ("release", ctypes.c_void_p),
-                            ("private_data", ctypes.c_void_p)]
-
-    class ArrowArray(ctypes.Structure):
-        pass
-
-    ArrowArray._fields_ = [("length", ctypes.c_int64), ("null_count", ctypes.c_int64), ("offset", ctypes.c_int64),
-                           ("n_buffers", ctypes.c_int64), ("n_children", ctypes.c_int64),
-                           ("buffers", ctypes.POINTER(ctypes.c_void_p)),
-                           ("children", ctypes.POINTER(ctypes.POINTER(ArrowArray))),
-                           ("dictionary", ctypes.POINTER(ArrowArray)), ("release", ctypes.c_void_p),
-                           ("private_data", ctypes.c_void_p)]
-    return ArrowSchema, ArrowArray
-
-
-_ArrowSchema, _ArrowArray = _arrow_structs()
-_capsule_pointer = _capsule_getter()
-
-
 @dataclass(frozen=True)
 class PixelPrep:
     """How one codec turns a PIL image into ``[H, W, 3]`` uint8 pixels.
@@ -217,28 +142,6 @@ class PixelPrep:
         if not self.crop or rw < self.crop or rh < self.crop or self.resample not in FILTERS:
             return None
         return (*crop_origin(rw, rh, self.crop), self.crop, self.crop)
-
-    def window(self, w: int, h: int) -> "tuple[int, int, int, int, int, int] | None":
-        """For a ``w`` x ``h`` image: ``(resized w, resized h, left, top, out w, out h)``, the
-        part of the resized image this geometry keeps, when it is a plain window of it (no
-        padding); else None. What :mod:`teal_cli.media.resample` needs to do it on a device."""
-        from .resample import FILTERS
-
-        if self.resample not in FILTERS or (self.pad_multiple > 1 and self.fixed_shape is None):
-            return None
-        rw, rh = self.resized_size(w, h)
-        if rw * rh > MAX_RESIZED_PIXELS:  # the loaders resize only the window (apply)
-            return None
-        if self.crop:
-            if rw < self.crop or rh < self.crop:
-                return None
-            left, top = crop_origin(rw, rh, self.crop)
-            out = (self.crop, self.crop)
-        else:
-            left, top, out = 0, 0, (rw, rh)
-        if self.pad_multiple > 1 and (out[0] % self.pad_multiple or out[1] % self.pad_multiple):
-            return None
-        return rw, rh, left, top, out[0], out[1]
 
     def apply(self, image: "Image.Image", where: str = "image") -> "tuple[np.ndarray, tuple[int, int] | None]":
         """``(pixels [H, W, 3] uint8, content (H, W) when padded else None)``.

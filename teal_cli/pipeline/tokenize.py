@@ -3,7 +3,7 @@
 Work is streamed in windows of about ``batch_size`` media items, in three overlapped stages
 (:func:`teal_cli.pipeline.prefetch.pipeline`): the loaders decode window N+1 while window N is
 encoded and window N-1's ids are written out. Images are decoded and resized to uint8
-pixels by the loaders (spawned processes on many-core machines, see
+pixels by the loaders (worker processes on many-core machines, see
 :mod:`teal_cli.pipeline.loaders`); the codec's value mapping and the encoder run on its device.
 Output order equals input order.
 """
@@ -13,10 +13,10 @@ from __future__ import annotations
 from concurrent.futures import Future
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 from ..codecs.base import AudioCodec, Codec, ImageCodec
-from ..runtime.device import copies_done
 from ..errors import DataError, TealError, UsageError
 from .loaders import ImageLoads, Loaders
 from .prefetch import pipeline
@@ -39,9 +39,6 @@ class TokenizeOptions:
         on_error: ``fail`` stops at the first bad item; ``skip`` reports it and goes on.
         workers: loaders decoding media ahead of the encoder (None: one per core, at most 16).
         loader: ``auto``, ``threads`` or ``processes`` for images (see :mod:`teal_cli.pipeline.loaders`).
-        resize_on: ``loader`` resizes images with Pillow in the loaders; ``device`` leaves
-            the resize and crop of decoded images up to ``loaders.RAW_BYTES`` (640 x 512) to the encoder's device
-            (:mod:`teal_cli.media.resample`: Pillow's bytes exactly), so loaders only decode.
     """
 
     batch_size: int = 16
@@ -50,7 +47,6 @@ class TokenizeOptions:
     on_error: str = "fail"
     workers: int | None = None
     loader: str = "auto"
-    resize_on: str = "loader"
 
 
 @dataclass
@@ -87,8 +83,6 @@ class _Item:
     where: str
     data: "Future | object | None" = None
     size: "tuple[int, int] | None" = None  # content size when the codec padded the image
-    window: "tuple | None" = None  # decoded only: the resize window left to the device
-    prep: "PixelPrep | None" = None  # image items: the codec's geometry
     load: "ImageLoads | None" = None  # image items: their window's loads, and their index there
     index: int = 0
     segment_out: Segment | None = None
@@ -103,22 +97,6 @@ def _load_audio(codec: AudioCodec, path: str) -> "torch.Tensor":
     return wave
 
 
-def _raw_bytes(resize_on: str) -> int:
-    """Largest decoded image whose resize is left to the device (0: none)."""
-    from .loaders import RAW_BYTES
-
-    if resize_on == "loader":
-        return 0
-    if resize_on != "device":
-        raise UsageError(f"--resize-on {resize_on}: expected loader or device")
-    from ..media.resample import exact_here
-
-    why = exact_here()
-    if why is not None:
-        raise UsageError(f"--resize-on device: {why}; use --resize-on loader")
-    return RAW_BYTES
-
-
 def _windows(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
     window: list[Record] = []
     count = 0
@@ -130,6 +108,18 @@ def _windows(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
             window, count = [], 0
     if window:
         yield window
+
+
+@dataclass
+class _Run:
+    """One ``tokenize_records`` call: what its three stages share."""
+
+    codecs: Sequence[Codec]
+    options: TokenizeOptions
+    loaders: Loaders
+    preps: dict[int, "PixelPrep"]  # by id of the image codec: its geometry
+    stats: TokenizeStats
+    warn: Callable[[str], None] | None
 
 
 def tokenize_records(
@@ -156,96 +146,88 @@ def tokenize_records(
         codec.weights_id
     if options.on_error not in ("fail", "skip"):
         raise UsageError(f"--on-error {options.on_error}: expected fail or skip")
-    raw_bytes = _raw_bytes(options.resize_on)
-    if raw_bytes and warn is not None and any(isinstance(c, ImageCodec) and str(c.device) == "cpu" for c in codecs):
-        warn("--resize-on device with the codec on the CPU: resizing there is slower than Pillow in the loaders")
     # Geometry per image codec, checked once (a bad --image-size is a usage error, not a bad file).
     preps = {id(c): c.pixel_prep(options.image_size) for c in codecs if isinstance(c, ImageCodec)}
 
     own = loaders is None
     if own:
         loaders = Loaders(options.workers, options.loader)
+    run = _Run(codecs, options, loaders, preps, stats, warn)
     try:
-
-        def start(window: list[Record]) -> tuple[list[Record], list[_Item], dict[int, str], list[ImageLoads]]:
-            items: list[_Item] = []
-            failed: dict[int, str] = {}
-            images: dict[int, list[_Item]] = {}  # by codec: one loader call each
-            for r, record in enumerate(window):
-                for s, seg in enumerate(record.segments):
-                    if seg.path is None or seg.tokens is not None:
-                        continue
-                    where = f"record '{record.id}' segment {s} ({seg.path})"
-                    try:
-                        item = _Item(record, r, s, codec_for(codecs, seg.modality, where), where)
-                    except UsageError as exc:
-                        if options.on_error == "fail":
-                            raise
-                        failed.setdefault(r, str(exc))
-                        continue
-                    if isinstance(item.codec, ImageCodec):
-                        images.setdefault(id(item.codec), []).append(item)
-                    else:
-                        item.data = loaders.submit(_load_audio, item.codec, seg.path)
-                    items.append(item)
-            loads = []
-            for group in images.values():
-                for item in group:
-                    item.prep = preps[id(item.codec)]
-                paths = [i.target.segments[i.segment].path for i in group]
-                loads.append(loaders.load_images(preps[id(group[0].codec)], paths, raw_bytes))
-                for index, item in enumerate(group):
-                    item.load, item.index = loads[-1], index
-            return window, items, failed, loads
-
-        def launch(started):
-            window, items, failed, loads = started
-            try:
-                return _launch(window, items, failed)
-            finally:  # the pixels were copied out, or are being copied to a device (done after
-                # these events), or the job is failing: their slots are free
-                after = copies_done({i.codec.device for i in items if isinstance(i.codec, ImageCodec)}) if loads else ()
-                for load in loads:
-                    load.release(after)
-
-        def _launch(window, items, failed):
-            ready: list[_Item] = []
-            for item in items:
-                try:
-                    item.data = item.load.result(item.index) if item.load is not None else item.data.result()  # type: ignore[union-attr]
-                except BrokenProcessPool:
-                    raise DataError(f"{item.where}: an image loader process died (a crash in the image decoder?); "
-                                    "rerun with --loader threads to see which file fails") from None
-                except TealError as exc:
-                    if options.on_error == "fail":
-                        raise
-                    failed.setdefault(item.record, str(exc))
-                    continue
-                if isinstance(item.codec, ImageCodec):
-                    item.data, item.size, item.window = item.data
-                ready.append(item)
-            return window, items, failed, _encode(ready, options)
-
-        def emit(launched) -> Iterator[Record]:
-            window, items, failed, complete = launched
-            for r, exc in complete().items():
-                if options.on_error == "fail":
-                    raise exc
-                failed.setdefault(r, str(exc))
-            for r, record in enumerate(window):
-                if r in failed:
-                    stats.skipped += 1
-                    stats.errors.append(failed[r])
-                    if warn is not None:
-                        warn(f"skipped: {failed[r]}")
-                    continue
-                stats.records += 1
-                yield record
-
-        yield from pipeline(_windows(records, options.batch_size), start, launch, emit)
+        yield from pipeline(_windows(records, options.batch_size), partial(_start, run), partial(_launch, run),
+                            partial(_emit, run))
     finally:
         if own:
             loaders.close()
+
+
+def _start(run: _Run, window: list[Record]) -> tuple[list[Record], list[_Item], dict[int, str]]:
+    """Stage 1: the window's items, their loads submitted (images: one loader call per codec);
+    ``failed``: the usage errors of skipped records, by index in the window."""
+    items: list[_Item] = []
+    failed: dict[int, str] = {}
+    images: dict[int, list[_Item]] = {}
+    for r, record in enumerate(window):
+        for s, seg in enumerate(record.segments):
+            if seg.path is None or seg.tokens is not None:
+                continue
+            where = f"record '{record.id}' segment {s} ({seg.path})"
+            try:
+                item = _Item(record, r, s, codec_for(run.codecs, seg.modality, where), where)
+            except UsageError as exc:
+                if run.options.on_error == "fail":
+                    raise
+                failed.setdefault(r, str(exc))
+                continue
+            if isinstance(item.codec, ImageCodec):
+                images.setdefault(id(item.codec), []).append(item)
+            else:
+                item.data = run.loaders.submit(_load_audio, item.codec, seg.path)
+            items.append(item)
+    for group in images.values():
+        load = run.loaders.load_images(run.preps[id(group[0].codec)], [i.target.segments[i.segment].path for i in group])
+        for index, item in enumerate(group):
+            item.load, item.index = load, index
+    return window, items, failed
+
+
+def _launch(run: _Run, started) -> tuple:
+    """Stage 2: wait for the window's loads, queue its encoding."""
+    window, items, failed = started
+    ready: list[_Item] = []
+    for item in items:
+        try:
+            item.data = item.load.result(item.index) if item.load is not None else item.data.result()  # type: ignore[union-attr]
+        except BrokenProcessPool:
+            raise DataError(f"{item.where}: an image loader process died (a crash in the image decoder?); "
+                            "rerun with --loader threads to see which file fails") from None
+        except TealError as exc:
+            if run.options.on_error == "fail":
+                raise
+            failed.setdefault(item.record, str(exc))
+            continue
+        if isinstance(item.codec, ImageCodec):
+            item.data, item.size = item.data
+        ready.append(item)
+    return window, failed, _encode(ready, run.options)
+
+
+def _emit(run: _Run, launched) -> Iterator[Record]:
+    """Stage 3: wait for the window's ids, yield its records (reporting the skipped ones)."""
+    window, failed, complete = launched
+    for r, exc in complete().items():
+        if run.options.on_error == "fail":
+            raise exc
+        failed.setdefault(r, str(exc))
+    for r, record in enumerate(window):
+        if r in failed:
+            run.stats.skipped += 1
+            run.stats.errors.append(failed[r])
+            if run.warn is not None:
+                run.warn(f"skipped: {failed[r]}")
+            continue
+        run.stats.records += 1
+        yield record
 
 
 def _encode(items: list[_Item], options: TokenizeOptions) -> Callable[[], dict[int, TealError]]:
@@ -256,7 +238,7 @@ def _encode(items: list[_Item], options: TokenizeOptions) -> Callable[[], dict[i
 
     groups: dict[tuple, list[_Item]] = {}
     for item in items:
-        key = (id(item.codec), _pixel_shape(item) if isinstance(item.codec, ImageCodec) else None)
+        key = (id(item.codec), tuple(item.data.shape) if isinstance(item.codec, ImageCodec) else None)
         groups.setdefault(key, []).append(item)
     finishers: list[Callable[[], None]] = []
     with torch.inference_mode():
@@ -276,9 +258,6 @@ def _encode(items: list[_Item], options: TokenizeOptions) -> Callable[[], dict[i
             if item.error is not None:
                 errors.setdefault(item.record, item.error)
             else:
-                # The input segment's own keys (role, speaker, lang, ...) stay with its tokens.
-                before = item.target.segments[item.segment]
-                item.segment_out.extra = {**before.extra, **item.segment_out.extra}
                 item.target.segments[item.segment] = item.segment_out
             item.data = None
         return errors
@@ -286,43 +265,20 @@ def _encode(items: list[_Item], options: TokenizeOptions) -> Callable[[], dict[i
     return complete
 
 
-def _pixel_shape(item: _Item) -> tuple:
-    """``(H, W, 3)`` of an image item's encoder input (after the device resize, if any)."""
-    if item.window is not None:
-        return (item.window[5], item.window[4], 3)
-    return item.data.shape
-
-
 def _encode_images(codec: ImageCodec, group: list[_Item]) -> Callable[[], None]:
     import numpy as np
     import torch
 
     from ..runtime.device import host_copy_later, upload
-    from ..media.resample import resize_window
 
     device = torch.device(codec.device)
-    done = [i for i in group if i.window is None]
-    raw = [i for i in group if i.window is not None]
-    group[:] = done + raw  # the order of the rows of the batch
-    shared = _shared_pixels(group, device)
-    parts = []
-    if done:
-        shape, n = done[0].data.shape, done[0].data.nbytes
-        if shared is not None and shared[1][: len(done)] == list(range(0, len(done) * n, n)):
-            parts.append(shared[0][: len(done) * n].view(len(done), *shape))  # slots end to end: a view
-        elif shared is not None:
-            parts.append(torch.stack([shared[0][at : at + n].view(shape) for at in shared[1][: len(done)]]))
-        else:  # stacked straight into pinned memory on CUDA, so the upload is one asynchronous copy
-            pixels = torch.empty((len(done), *shape), dtype=torch.uint8, pin_memory=device.type == "cuda")
-            np.stack([i.data for i in done], out=pixels.numpy())
-            parts.append(upload(pixels, device))
-    if raw:
-        images = [i.data for i in raw]
-        if shared is not None:
-            images = [shared[0][at : at + im.nbytes].view(im.shape) for at, im in zip(shared[1][len(done) :], images)]
-        parts.append(resize_window(images, [i.window for i in raw], raw[0].prep.resample, device))
-    pixels = parts[0] if len(parts) == 1 else torch.cat(parts)
-    ids = host_copy_later(codec.encode(codec.normalize(pixels)))
+    # Stacked straight into pinned memory on CUDA, so the upload is one asynchronous copy.
+    pixels = torch.empty((len(group), *group[0].data.shape), dtype=torch.uint8, pin_memory=device.type == "cuda")
+    if isinstance(group[0].data, torch.Tensor):  # from loader processes
+        torch.stack([i.data for i in group], out=pixels)
+    else:
+        np.stack([i.data for i in group], out=pixels.numpy())
+    ids = host_copy_later(codec.encode(codec.normalize(upload(pixels, device))))
 
     weights = codec.weights_id or None
 
@@ -335,24 +291,6 @@ def _encode_images(codec: ImageCodec, group: list[_Item]) -> Callable[[], None]:
                 item.segment_out.extra["size"] = list(item.size)
 
     return finish
-
-
-def _shared_pixels(group: list[_Item], device: "torch.device") -> "tuple[torch.Tensor, list[int]] | None":
-    """When the group's pixels are all in the loaders' shared memory: the slots that hold
-    them on ``device`` (one transfer, :meth:`ImageLoads.span`; on CUDA straight from the
-    slots, page-locked by :meth:`SharedSlots.pin`; on a CPU the shared memory itself) and
-    each item's byte offset there; else None. Spares the host a copy of every image, its
-    largest cost per image after the hand-over."""
-    from ..runtime.device import upload
-
-    load = group[0].load
-    if load is None or load.shared is None or any(i.load is not load for i in group):
-        return None
-    found = load.span([i.index for i in group])
-    if found is None or (device.type == "cuda" and not load.shared.pin()):
-        return None
-    host, offsets = found
-    return upload(host, device), offsets
 
 
 def _encode_audio(codec: Codec, group: list[_Item], dedup: bool) -> Callable[[], None]:

@@ -120,23 +120,6 @@ def upload(host: "torch.Tensor", device: "torch.device") -> "torch.Tensor":
     return out
 
 
-def copies_done(devices) -> list:
-    """CUDA events, one per CUDA device in ``devices`` that :func:`upload` has copied to,
-    completing when every upload queued so far has been read from the host: after them,
-    its source memory may be reused."""
-    import torch
-
-    events = []
-    for device in devices:
-        device = torch.device(device)
-        if device.type != "cuda":
-            continue
-        stream = _COPY_STREAMS.get(torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device()))
-        if stream is not None:
-            events.append(stream.record_event())
-    return events
-
-
 def upload_flat(tensors: "list[torch.Tensor]", device: "torch.device", dtype=None) -> "list[torch.Tensor]":
     """Host tensors on ``device`` (as ``dtype``), packed end to end into one pinned buffer and
     sent with one :func:`upload`. Copying each from pageable memory instead makes the host

@@ -86,27 +86,6 @@ def test_images_load_first_frame_and_leave_no_file_open(tmp_path, name):
     assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
 
 
-def test_rgbx_array_is_pillows_memory_with_the_rgb_bytes(tmp_path, monkeypatch):
-    """Decoded pixels handed over without packing: [H, W, 4] over Pillow's own memory, the
-    first 3 bytes RGB; valid after the image object is gone; None where it cannot be done."""
-    import gc
-
-    from teal_cli.media.pixels import rgb_array, rgbx_array
-
-    rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)).save(tmp_path / "x.png")
-    image = load_image(tmp_path / "x.png")
-    rgb = rgb_array(image).copy()
-    view = rgbx_array(image)
-    assert view.shape == (37, 53, 4) and not view.flags.writeable
-    del image
-    gc.collect()
-    assert np.array_equal(view[..., :3], rgb)
-    assert rgbx_array(Image.new("L", (4, 4))) is None
-    monkeypatch.delattr(Image.Image, "__arrow_c_array__")
-    assert rgbx_array(Image.new("RGB", (4, 4))) is None
-
-
 def test_16_bit_wav_gives_libsndfiles_floats(tmp_path):
     """16-bit WAV is read as int16 and scaled by teal: every one of the 65,536 values must
     come out as the float libsndfile itself gives, mono and averaged to mono."""
@@ -145,4 +124,5 @@ def test_mp3_reads(tmp_path):
     sf.write(tmp_path / "a.mp3", (0.5 * np.sin(2 * np.pi * 300 * t)).astype(np.float32), 8000, format="MP3")
     wave = load_audio(tmp_path / "a.mp3", 16000)
     assert abs(len(wave) - 16000) < 2000 and float(wave.abs().max()) > 0.3
+
 

@@ -54,8 +54,8 @@ def test_process_loaders_give_the_thread_records(images, patch_codec):
 
 
 def test_processes_take_over_from_threads_once_started(images, patch_codec, monkeypatch):
-    """Small jobs stay on threads; past PROCESS_AFTER image jobs the pool starts in the
-    background and later windows go to it, with the same records either way."""
+    """Small jobs stay on threads; past PROCESS_AFTER images the processes start in the
+    background and later windows go to them, with the same records either way."""
     import time
 
     import teal_cli.pipeline.loaders as loaders_module
@@ -82,29 +82,36 @@ def test_a_dying_loader_process_is_a_clear_error(images, patch_codec, monkeypatc
             _records(images, patch_codec, loaders)
 
 
-def _unpicklable_error():
-    import threading
-
-    raise RuntimeError(threading.Lock())  # a lock does not pickle
-
-
-def test_loader_pool_jobs_errors_and_a_prompt_shutdown():
-    """Results and errors come back per job (an error that does not pickle as a clear one),
-    and closing skips the jobs still queued instead of running them."""
+def test_closing_skips_the_loads_still_queued(images):
+    """Closing does not run the jobs still queued: 20 jobs of 0.5 s for 2 workers would take 5 s."""
     import time
 
+    from helpers import SlowPrep
+
     with Loaders(2, "processes").start() as loaders:
-        pool = loaders._processes
-        assert pool.submit(divmod, 7, 2).result() == (3, 1)
-        with pytest.raises(ZeroDivisionError):
-            pool.submit(divmod, 1, 0).result()
-        with pytest.raises(RuntimeError, match="could not be sent back"):
-            pool.submit(_unpicklable_error).result()
-        queued = [pool.submit(time.sleep, 0.5) for _ in range(20)]  # 5 s of work for 2 workers
-        time.sleep(0.1)
+        loads = [loaders.load_images(SlowPrep(), [str(images / "a.jpg")]) for _ in range(20)]
+        loads[0].result(0)
         start = time.perf_counter()
     assert time.perf_counter() - start < 2.5
-    assert all(f.done() for f in queued) and sum(f.cancelled() for f in queued) >= 16
+
+
+def test_a_bug_in_a_loader_job_fails_its_images_and_later_loads_still_match(images):
+    """A job that fails as a whole (not a bad file) raises for each of its images; the loads
+    queued after it still get their own images."""
+    from helpers import BuggyPrep
+
+    from teal_cli.pipeline.loaders import load_image_job
+    from teal_cli.media.pixels import PixelPrep
+
+    paths = [str(images / name) for name in ("a.jpg", "b.png", "c.png")]
+    with Loaders(2, "processes").start() as loaders:
+        bad = loaders.load_images(BuggyPrep(), paths)
+        good = loaders.load_images(PixelPrep("square", 8), paths)
+        for i in range(len(bad)):
+            with pytest.raises(ValueError, match="a bug in a loader"):
+                bad.result(i)
+        for i, path in enumerate(paths):
+            assert np.array_equal(good.result(i)[0].numpy(), load_image_job(PixelPrep("square", 8), path)[0])
 
 
 def test_loader_choice():
@@ -157,20 +164,6 @@ def test_tokenize_on_cuda_gives_the_cpu_records(images, patch_codec):
     assert gpu == cpu
 
 
-@pytest.mark.requires_cuda
-def test_cuda_copies_straight_from_pinned_shared_slots(images, patch_codec):
-    """Fixed-size images reach the GPU from the shared slots, registered with CUDA, over
-    more windows than regions (each region reused after its copies): the CPU's records."""
-    for i in range(9):
-        Image.open(images / "a.jpg").rotate(10 * i).save(images / f"r{i}.jpg")
-    cpu = _records(images, patch_codec, loader="threads", workers=2, batch_size=2, image_size=16)
-    with Loaders(2, "processes").start() as loaders:
-        gpu = _records(images, patch_codec.to("cuda"), loaders, batch_size=2, image_size=16)
-        shared = loaders._arenas[16 * 16 * 3].shared
-        assert shared._pinned is True
-    assert gpu == cpu and shared._pinned is False  # unregistered when the loaders closed
-
-
 @pytest.mark.parametrize("depth", [1, 2])
 def test_pipeline_stage_order(depth):
     """start(N+1) precedes launch(N), emit(N-depth) follows launch(N), results keep input order."""
@@ -204,41 +197,22 @@ def test_a_bad_file_in_a_loader_process_is_reported_and_skipped(images, patch_co
     assert len(warnings) == 1 and "d.png" in warnings[0] and "cannot read image" in warnings[0]
 
 
-def test_fixed_size_images_come_back_through_shared_memory(images, patch_codec):
-    """A fixed output shape (here a square resize) goes through shared slots; over many
-    windows (two regions, reused) the records equal the threads' ones."""
-    for i in range(6):  # more windows than regions
-        Image.open(images / "a.jpg").rotate(15 * i).save(images / f"r{i}.jpg")
-    threads = _records(images, patch_codec, loader="threads", workers=2, batch_size=2, image_size=16)
-    with Loaders(2, "processes").start() as loaders:
-        shared = _records(images, patch_codec, loaders, batch_size=2, image_size=16)
-        arena = loaders._arenas[16 * 16 * 3]
-        assert arena is not None and sorted(arena.free) == [0, 1]  # every region given back
-    assert shared == threads and len(threads) == 9
-
-
-def test_windows_use_the_shared_slots_in_place(images, patch_codec, monkeypatch):
-    """With every image of a group in shared memory, the encoder's batch is built from the
-    slots themselves (one span, no copy on the host); records equal the threads' ones."""
-    import teal_cli.pipeline.tokenize as tokenize_module
-
+@pytest.mark.parametrize("batch_size", [1, 2, 5])
+def test_fixed_size_images_over_many_windows_give_the_thread_records(images, patch_codec, batch_size):
+    """A fixed output shape (one tensor per job) over many windows, with loads of one window
+    queued while the last is read, and the loader's passes running dry between calls."""
     for i in range(6):
         Image.open(images / "a.jpg").rotate(15 * i).save(images / f"r{i}.jpg")
-    spans = []
-    real = tokenize_module._shared_pixels
-    monkeypatch.setattr(tokenize_module, "_shared_pixels", lambda group, device: spans.append(real(group, device)) or spans[-1])
-    threads = _records(images, patch_codec, loader="threads", workers=2, batch_size=4, image_size=16)
-    assert spans == [None] * 3  # threads: no shared memory
-    spans.clear()
+    threads = _records(images, patch_codec, loader="threads", workers=2, batch_size=batch_size, image_size=16)
     with Loaders(2, "processes").start() as loaders:
-        assert _records(images, patch_codec, loaders, batch_size=4, image_size=16) == threads
-    assert len(spans) == 3 and all(span is not None for span in spans)
-    assert [offsets for _, offsets in spans] == [[0, 768, 1536, 2304]] * 2 + [[0]]  # 16 x 16 x 3 bytes per slot
+        for _ in range(2):
+            assert _records(images, patch_codec, loaders, batch_size=batch_size, image_size=16) == threads
+    assert len(threads) == 9
 
 
-def test_a_bad_file_between_shared_slots_leaves_the_others_in_place(images, patch_codec):
-    """A skipped image leaves a gap in the window's slots: the others are read at their own
-    offsets, and give the records of the threads."""
+def test_a_bad_file_inside_a_job_leaves_the_others_in_place(images, patch_codec):
+    """A skipped image leaves a gap in its job: the others are read at their own rows, and
+    give the records of the threads."""
     for i in range(3):
         Image.open(images / "a.jpg").rotate(20 * i).save(images / f"r{i}.jpg")
     threads = _records(images, patch_codec, loader="threads", workers=2, batch_size=8, image_size=16)
@@ -248,109 +222,25 @@ def test_a_bad_file_between_shared_slots_leaves_the_others_in_place(images, patc
     assert shared == threads and len(shared) == 6
 
 
-def test_a_span_needs_every_image_in_shared_memory(images, monkeypatch):
-    """Images past a region's capacity come back pickled; a span over them is refused."""
-    import numpy as np
-
-    import teal_cli.pipeline.loaders as loaders_module
-    from teal_cli.media.pixels import PixelPrep
-
-    monkeypatch.setattr(loaders_module, "MAX_SLOTS", 2)
-    with Loaders(2, "processes").start() as loaders:
-        load = loaders.load_images(PixelPrep("square", 8), [str(images / "a.jpg")] * 3)
-        pixels = [load.result(i)[0] for i in range(len(load))]
-        assert load.slots[:2] != [None, None] and load.slots[2] is None
-        host, offsets = load.span([0, 1])
-        assert offsets == [0, 192] and np.array_equal(host.numpy().reshape(2, 8, 8, 3), np.stack(pixels[:2]))
-        assert load.span([1, 2]) is None and load.span([]) is None
-        load.release()
-
-
-def test_a_region_is_reused_only_after_its_device_copies(images):
-    """release(after=events): the region goes back to the free list at once, but is handed
-    out again only once the events have completed (synchronize() called first); regions
-    are reused oldest first."""
-    from teal_cli.media.pixels import PixelPrep
-
-    class Event:
-        def __init__(self, name):
-            self.name = name
-
-        def synchronize(self):
-            waited.append(self.name)
-
-    waited = []
-    paths = [str(images / "a.jpg")] * 2
-    with Loaders(2, "processes").start() as loaders:
-        first = loaders.load_images(PixelPrep("square", 8), paths)
-        second = loaders.load_images(PixelPrep("square", 8), paths)
-        for load in (first, second):
-            [load.result(i) for i in range(len(load))]
-        first.release([Event("first")])
-        second.release([Event("second")])
-        assert waited == []
-        third = loaders.load_images(PixelPrep("square", 8), paths)
-        assert waited == ["first"] and third.slots == [None, None]
-        [third.result(i) for i in range(len(third))]
-        assert third.slots == first.slots  # the region freed first
-        third.release()
-    assert waited == ["first", "second"]  # close() waits for the copies still pending
-
-
-def test_without_shared_memory_images_are_pickled_back(images, patch_codec, monkeypatch):
-    import teal_cli.pipeline.loaders as loaders_module
-
-    def no_room(*args, **kwargs):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(loaders_module, "SharedSlots", no_room)
-    threads = _records(images, patch_codec, loader="threads", workers=2, image_size=16)
-    with Loaders(2, "processes").start() as loaders:
-        assert _records(images, patch_codec, loaders, image_size=16) == threads
-        assert loaders._arenas == {16 * 16 * 3: None}
-
-
-def test_shared_slots_round_trip_and_cleanup():
+def test_loader_processes_run_below_the_parent_priority(images):
     import os
-    import pickle
 
-    import numpy as np
-
-    from teal_cli.pipeline.loaders import SharedSlots, _ATTACHED
-
-    slots = SharedSlots(60, 3)
-    name = slots._shm.name
-    other = pickle.loads(pickle.dumps(slots))  # as a loader process attaches
-    try:
-        assert other is not slots and other.slot_bytes == 60
-        value = np.arange(60, dtype=np.uint8).reshape(4, 5, 3)
-        other.array(2, (4, 5, 3))[...] = value
-        assert np.array_equal(slots.array(2, (4, 5, 3)), value) and not slots.array(1, (60,)).any()
-        assert np.array_equal(slots.array(2, (2, 5, 3)), value[:2])  # a smaller image in the slot
-        with pytest.raises(IndexError):
-            slots.array(3, (4, 5, 3))
-        with pytest.raises(ValueError, match="does not fit"):
-            slots.array(0, (5, 5, 3))
-    finally:
-        _ATTACHED.pop(name).close()
-        slots.close()
-    assert not os.path.exists(f"/dev/shm/{name}")
-
-
-def test_loader_processes_run_below_the_parent_priority():
-    import os
+    from helpers import NicePrep
 
     from teal_cli.pipeline.loaders import LOADER_NICE
 
+    def nice(loaders):
+        load = loaders.load_images(NicePrep(), [str(images / "a.jpg")])
+        return int(load.result(0)[0][0, 0, 0])
+
     with Loaders(2, "processes").start() as loaders:
-        assert loaders._processes.submit(os.nice, 0).result() == min(19, os.nice(0) + LOADER_NICE)
+        assert nice(loaders) == min(19, os.nice(0) + LOADER_NICE)
     with Loaders(2, "processes", nice=0).start() as loaders:
-        assert loaders._processes.submit(os.nice, 0).result() == os.nice(0)
+        assert nice(loaders) == os.nice(0)
 
 
-def test_loader_processes_and_shared_memory_go_when_the_parent_is_killed(images, tmp_path):
-    """SIGKILL leaves no cleanup to the parent: the workers notice and exit, and with them
-    the fork server and resource tracker, which unlinks the shared memory."""
+def test_loader_processes_go_when_the_parent_is_killed(images, tmp_path):
+    """SIGKILL leaves no cleanup to the parent: the workers notice and exit."""
     import os
     import signal
     import subprocess
@@ -367,16 +257,15 @@ if __name__ == "__main__":
     loaders = Loaders(2, "processes").start()
     load = loaders.load_images(PixelPrep("square", 16), [{str(images / "a.jpg")!r}] * 4)
     [load.result(i) for i in range(len(load))]
-    name = next(a for a in loaders._arenas.values()).shared._shm.name
-    print(name, *loaders._processes._processes, flush=True)
+    print(*(w.pid for w in loaders._iterator._workers), flush=True)
     time.sleep(120)
 """)
     root = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
     parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env)
     try:
-        name, *workers = parent.stdout.readline().split()
-        assert len(workers) == 2 and os.path.exists(f"/dev/shm/{name}")
+        workers = parent.stdout.readline().split()
+        assert len(workers) == 2
     finally:
         parent.send_signal(signal.SIGKILL)
         parent.wait()
@@ -389,10 +278,9 @@ if __name__ == "__main__":
         return True
 
     deadline = time.time() + 30
-    while (any(map(alive, workers)) or os.path.exists(f"/dev/shm/{name}")) and time.time() < deadline:
+    while any(map(alive, workers)) and time.time() < deadline:
         time.sleep(0.1)
     assert not any(map(alive, workers)), "loader processes outlived their parent"
-    assert not os.path.exists(f"/dev/shm/{name}"), "shared memory outlived the loaders"
 
 
 def test_pack_and_unpack_round_trip():
@@ -404,7 +292,7 @@ def test_pack_and_unpack_round_trip():
     out = unpack(packed, parts)
     assert [o.shape for o in out] == [p.shape for p in parts]
     assert all(torch.equal(o, p.float()) for o, p in zip(out, parts))
-    # Read-only numpy arrays (decoded images) beside tensors, as resize_window packs them.
+    # Read-only numpy arrays (decoded images) beside tensors.
     image = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
     image.flags.writeable = False
     mixed = [image, torch.full((2, 2), 7, dtype=torch.uint8)]

@@ -115,7 +115,9 @@ def test_lower_layer_modules_import_and_run_without_the_loaders():
     code = ("import sys, teal_cli.runtime.cpus, teal_cli.runtime.device, teal_cli.media.pixels, teal_cli.media.resample\n"
             "from teal_cli.media.pixels import PixelPrep\n"
             "assert teal_cli.runtime.cpus.usable_cpus() >= 1\n"
-            "assert PixelPrep('shorter', 224, 3, crop=224).window(500, 375) is not None\n"
+            "from PIL import Image\n"
+            "teal_cli.media.pixels.MAX_RESIZED_PIXELS = 0  # the window-only resize: teal_cli.media.resample\n"
+            "assert PixelPrep('shorter', 16, 3, crop=16).apply(Image.new('RGB', (40, 30)))[0].shape == (16, 16, 3)\n"
             "assert 'teal_cli.pipeline.loaders' not in sys.modules, 'loaders imported'\n"
             "assert 'torch' not in sys.modules, 'torch imported'\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
