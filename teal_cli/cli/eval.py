@@ -75,7 +75,7 @@ def eval(
     if model or task == "recon":
         from .common import setup_torch
 
-        dev, dt = setup_torch(device, dtype, seed)
+        dev, dt = setup_torch(device, dtype, seed, llm=True)
     options = EvalOptions(task=task, data=list(data), predictions=predictions, model=model, codecs=list(codec),
                           judge=judge, on_error=on_error, seed=seed, batch_size=batch_size, device=dev, dtype=dt,
                           max_new_tokens=max_new_tokens, template=_template(template, templates), cfg_scale=cfg_scale,

@@ -46,6 +46,7 @@ def generate(
     max_audio_seconds: Annotated[float, typer.Option("--max-audio-seconds", help="Longest generated audio segment.", min=0.0)] = 10.0,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Prompts decoded together.", min=1)] = 8,
     echo: Annotated[bool, typer.Option("--echo", help="Output records start with the prompt's segments.")] = False,
+    compile_: Annotated[str, typer.Option("--compile", help="auto | on | off: decode with a static KV cache and a torch.compile'd step (auto: when the batch is long enough to pay for the compile).")] = "auto",
     output: Annotated[Optional[str], typer.Option("-o", "--output", help="Write JSONL to this file (atomically) instead of stdout.", show_default=False)] = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -62,14 +63,14 @@ def generate(
     if output_modality is not None and output_modality not in ("image", "audio", "text"):
         raise UsageError(f"--output-modality {output_modality}: expected one of image, audio, text")
     sources = (inputs or []) if text else stdin_or_usage_error(inputs or [], "prompts")
-    dev, dt = setup_torch(device, dtype, seed)
+    dev, dt = setup_torch(device, dtype, seed, llm=True)
 
     from ..model.generate import GenerateOptions, generate as generate_records, text_prompt
     from ..model.teal_model import TealModel
 
     options = GenerateOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                               cfg_scale=cfg_scale, output_modality=output_modality, codec=codec,
-                              max_audio_seconds=max_audio_seconds, batch_size=batch_size, echo=echo)
+                              max_audio_seconds=max_audio_seconds, batch_size=batch_size, echo=echo, compile=compile_)
     options.check()  # before loading the model: a bad option should not cost the load
     teal_model = TealModel.from_dir(model, device=dev, dtype=dt)
     log.debug(f"model {model}: base {teal_model.config.llm.get('name')}, codecs "

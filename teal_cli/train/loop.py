@@ -268,7 +268,7 @@ class Trainer:
             if o.batch_size % (dist.world * o.grad_accum):
                 raise UsageError(f"--batch-size {o.batch_size} must be a multiple of processes x --grad-accum "
                                  f"({dist.world} x {o.grad_accum})")
-            dtype = resolve_dtype(o.dtype, device)
+            dtype = resolve_dtype(o.dtype, device, llm=True)
             return self._run(dist, device, dtype, lambda: autocast(device, dtype), np)
         finally:
             dist.close()
