@@ -152,13 +152,17 @@ def test_compile_off_and_auto_keep_the_eager_steps(models, monkeypatch):
     assert used == [EagerSteps, EagerSteps] and auto == off
 
 
-def test_auto_compiles_long_batches_of_models_it_supports(models, monkeypatch):
-    model = models["llama"]
+def test_auto_compiles_once_the_decoded_rows_x_steps_would_have_paid_for_it(models, monkeypatch):
+    model = models["gpt2"]
+    monkeypatch.setitem(model.__dict__, "_row_steps", 0)
+    monkeypatch.setattr(gen, "AUTO_MIN_ROW_STEPS", {"cpu": 8192})  # tests/conftest.py turns "auto" off
     auto = GenerateOptions()
-    threshold = gen.AUTO_MIN_ROW_STEPS["cpu"]
-    assert not use_compiled(model, auto, 1, threshold - 1)
-    assert use_compiled(model, auto, 2, threshold // 2)
+    threshold = 8192
+    quarter = dict(rows=2, bound=threshold // 8)
+    assert [use_compiled(model, auto, **quarter) for _ in range(3)] == [False, False, False]
+    assert not use_compiled(model, auto, 8, threshold, tight=False)  # a free answer's loose bound never counts
     assert not use_compiled(model, GenerateOptions(compile="off"), 8, threshold)
+    assert use_compiled(model, auto, **quarter)  # the fourth quarter of the threshold
     monkeypatch.setattr(model.llm.config, "_attn_implementation", "flash_attention_2")
     assert not use_compiled(model, auto, 8, threshold)
     with pytest.raises(UsageError, match="--compile on: attention implementation 'flash_attention_2'"):

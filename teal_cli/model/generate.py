@@ -454,10 +454,13 @@ def generate_ids(model: "TealModel", prompts: list[list[int]], options: Generate
 
 # ---------------------------------------------------------------------- one decoding step: eager or compiled
 
-# ``compile="auto"`` compiles a batch's step only when the batch decodes at least this many
-# rows x steps (its grammar's bound): torch.compile of a 30-layer model costs tens of seconds
-# on a 2-core CPU (see benchmarks/generate.py for the measurement behind these numbers).
-AUTO_MIN_ROW_STEPS = {"cpu": 4096, "cuda": 512}
+# ``compile="auto"`` compiles once the rows x steps this model has decoded in this process
+# (the batch about to start included) reach this many: until then the eager steps cost less
+# than a compile would (torch.compile of SmolLM2's step took 60-290 s on a shared 2-core
+# EPYC and saved 20-30 % a token: it pays off after thousands of tokens; measured with
+# benchmarks/generate.py). Like renting skis until their price is spent, this never costs
+# more than twice the better choice made in hindsight.
+AUTO_MIN_ROW_STEPS = {"cpu": 8192, "cuda": 512}
 _CACHE_ROUND = 64  # static cache lengths are rounded up to a multiple of this: fewer recompiles
 COMPILE_BACKEND = "inductor"  # torch.compile's backend (tests use "eager": the same graph, no code generation)
 
@@ -590,9 +593,12 @@ def row_step_bound(prompt_lens: list[int], options: GenerateOptions, grammar: Gr
     return max(bound, 0) + 1
 
 
-def use_compiled(model: "TealModel", options: GenerateOptions, rows: int, bound: int) -> bool:
-    """``options.compile``: ``on``/``off``; ``auto``: compile when the model supports it and the
-    batch may decode at least :data:`AUTO_MIN_ROW_STEPS` rows x steps. Raises UsageError for ``on`` with a model it cannot run."""
+def use_compiled(model: "TealModel", options: GenerateOptions, rows: int, bound: int, tight: bool = True) -> bool:
+    """``options.compile``: ``on``/``off``; ``auto``: compile when the model supports it, the
+    batch's bound is ``tight`` (a forced segment or text only: not a free answer whose bound
+    counts every segment the model might open, which would size the cache for the whole
+    context), and this model's rows x steps so far in this process reach
+    :data:`AUTO_MIN_ROW_STEPS`. Raises UsageError for ``on`` with a model it cannot run."""
     if options.compile == "off":
         return False
     why = static_cache_unsupported(model)
@@ -600,16 +606,19 @@ def use_compiled(model: "TealModel", options: GenerateOptions, rows: int, bound:
         if why:
             raise UsageError(f"--compile on: {why}; use --compile auto or off")
         return True
-    if why:
+    if why or not tight:
         return False
-    return rows * bound >= AUTO_MIN_ROW_STEPS.get(model.device.type, 1 << 62)
+    done = model.__dict__.get("_row_steps", 0) + rows * bound
+    model.__dict__["_row_steps"] = done
+    return done >= AUTO_MIN_ROW_STEPS.get(model.device.type, 1 << 62)
 
 
 def decoding_steps(model: "TealModel", prompts: list[list[int]], options: GenerateOptions, grammar: Grammar,
                    rows: int, width: int) -> EagerSteps:
     """The batch's step function: :class:`CompiledSteps` or :class:`EagerSteps` (``options.compile``)."""
     bound = row_step_bound([len(p) for p in prompts], options, grammar, model.context_length)
-    if use_compiled(model, options, rows, bound):
+    tight = grammar.forced or options.output_modality == "text" or not grammar.open_ids
+    if use_compiled(model, options, rows, bound, tight):
         return CompiledSteps(model, rows, width + bound)
     return EagerSteps(model)
 
