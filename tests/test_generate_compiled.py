@@ -196,3 +196,14 @@ def test_inductor_compiled_step_gives_the_eager_answers(models, monkeypatch):
     for mode in ("image", None):
         opts = dict(max_new_tokens=10, output_modality=mode, batch_size=4)
         assert segments(models["llama"], recs, compile="on", **opts) == segments(models["llama"], recs, compile="off", **opts)
+
+
+@pytest.mark.requires_cuda
+def test_cuda_graph_compiled_step_gives_the_eager_answers(llm_dirs, codec_dirs, monkeypatch):  # noqa: F811
+    """On a GPU the step is compiled with mode="reduce-overhead" (CUDA graphs)."""
+    monkeypatch.setattr(gen, "COMPILE_BACKEND", "inductor")
+    model = build(llm_dirs["llama"], codec_dirs, eager=True).cuda()
+    recs = prompts(4)
+    for mode in ("image", None):
+        opts = dict(max_new_tokens=10, output_modality=mode, batch_size=4)
+        assert segments(model, recs, compile="on", **opts) == segments(model, recs, compile="off", **opts)

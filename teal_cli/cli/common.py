@@ -20,7 +20,8 @@ import typer
 from ..errors import TealError, UsageError
 
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA when available), cpu, cuda or cuda:N.")]
-DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto, float32, bfloat16 or float16 for the frozen LLM (auto: bf16 on GPU and on CPUs with native bf16 (AVX512_BF16/AMX), else fp32).")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto, float32, bfloat16 or float16 (auto: bf16 on GPU, fp32 on CPU).")]
+LlmDtypeOpt = Annotated[str, typer.Option("--dtype", help="The frozen LLM's dtype: auto, float32, bfloat16 or float16 (auto: bf16 on GPU and on CPUs with native bf16, AVX512_BF16 or AMX; else fp32). teal's own parameters stay fp32.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.")]
 QuietOpt = Annotated[bool, typer.Option("-q", "--quiet", help="No progress or info on stderr; errors only.")]
 VerboseOpt = Annotated[bool, typer.Option("-v", "--verbose", help="More detail on stderr.")]

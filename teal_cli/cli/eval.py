@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import (DeviceOpt, DtypeOpt, Log, OnErrorOpt, QuietOpt, SeedOpt, TemperatureOpt, TopKOpt, TopPOpt, VerboseOpt,
+from .common import (DeviceOpt, Log, LlmDtypeOpt, OnErrorOpt, QuietOpt, SeedOpt, TemperatureOpt, TopKOpt, TopPOpt, VerboseOpt,
                      check_choice, handle_errors, output_stream)
 
 HELP = """Score predictions against references; JSON results on stdout.
@@ -56,7 +56,7 @@ def eval(
     templates: Annotated[Optional[str], typer.Option("--templates", help="JSON templates file (as for 'teal train'), for --template.")] = None,
     on_error: OnErrorOpt = "fail",
     device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
+    dtype: LlmDtypeOpt = "auto",
     seed: SeedOpt = 0,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,

@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import (DeviceOpt, DtypeOpt, Log, QuietOpt, SeedOpt, TemperatureOpt, TopKOpt, TopPOpt, VerboseOpt, handle_errors,
+from .common import (DeviceOpt, Log, LlmDtypeOpt, QuietOpt, SeedOpt, TemperatureOpt, TopKOpt, TopPOpt, VerboseOpt, handle_errors,
                      output_stream, setup_torch)
 
 HELP = """Continue prompts with a TEAL model: text, image or audio segments (JSONL on stdout).
@@ -46,10 +46,10 @@ def generate(
     max_audio_seconds: Annotated[float, typer.Option("--max-audio-seconds", help="Longest generated audio segment.", min=0.0)] = 10.0,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Prompts decoded together.", min=1)] = 8,
     echo: Annotated[bool, typer.Option("--echo", help="Output records start with the prompt's segments.")] = False,
-    compile_: Annotated[str, typer.Option("--compile", help="auto | on | off: decode with a static KV cache and a torch.compile'd step (auto: when the batch is long enough to pay for the compile).")] = "auto",
+    compile_: Annotated[str, typer.Option("--compile", help="auto | on | off: decode with a static KV cache and a torch.compile'd step (auto: once the tokens decoded so far would have paid for the compile; never for free answers that may open segments).")] = "auto",
     output: Annotated[Optional[str], typer.Option("-o", "--output", help="Write JSONL to this file (atomically) instead of stdout.", show_default=False)] = None,
     device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
+    dtype: LlmDtypeOpt = "auto",
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
