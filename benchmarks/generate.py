@@ -14,6 +14,10 @@ Arms, each timed end to end (prefill + decoding, what a user waits for):
   compared (they must be the same ids), so both arms produce the same tokens.
 - image: teal forced image segment (``<img>``, grid*grid ids, ``</img>``) vs HF generating the
   same number of tokens (``min_new_tokens = max_new_tokens``) from the same prompts.
+- compiled: teal with ``compile="on"`` (a ``StaticCache`` and a ``torch.compile``d step), in
+  the same repeats, for both arms; its ids are compared with the eager arm's. Its compile
+  time (first run minus a warm run, per batch size: a new batch shape compiles again) is
+  reported apart, with the tokens after which it pays off against the eager arm.
 
 Tokens/s counts generated tokens of all rows (a row's tokens after its EOS are not counted;
 both arms count the same). Arms alternate within each repeat and the paired ratios are
@@ -28,6 +32,7 @@ the grammar's per-row bookkeeping, and the rest (Python in the loop, cache/mask 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -69,7 +74,7 @@ def build(args, work: Path):
         name = str(make_tiny_llm(work / "tiny-llama", "llama", hidden=64, layers=4, context=1024))
     else:
         name = args.model
-    base = load_base_llm(name, device=args.device)
+    base = load_base_llm(name, device=args.device, dtype=getattr(torch, args.dtype))
     g = torch.Generator().manual_seed(0)
     codec_dir = save_codec_dir(work / "patch-p2-k256", PatchFeatures(2, image_size=2 * args.grid),
                                torch.rand(256, 12, generator=g), {})
@@ -161,6 +166,39 @@ class Profiler:
                 delattr(owner, attr)  # an instance attribute shadowing the class's method
 
 
+def floors(model, batch: int, repeats: int = 5) -> str:
+    """Where a decoding step's time can go, for one batch size: the weights read per token
+    (every linear layer's, the tied LM head's apart), this machine's memory read rate (a sum
+    over a buffer of that size), and the time of the linear layers' kernels alone (F.linear
+    on a ready ``[batch, d]`` input, no Python model code around them): the floor a compiled
+    step could approach. Reported as tokens/s of the whole batch."""
+    import torch.nn.functional as F
+
+    linears = [m for m in model.llm.modules() if isinstance(m, torch.nn.Linear)]
+    head = model.lm_head
+    body = [m for m in linears if m is not head]
+    nbytes = sum(m.weight.numel() * m.weight.element_size() for m in body)
+    head_bytes = head.weight.numel() * head.weight.element_size()
+    buf = torch.ones((nbytes + head_bytes) // 4, dtype=torch.float32)
+    best_read = min(_timed(lambda: buf.sum()) for _ in range(repeats))
+    rate = buf.numel() * 4 / best_read
+    xs = {m.in_features: torch.randn(batch, m.in_features, dtype=m.weight.dtype) for m in linears}
+    with torch.inference_mode():
+        body_s = min(_timed(lambda: [F.linear(xs[m.in_features], m.weight, m.bias) for m in body]) for _ in range(repeats))
+        head_s = min(_timed(lambda: F.linear(xs[head.in_features], head.weight)) for _ in range(repeats))
+    del buf
+    return (f"      floors, batch {batch}: weights {nbytes / 1e6:.0f} MB + LM head {head_bytes / 1e6:.0f} MB per step; "
+            f"memory read {rate / 1e9:.1f} GB/s -> {batch * rate / (nbytes + head_bytes):.1f} tok/s with the head, "
+            f"{batch * rate / nbytes:.1f} without; linear kernels alone {batch / (body_s + head_s):.1f} tok/s with the head, "
+            f"{batch / body_s:.1f} without")
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m", help="base LLM for load_base_llm (alias, directory or hub id)")
@@ -171,9 +209,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the usable CPUs)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--arms", nargs="+", default=["text", "image"])
+    ap.add_argument("--arms", nargs="*", default=["text", "image"])
     ap.add_argument("--profile", action="store_true", help="where teal's time goes (one extra run per case)")
     ap.add_argument("--exported", action="store_true", help="also time the 'teal export' checkpoint under HF generate")
+    ap.add_argument("--floors", action="store_true", help="memory-read and linear-kernel floors per batch size")
+    ap.add_argument("--compile", choices=["on", "off"], default="on", help="add the compiled arm (default on)")
+    ap.add_argument("--dtype", default="float32", help="the LLM's dtype for every arm (float32, bfloat16)")
     args = ap.parse_args()
 
     from teal_cli.runtime.device import fit_threads_to_cpus
@@ -184,31 +225,47 @@ def main() -> None:
         fit_threads_to_cpus()
     with tempfile.TemporaryDirectory() as work:
         model = build(args, Path(work))
-        print(f"base {model.config.llm.get('name')} ({sum(p.numel() for p in model.llm.parameters()) / 1e6:.0f}M params), "
-              f"device {args.device}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+        print(f"base {model.config.llm.get('name')} ({sum(p.numel() for p in model.llm.parameters()) / 1e6:.0f}M params, "
+              f"{args.dtype}), device {args.device}, {torch.get_num_threads()} threads, torch {torch.__version__}")
         eos = model.eos_id
+        if args.floors:
+            for batch in args.batch:
+                print(floors(model, batch), flush=True)
         for arm in args.arms:
             if arm == "text":
                 options = GenerateOptions(max_new_tokens=args.new_tokens, output_modality="text")
             else:
                 options = GenerateOptions(output_modality="image")
+            options.compile = "off"
+            compiled = dataclasses.replace(options, compile="on")
             grammar = Grammar(model, options)
             image_tokens = args.grid * args.grid + 2
             for batch in args.batch:
                 prompts = encode(model, (PROMPTS * batch)[:batch])
                 n_new = args.new_tokens if arm == "text" else image_tokens
-                # warm-up both arms once
+                # warm-up every arm once; the compiled arm's first run compiles (timed)
                 run_hf(model, prompts, n_new, arm == "image", args.device)
                 run_teal(model, prompts, options, grammar, args.device)
+                if args.compile == "on":
+                    cold, _ = run_teal(model, prompts, compiled, grammar, args.device)
+                    warm, _ = run_teal(model, prompts, compiled, grammar, args.device)
                 hf_rates, teal_rates, ratios, same = [], [], [], True
+                c_rates, c_ratios, c_same = [], [], True
+                arms = ["hf", "teal"] + (["compiled"] if args.compile == "on" else [])
                 for r in range(args.repeats):
-                    order = ("hf", "teal") if r % 2 == 0 else ("teal", "hf")
+                    order = arms[r % len(arms):] + arms[:r % len(arms)]
                     got = {}
                     for which in order:
                         if which == "hf":
                             got["hf"] = run_hf(model, prompts, n_new, arm == "image", args.device)
-                        else:
+                        elif which == "teal":
                             got["teal"] = run_teal(model, prompts, options, grammar, args.device)
+                        else:
+                            got["compiled"] = run_teal(model, prompts, compiled, grammar, args.device)
+                    if "compiled" in got:
+                        t_c, c_res = got["compiled"]
+                        c_same &= [x.ids for x in c_res] == [x.ids for x in got["teal"][1]]
+                        c_rates.append(sum(len(x.ids) for x in c_res) / t_c)
                     (t_hf, hf_rows), (t_teal, teal_res) = got["hf"], got["teal"]
                     if arm == "text":
                         n_hf = count(hf_rows, eos)
@@ -221,12 +278,23 @@ def main() -> None:
                     hf_rates.append(n_hf / t_hf)
                     teal_rates.append(n_teal / t_teal)
                     ratios.append(teal_rates[-1] / hf_rates[-1])
+                    if c_rates:
+                        c_ratios.append(c_rates[-1] / hf_rates[-1])
                 check = ("same ids as HF" if same else "IDS DIFFER FROM HF") if arm == "text" else \
                         ("same token counts" if same else "TOKEN COUNTS DIFFER")
                 print(f"{arm:5s} batch {batch}: HF {statistics.median(hf_rates):7.1f} tok/s "
                       f"[{min(hf_rates):.1f}-{max(hf_rates):.1f}]  teal {statistics.median(teal_rates):7.1f} tok/s "
                       f"[{min(teal_rates):.1f}-{max(teal_rates):.1f}]  ratio {statistics.median(ratios):.2f}x "
                       f"[{min(ratios):.2f}-{max(ratios):.2f}]  ({n_teal} tokens, {check})", flush=True)
+                if c_rates:
+                    per_token = 1 / statistics.median(teal_rates) - 1 / statistics.median(c_rates)
+                    compile_s = cold - warm
+                    pays = f"pays off after {compile_s / per_token:.0f} tokens" if per_token > 0 else "never pays off"
+                    print(f"      compiled: {statistics.median(c_rates):7.1f} tok/s [{min(c_rates):.1f}-{max(c_rates):.1f}]  "
+                          f"ratio to HF {statistics.median(c_ratios):.2f}x [{min(c_ratios):.2f}-{max(c_ratios):.2f}], "
+                          f"to eager teal {statistics.median(c_rates) / statistics.median(teal_rates):.2f}x  "
+                          f"({'same ids as eager' if c_same else 'IDS DIFFER FROM EAGER'}); "
+                          f"compile {compile_s:.1f}s, {pays}", flush=True)
                 if args.profile:
                     with Profiler(model) as prof:
                         total, _ = run_teal(model, prompts, options, grammar, args.device)

@@ -24,6 +24,15 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True)
+def no_auto_compile(monkeypatch):
+    """``generate``'s ``compile="auto"`` never compiles in tests (it would, at an unpredictable
+    test, once a module's models had decoded enough tokens); tests of it set the threshold."""
+    from teal_cli.model import generate
+
+    monkeypatch.setattr(generate, "AUTO_MIN_ROW_STEPS", {})
+
+
+@pytest.fixture(autouse=True)
 def isolated(tmp_path, monkeypatch):
     """Each test runs in its own folder with its own cache and no network downloads."""
     monkeypatch.chdir(tmp_path)

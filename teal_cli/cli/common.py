@@ -21,6 +21,7 @@ from ..errors import TealError, UsageError
 
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA when available), cpu, cuda or cuda:N.")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto, float32, bfloat16 or float16 (auto: bf16 on GPU, fp32 on CPU).")]
+LlmDtypeOpt = Annotated[str, typer.Option("--dtype", help="The frozen LLM's dtype: auto, float32, bfloat16 or float16 (auto: bf16 on GPU and on CPUs with native bf16, AVX512_BF16 or AMX; else fp32). teal's own parameters stay fp32.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.", min=0, max=2**63 - 1)]
 QuietOpt = Annotated[bool, typer.Option("-q", "--quiet", help="No progress or info on stderr; errors only.")]
 VerboseOpt = Annotated[bool, typer.Option("-v", "--verbose", help="More detail on stderr.")]
@@ -162,11 +163,12 @@ def output_stream(path: Optional[str]) -> Iterator:
         yield f
 
 
-def setup_torch(device: str, dtype: str, seed: int | None):
-    """Resolve device/dtype and seed torch; returns ``(device, dtype)``."""
+def setup_torch(device: str, dtype: str, seed: int | None, *, llm: bool = False):
+    """Resolve device/dtype (``llm``: the frozen LLM's, see ``resolve_dtype``) and seed torch;
+    returns ``(device, dtype)``."""
     from ..runtime.device import fit_threads_to_cpus, resolve_device, resolve_dtype, seed_everything
 
     dev = resolve_device(device)
     fit_threads_to_cpus()
     seed_everything(seed)
-    return dev, resolve_dtype(dtype, dev)
+    return dev, resolve_dtype(dtype, dev, llm=llm)

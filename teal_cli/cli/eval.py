@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import (DeviceOpt, DtypeOpt, Log, OnErrorOpt, QuietOpt, SeedOpt, TemperatureOpt, TopKOpt, TopPOpt, VerboseOpt,
+from .common import (DeviceOpt, Log, LlmDtypeOpt, OnErrorOpt, QuietOpt, SeedOpt, TemperatureOpt, TopKOpt, TopPOpt, VerboseOpt,
                      check_choice, check_number, handle_errors, output_stream)
 
 HELP = """Score predictions against references; JSON results on stdout.
@@ -56,7 +56,7 @@ def eval(
     templates: Annotated[Optional[str], typer.Option("--templates", help="JSON templates file (as for 'teal train'), for --template.")] = None,
     on_error: OnErrorOpt = "fail",
     device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
+    dtype: LlmDtypeOpt = "auto",
     seed: SeedOpt = 0,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
@@ -83,7 +83,7 @@ def eval(
     if model or task == "recon":
         from .common import setup_torch
 
-        dev, dt = setup_torch(device, dtype, seed)
+        dev, dt = setup_torch(device, dtype, seed, llm=True)
     options = EvalOptions(task=task, data=list(data), predictions=predictions, model=model, codecs=list(codec),
                           judge=judge, on_error=on_error, seed=seed, batch_size=batch_size, device=dev, dtype=dt,
                           max_new_tokens=max_new_tokens, template=_template(template, templates), cfg_scale=cfg_scale,

@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import (DeviceOpt, DtypeOpt, Log, QuietOpt, SeedOpt, TemperatureOpt, TopKOpt, TopPOpt, VerboseOpt, handle_errors,
+from .common import (DeviceOpt, Log, LlmDtypeOpt, QuietOpt, SeedOpt, TemperatureOpt, TopKOpt, TopPOpt, VerboseOpt, handle_errors,
                      output_stream, setup_torch)
 
 HELP = """Continue prompts with a TEAL model: text, image or audio segments (JSONL on stdout).
@@ -51,9 +51,10 @@ def generate(
     max_audio_seconds: Annotated[float, typer.Option("--max-audio-seconds", help="Longest generated audio segment.", min=0.0)] = 10.0,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Prompts decoded together.", min=1)] = 8,
     echo: Annotated[bool, typer.Option("--echo", help="Output records start with the prompt's segments, marked \"role\": \"prompt\" (eval leaves them out).")] = False,
+    compile_: Annotated[str, typer.Option("--compile", help="auto | on | off: decode with a static KV cache and a torch.compile'd step (auto: once the tokens decoded so far would have paid for the compile; never for free answers that may open segments).")] = "auto",
     output: Annotated[Optional[str], typer.Option("-o", "--output", help="Write JSONL to this file (atomically) instead of stdout.", show_default=False)] = None,
     device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
+    dtype: LlmDtypeOpt = "auto",
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -80,9 +81,9 @@ def generate(
 
     options = GenerateOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                               cfg_scale=cfg_scale, output_modality=output_modality, codec=codec,
-                              max_audio_seconds=max_audio_seconds, batch_size=batch_size, echo=echo)
+                              max_audio_seconds=max_audio_seconds, batch_size=batch_size, echo=echo, compile=compile_)
     options.check()  # before loading the model: a bad option should not cost the load
-    dev, dt = setup_torch(device, dtype, seed)
+    dev, dt = setup_torch(device, dtype, seed, llm=True)
     if engine == "hf":
         from ..model.hf_engine import ExportedModel, generate as hf_generate
 

@@ -65,7 +65,7 @@ def train(
     gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Recompute the LLM's activations in backward (long sequences).")] = False,
     no_bucket: Annotated[bool, typer.Option("--no-bucket", help="Plain shuffled batches (no length bucketing).")] = False,
     device: Annotated[str, typer.Option("--device", help="auto (CUDA when available), cpu, cuda or cuda:N.")] = "auto",
-    dtype: Annotated[str, typer.Option("--dtype", help="Base LLM dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16. Trained parameters stay fp32.")] = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help="Base LLM dtype: auto (bf16 on GPU and on CPUs with native bf16, AVX512_BF16 or AMX; else fp32), float32, bfloat16. Trained parameters stay fp32.")] = "auto",
     seed: SeedOpt = 0,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,

@@ -38,8 +38,11 @@ unconditional row per prompt whose context is the tokenizer's prefix and the ``<
 token only (as image-token generators do, e.g. Chameleon/Lumina-mGPT); inside modality
 segments ``logits = uncond + s * (cond - uncond)``; text is never guided.
 
-Batches (``batch_size``) are left-padded, positions follow the attention mask, and the KV
-cache is transformers' ``DynamicCache``. Errors: a prompt that fills the base LLM's context
+Batches (``batch_size``) are left-padded and positions follow the attention mask. The KV
+cache is transformers' ``DynamicCache`` with eager steps, or (``compile``) a ``StaticCache``
+sized for the batch's longest possible answer with a ``torch.compile``d one-token step
+(:class:`CompiledSteps`); both share this loop, so the grammar, sampling and CFG rows are
+the same code. Errors: a prompt that fills the base LLM's context
 is a one-line :class:`~teal_cli.errors.DataError` naming the record; unknown codecs and ids
 out of range come from :meth:`TealModel.encode_record`; bad options are
 :class:`~teal_cli.errors.UsageError`.
@@ -64,6 +67,7 @@ if TYPE_CHECKING:
     from .teal_model import TealModel
 
 OUTPUT_MODALITIES = ("image", "audio", "text")
+COMPILE_MODES = ("auto", "on", "off")
 _UNIFORM_CHUNK = 64  # uniforms drawn per sequence at a time (one per sampled token)
 
 
@@ -85,6 +89,9 @@ class GenerateOptions:
         max_audio_seconds: longest audio segment, in seconds of the codec's frame rate.
         batch_size: prompts decoded together.
         echo: output records start with the prompt's segments, each marked ``"role": "prompt"``.
+        compile: ``off``: eager steps on transformers' ``DynamicCache``; ``on``: a
+            ``StaticCache`` and a ``torch.compile``d one-token step (CUDA graphs on a GPU);
+            ``auto``: compiled only where it pays off (see :func:`use_compiled`).
     """
 
     max_new_tokens: int = 64
@@ -98,6 +105,7 @@ class GenerateOptions:
     max_audio_seconds: float = 10.0
     batch_size: int = 8
     echo: bool = False
+    compile: str = "auto"
 
     def check(self) -> None:
         """Raise UsageError (naming the CLI option) for a value out of range."""
@@ -117,6 +125,8 @@ class GenerateOptions:
             raise UsageError(f"--max-audio-seconds {self.max_audio_seconds}: expected a finite number > 0")
         if self.batch_size < 1:
             raise UsageError(f"--batch-size {self.batch_size}: expected 1 or more")
+        if self.compile not in COMPILE_MODES:
+            raise UsageError(f"--compile {self.compile}: expected one of {', '.join(COMPILE_MODES)}")
 
     @property
     def sampling(self) -> bool:
@@ -437,8 +447,8 @@ def generate_ids(model: "TealModel", prompts: list[list[int]], options: Generate
     scale = float(options.cfg_scale)
     neg_inf = torch.tensor(float("-inf"), device=device)
 
-    hidden, cache = model.hidden_states(ids, attn, use_cache=True)
-    hidden = hidden[:, -1]
+    steps = decoding_steps(model, prompts, options, grammar, R, width)
+    hidden = steps.prefill(ids, attn)
     step = 0
     while True:
         states = [r.state for r in rows]
@@ -474,9 +484,179 @@ def generate_ids(model: "TealModel", prompts: list[list[int]], options: Generate
         attn = torch.cat([attn, torch.tensor(column, dtype=attn.dtype, device=device)[:, None]], dim=1)
         ids = torch.tensor(feed, dtype=torch.long, device=device)[:, None]
         pos = torch.tensor(positions, dtype=torch.long, device=device)[:, None]
-        hidden, cache = model.hidden_states(ids, attn, position_ids=pos, past_key_values=cache, use_cache=True)
-        hidden = hidden[:, -1]
+        hidden = steps.step(ids, attn, pos)
     return [Generated(r.ids, r.finish) for r in rows]
+
+
+# ---------------------------------------------------------------------- one decoding step: eager or compiled
+
+# ``compile="auto"`` compiles once the rows x steps this model has decoded in this process
+# (the batch about to start included) reach this many: until then the eager steps cost less
+# than a compile would (torch.compile of SmolLM2's step took 60-290 s on a shared 2-core
+# EPYC and saved 20-30 % a token: it pays off after thousands of tokens; measured with
+# benchmarks/generate.py). Like renting skis until their price is spent, this never costs
+# more than twice the better choice made in hindsight.
+AUTO_MIN_ROW_STEPS = {"cpu": 8192, "cuda": 512}
+_CACHE_ROUND = 64  # static cache lengths are rounded up to a multiple of this: fewer recompiles
+COMPILE_BACKEND = "inductor"  # torch.compile's backend (tests use "eager": the same graph, no code generation)
+
+
+class EagerSteps:
+    """The model's forward as it is, on transformers' ``DynamicCache`` (grown by one slot a step)."""
+
+    compiled = False
+
+    def __init__(self, model: "TealModel"):
+        self.model, self.cache = model, None
+
+    def prefill(self, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """``[R, T]`` left-padded ids and mask to the last hidden states ``[R, d_llm]``."""
+        hidden, self.cache = self.model.hidden_states(ids, attn, use_cache=True)
+        return hidden[:, -1]
+
+    def step(self, ids: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """One token per row (``ids``, ``pos`` ``[R, 1]``; ``attn`` ``[R, T + steps]``, its last
+        column the new token's) to ``[R, d_llm]``."""
+        hidden, self.cache = self.model.hidden_states(ids, attn, position_ids=pos, past_key_values=self.cache,
+                                                      use_cache=True)
+        return hidden[:, -1]
+
+
+class CompiledSteps(EagerSteps):
+    """The same steps on a transformers ``StaticCache`` of ``length`` slots per row, the
+    one-token step (joint ids -> :meth:`TealModel.embed` -> backbone -> last hidden state)
+    compiled once per model with ``torch.compile`` (``mode="reduce-overhead"``, i.e. CUDA
+    graphs, on a GPU). The prefill is the eager one (one call, on a ``DynamicCache``), whose
+    keys and values are then copied into the static cache: the prompt's states are the very
+    same as :class:`EagerSteps`'s. The attention mask is a ``[R, length]`` boolean buffer
+    (padding, unwritten slots and the unconditional rows' hidden text are False) given to the
+    backbone as a ready 4-D mask, so every step has the same shapes.
+
+    The grammar's logits (:func:`block_logits`) stay outside the compiled graph: which blocks
+    they compute changes from step to step (the LM head is skipped inside image segments),
+    and each set would be a graph of its own to compile; they are one matrix product each."""
+
+    compiled = True
+
+    def __init__(self, model: "TealModel", rows: int, length: int):
+        super().__init__(model)
+        from transformers import StaticCache
+
+        length = -(-length // _CACHE_ROUND) * _CACHE_ROUND
+        key = (rows, length, next(model.llm.parameters()).dtype)
+        pool = model.__dict__.setdefault("_static_caches", {})
+        if key not in pool:
+            pool.clear()  # one batch shape at a time (the last batch of a run may be smaller)
+            pool[key] = (StaticCache(config=model.llm.config, max_cache_len=length),
+                         torch.zeros(rows, length, dtype=torch.bool, device=model.device))
+        self.cache, self.keep = pool[key]
+        self.length = length
+        self.fn = compiled_step(model)
+
+    def prefill(self, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        hidden, dynamic = self.model.hidden_states(ids, attn, use_cache=True)
+        width = ids.shape[1]
+        for src, dst in zip(dynamic.layers, self.cache.layers, strict=True):
+            if not dst.is_initialized:
+                dst.lazy_initialization(src.keys, src.values)
+            dst.keys[:, :, :width].copy_(src.keys)
+            dst.values[:, :, :width].copy_(src.values)
+            dst.cumulative_length.fill_(width)
+        self.keep.zero_()
+        return hidden[:, -1]
+
+    def step(self, ids: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        n = attn.shape[1]
+        if n > self.length:  # the bound of decoding_steps is wrong: a bug, not a user error
+            raise RuntimeError(f"static KV cache of {self.length} slots overflowed (step {n})")
+        self.keep[:, :n] = attn.bool()
+        # Cloned: a CUDA graph's output is overwritten by its next replay.
+        return self.fn(ids, pos, self.keep, self.cache).clone()
+
+
+def compiled_step(model: "TealModel"):
+    """The model's compiled one-token step ``(ids [R, 1], pos [R, 1], keep [R, L], cache) ->
+    [R, d_llm]``, made once per model (torch.compile recompiles by itself for a new shape)."""
+    key = f"_compiled_step_{COMPILE_BACKEND}"
+    fn = model.__dict__.get(key)
+    if fn is None:
+        additive = model.llm.config._attn_implementation == "eager"
+        cache_kw = model._cache_kw
+
+        def step(ids, pos, keep, cache):
+            emb = model.embed(ids)
+            mask = keep[:, None, None, :]
+            if additive:  # eager attention adds the mask; sdpa takes booleans (True = attend)
+                mask = torch.zeros(mask.shape, dtype=emb.dtype, device=emb.device).masked_fill(
+                    ~mask, torch.finfo(emb.dtype).min)
+            out = model.backbone(inputs_embeds=emb, attention_mask=mask, position_ids=pos, use_cache=True,
+                                 return_dict=True, **{cache_kw: cache})
+            return out.last_hidden_state[:, -1]
+
+        mode = "reduce-overhead" if model.device.type == "cuda" and COMPILE_BACKEND == "inductor" else None
+        fn = torch.compile(step, backend=COMPILE_BACKEND, mode=mode)
+        model.__dict__[key] = fn
+    return fn
+
+
+def static_cache_unsupported(model: "TealModel") -> str | None:
+    """Why the compiled static-cache step cannot run ``model`` (None: it can)."""
+    if model._cache_kw != "cache":
+        return "the installed transformers is older than 5.0 (another StaticCache interface)"
+    if not getattr(model.llm, "_can_compile_fullgraph", False):
+        return f"transformers' {type(model.llm).__name__} does not support a static KV cache"
+    impl = model.llm.config._attn_implementation
+    if impl not in ("sdpa", "eager"):
+        return f"attention implementation '{impl}' (the compiled step supports sdpa and eager)"
+    return None
+
+
+def row_step_bound(prompt_lens: list[int], options: GenerateOptions, grammar: Grammar, context: int | None) -> int:
+    """Most tokens one row of the batch can be fed after its prompt: the grammar's longest
+    answer (``max_new_tokens`` text tokens, each of which may open a segment of up to its
+    codec's limit plus ``</close>``; a forced segment and its boundaries), capped by the
+    context (a row stops there)."""
+    seg = {m: max((st.limit for st in grammar.states if st.kind == "codec" and st.modality == m), default=0) + 1
+           for m in grammar.modalities}
+    if grammar.forced:
+        bound = 1 + seg[options.output_modality]
+    elif grammar.open_ids and options.output_modality != "text":
+        bound = options.max_new_tokens * (1 + max(seg.values()))
+    else:
+        bound = options.max_new_tokens
+    if context:
+        bound = min(bound, context - min(prompt_lens))
+    return max(bound, 0) + 1
+
+
+def use_compiled(model: "TealModel", options: GenerateOptions, rows: int, bound: int, tight: bool = True) -> bool:
+    """``options.compile``: ``on``/``off``; ``auto``: compile when the model supports it, the
+    batch's bound is ``tight`` (a forced segment or text only: not a free answer whose bound
+    counts every segment the model might open, which would size the cache for the whole
+    context), and this model's rows x steps so far in this process reach
+    :data:`AUTO_MIN_ROW_STEPS`. Raises UsageError for ``on`` with a model it cannot run."""
+    if options.compile == "off":
+        return False
+    why = static_cache_unsupported(model)
+    if options.compile == "on":
+        if why:
+            raise UsageError(f"--compile on: {why}; use --compile auto or off")
+        return True
+    if why or not tight:
+        return False
+    done = model.__dict__.get("_row_steps", 0) + rows * bound
+    model.__dict__["_row_steps"] = done
+    return done >= AUTO_MIN_ROW_STEPS.get(model.device.type, 1 << 62)
+
+
+def decoding_steps(model: "TealModel", prompts: list[list[int]], options: GenerateOptions, grammar: Grammar,
+                   rows: int, width: int) -> EagerSteps:
+    """The batch's step function: :class:`CompiledSteps` or :class:`EagerSteps` (``options.compile``)."""
+    bound = row_step_bound([len(p) for p in prompts], options, grammar, model.context_length)
+    tight = grammar.forced or options.output_modality == "text" or not grammar.open_ids
+    if use_compiled(model, options, rows, bound, tight):
+        return CompiledSteps(model, rows, width + bound)
+    return EagerSteps(model)
 
 
 # ---------------------------------------------------------------------- records in, records out

@@ -56,8 +56,12 @@ def fit_threads_to_cpus() -> int:
     return torch.get_num_threads()
 
 
-def resolve_dtype(spec: "str | torch.dtype", device: "torch.device") -> "torch.dtype":
-    """``auto`` is bf16 on a GPU that supports it, fp16 on older GPUs, fp32 on CPU.
+def resolve_dtype(spec: "str | torch.dtype", device: "torch.device", *, llm: bool = False) -> "torch.dtype":
+    """``auto`` is bf16 on a GPU that supports it, fp16 on older GPUs, fp32 on CPU; with
+    ``llm`` (the frozen LLM's dtype in train, generate and eval) bf16 on a CPU that computes
+    bf16 natively (:func:`cpu_auto_dtype`). teal's own parameters stay fp32 (master weights
+    in training) and its heads take the LLM's hidden states in fp32; feature encoders and
+    codecs keep fp32 on every CPU (their ids must not depend on the machine).
 
     A torch.dtype passes through unchanged."""
     import torch
@@ -70,6 +74,8 @@ def resolve_dtype(spec: "str | torch.dtype", device: "torch.device") -> "torch.d
     if spec == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device.type == "cpu" and llm:
+            return cpu_auto_dtype()
         return torch.float32
     return getattr(torch, spec)
 
@@ -81,6 +87,84 @@ def transformers_dtype(dtype: "torch.dtype") -> dict:
 
     major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
     return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
+
+
+# x86 flags (/proc/cpuinfo) of CPUs with bf16 dot-product instructions: AVX512_BF16 (Zen 4/5,
+# Cooper Lake, Sapphire Rapids) and AMX-BF16 (Sapphire Rapids and later). Without them torch
+# emulates bf16 matrix products through fp32 and they run slower than fp32's.
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+CPU_DTYPE_RECORD = "cpu-dtype.json"  # in $TEAL_CACHE_DIR: the probe's answer per CPU model and torch version
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (``/proc/cpuinfo``'s first ``flags`` line; empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            line = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return set()
+    return set(line.partition(":")[2].split())
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``, else :func:`platform.processor`)."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        name = ""
+    return name or platform.processor() or platform.machine()
+
+
+def bf16_sane() -> bool:
+    """A tiny bf16 matrix product agrees with fp32's to bf16's precision (a CPU kernel that
+    returned garbage for bf16 would make ``auto`` pick it otherwise)."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(64, 128, generator=g), torch.randn(128, 32, generator=g)
+    ref = a.bfloat16().float() @ b.bfloat16().float()
+    got = (a.bfloat16() @ b.bfloat16()).float()
+    return bool(torch.isfinite(got).all()) and bool(torch.allclose(got, ref, rtol=2e-2, atol=2e-1))
+
+
+def probe_cpu_dtype(flags: "set[str] | None" = None) -> str:
+    """``bfloat16`` when the CPU has a native bf16 instruction (:data:`BF16_FLAGS`) and
+    :func:`bf16_sane`, else ``float32``."""
+    flags = cpu_flags() if flags is None else flags
+    return "bfloat16" if any(f in flags for f in BF16_FLAGS) and bf16_sane() else "float32"
+
+
+def cpu_auto_dtype() -> "torch.dtype":
+    """``--dtype auto``'s CPU answer, probed once per CPU model and torch version and kept in
+    ``$TEAL_CACHE_DIR/cpu-dtype.json`` (written atomically; an unreadable file is probed again)."""
+    import json
+
+    import torch
+
+    from .files import atomic_output, cache_dir
+
+    key = f"{cpu_model()} | torch {torch.__version__}"
+    path = cache_dir() / CPU_DTYPE_RECORD
+    try:
+        known = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(known, dict):
+            known = {}
+    except (OSError, ValueError):
+        known = {}
+    answer = known.get(key)
+    if answer not in ("bfloat16", "float32"):
+        answer = probe_cpu_dtype()
+        known[key] = answer
+        try:
+            with atomic_output(path) as f:
+                json.dump(known, f, indent=1, sort_keys=True)
+                f.write("\n")
+        except OSError:
+            pass  # a read-only cache: probe again next time
+    return getattr(torch, answer)
 
 
 def autocast(device: "torch.device", dtype: "torch.dtype"):

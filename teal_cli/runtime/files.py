@@ -92,3 +92,11 @@ def apply_umask(path: str | Path) -> None:
     else:
         path.chmod(file_mode())
 
+
+def cache_dir() -> Path:
+    """Root of teal's cache."""
+    env = os.environ.get("TEAL_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "teal"

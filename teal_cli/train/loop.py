@@ -413,7 +413,7 @@ class Trainer:
                 if o.batch_size % (dist.world * o.grad_accum):
                     raise UsageError(f"--batch-size {o.batch_size} must be a multiple of processes x --grad-accum "
                                      f"({dist.world} x {o.grad_accum})")
-                dtype = resolve_dtype(o.dtype, device)
+                dtype = resolve_dtype(o.dtype, device, llm=True)
                 self.dist, self.device = dist, device
                 self.amp = lambda: autocast(device, dtype)
                 return self._run(dtype)

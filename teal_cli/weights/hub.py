@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..errors import DownloadError
 from ..runtime.quiet import Progress
+from ..runtime.files import cache_dir  # noqa: F401  (re-exported: weights live in the cache)
 from .digests import file_sha256, sha256sum
 
 _CHUNK = 1 << 20
@@ -43,15 +44,6 @@ class HubFile:
     @property
     def name(self) -> str:
         return self.filename or self.url.rstrip("/").rsplit("/", 1)[-1]
-
-
-def cache_dir() -> Path:
-    """Root of teal's cache."""
-    env = os.environ.get("TEAL_CACHE_DIR")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "teal"
 
 
 def offline() -> bool:
