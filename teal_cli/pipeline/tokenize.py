@@ -258,6 +258,9 @@ def _encode(items: list[_Item], options: TokenizeOptions) -> Callable[[], dict[i
             if item.error is not None:
                 errors.setdefault(item.record, item.error)
             else:
+                # The input segment's own keys (role, speaker, lang, ...) stay with its tokens.
+                before = item.target.segments[item.segment]
+                item.segment_out.extra = {**before.extra, **item.segment_out.extra}
                 item.target.segments[item.segment] = item.segment_out
             item.data = None
         return errors
