@@ -232,7 +232,7 @@ def test_a_garbled_latest_pointer_falls_back_to_the_newest_checkpoint(model_dir,
     (["--epochs", "inf"], "--epochs inf"), (["--epochs", "nan"], "--epochs"), (["--epochs", "1e308"], "--epochs"),
     (["--epochs", "0"], "--epochs"), (["--clip", "-1"], "--clip -1"), (["--clip", "nan"], "--clip"),
     (["--val-fraction", "nan"], "--val-fraction"), (["--val-fraction", "-0.5"], "--val-fraction"),
-    (["--seed", "-1"], "--seed -1"), (["--seed", str(2 ** 64)], "--seed"),
+    (["--seed", "-1"], "--seed"), (["--seed", str(2 ** 64)], "--seed"),
 ])
 def test_every_numeric_train_option_is_a_usage_error_before_the_model_loads(model_dir, tmp_path, args, needle):
     data = toy_pairs(tmp_path / "p.jsonl", 8)
