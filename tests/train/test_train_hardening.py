@@ -251,7 +251,7 @@ def test_every_numeric_train_option_is_a_usage_error_before_the_model_loads(mode
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["--seed", "-1"], "--seed -1"), (["--seed", str(2 ** 64)], "--seed"),
+    (["--seed", "-1"], "--seed"), (["--seed", str(2 ** 64)], "--seed"),
     (["--code-dim", str(10 ** 9), "--init", "random"], "--code-dim"), (["--image-size", str(10 ** 9)], "--image-size"),
 ])
 def test_init_embeddings_numeric_options_are_checked_before_anything_loads(model_dir, tmp_path, args, needle):
