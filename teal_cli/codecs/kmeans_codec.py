@@ -243,14 +243,13 @@ def load_codec_dir(directory: str | Path, *, name: str | None = None, features: 
 def save_codec_dir(directory: str | Path, extractor: FeatureExtractor, centroids: "torch.Tensor",
                    provenance: dict[str, Any]) -> Path:
     """Write a codec directory atomically (a temp directory renamed into place)."""
-    import os
     import shutil
 
     from safetensors.torch import save_file
 
     import teal_cli
 
-    from ..runtime.files import apply_umask, temp_dir_beside
+    from ..runtime.files import apply_umask, replace_dir, temp_dir_beside
 
     directory = Path(directory)
     k, dim = centroids.shape
@@ -271,14 +270,7 @@ def save_codec_dir(directory: str | Path, extractor: FeatureExtractor, centroids
         save_file({"centroids": centroids.detach().float().cpu().contiguous()}, str(tmp / CENTROIDS_NAME))
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         apply_umask(tmp)
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(directory, old)
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
+        replace_dir(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -36,10 +36,7 @@ directory as ``teal_grammar.py``.
 from __future__ import annotations
 
 import json
-import math
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +44,7 @@ import torch
 from torch import nn
 
 from ..errors import TealError, UsageError
+from ..runtime.files import apply_umask, replace_dir, temp_dir_beside
 from . import hf_grammar
 
 if TYPE_CHECKING:
@@ -354,12 +352,13 @@ def export_model(model: "TealModel", out: str | Path, *, overwrite: bool = False
     meta = sidecar(model, bias)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = temp_dir_beside(out)
     try:
         llm.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         (tmp / hf_grammar.SIDECAR).write_text(json.dumps(meta, indent=1) + "\n")
         shutil.copyfile(Path(hf_grammar.__file__), tmp / GRAMMAR_FILE)
+        apply_umask(tmp)  # save_pretrained writes 0600 files
         if verify:
             loaded, info = AutoModelForCausalLM.from_pretrained(str(tmp), dtype=torch.float32, output_loading_info=True)
             bad = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
@@ -373,13 +372,7 @@ def export_model(model: "TealModel", out: str | Path, *, overwrite: bool = False
                 raise ExportError(f"the exported checkpoint's logits differ from the TEAL model's by {err:.2e} "
                                   f"(relative; tolerance {PROBE_RTOL + PROBE_ATOL:.0e}): refusing an inexact export")
             del loaded
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-            os.replace(out, old / "x")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

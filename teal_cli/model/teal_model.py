@@ -31,7 +31,7 @@ from torch import nn
 
 from ..errors import DataError, UsageError
 from ..records import Record, Segment
-from ..runtime.files import apply_umask, temp_dir_beside
+from ..runtime.files import apply_umask, replace_dir, temp_dir_beside
 from .config import ADAPTER_NAME, BOUNDARY_TOKENS, CONFIG_NAME, CodecEntry, ModelConfig, ModelDirError
 from .bias_norm import add_bias_norm
 
@@ -453,14 +453,7 @@ class TealModel(nn.Module):
             save_file(tensors, str(tmp / ADAPTER_NAME), metadata={"format": "teal-adapter"})
             self.config.save(tmp)
             apply_umask(tmp)
-            if directory.is_dir():
-                # Two renames: a crash between them leaves the old model beside, under a hidden name.
-                old = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex[:8]}"
-                os.rename(directory, old)
-                os.rename(tmp, directory)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, directory)
+            replace_dir(tmp, directory)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

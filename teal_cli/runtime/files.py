@@ -77,6 +77,22 @@ def temp_dir_beside(path: str | Path) -> Path:
     return tmp
 
 
+def replace_dir(tmp: str | Path, path: str | Path) -> None:
+    """Move the finished folder ``tmp`` (from :func:`temp_dir_beside`) onto ``path``, replacing
+    a folder there: two renames, so a crash between them leaves the old one beside under a
+    hidden name rather than half of each; the old one is removed last. Raises OSError."""
+    import shutil
+
+    tmp, path = Path(tmp), Path(path)
+    if not path.exists():
+        os.replace(tmp, path)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+    os.replace(path, old / "x")
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def apply_umask(path: str | Path) -> None:
     """Give ``path`` (a file, or a folder and the files directly in it) the mode a plain
     ``open()`` / ``mkdir()`` would have: ``safetensors.save_file`` and transformers'
