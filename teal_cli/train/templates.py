@@ -80,6 +80,16 @@ BUILTIN: dict[str, list[str]] = {
         "Convert to audio: {input}\n",
         "Please say {input}\n",
     ],
+    "image-to-speech": [
+        "{input}\nSay aloud what this image shows.",
+        "{input}\nRead this out loud:",
+        "Look at the image and say what it shows.\n{input}\nSpeech:",
+        "{input}\nDescribe the picture in speech.",
+        "Image: {input}\nSpoken:",
+        "Say what you see: {input}\n",
+        "{input}\nName this aloud.",
+        "Speak about this image.\n{input}\n",
+    ],
     "mcq": [
         "{input}\nAnswer with the letter of the correct option.",
         "{input}\nWhich option is right? Reply with its letter.",
