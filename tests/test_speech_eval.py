@@ -83,12 +83,12 @@ def test_speech_gen_judges_the_decoded_speech_and_counts_closed_and_capped_segme
 
     save_speech_judge(_judge(), tmp_path / "j.npz")
     # r0 low (right), r1 high (right), r2 says high for low (wrong), r3 runs to the 0.1 s cap (5 ids)
-    refs, preds = _records(tmp_path, [[0, 1, 2, 3], [4, 5, 6, 7, 4, 5], [4, 5, 6, 7], [5, 5, 5, 5, 5]])
+    refs, preds = _records(tmp_path, [[0, 1, 2, 3], [4, 5, 6, 7], [4, 5, 6, 7], [5, 5, 5, 5, 5]])
     res = run_eval(EvalOptions(task="speech-gen", data=[str(refs)], predictions=str(preds), judge=str(tmp_path / "j.npz"),
                                max_audio_seconds=0.1))
     assert res.metrics["accuracy"] == 0.75
     assert res.counts["closed"] == 3 and res.counts["capped"] == 1 and res.metrics["closed_fraction"] == 0.75
-    assert res.metrics["seconds_mean"] == pytest.approx((4 + 6 + 4 + 5) / 4 / 50)
+    assert res.metrics["seconds_mean"] == pytest.approx((4 + 4 + 4 + 5) / 4 / 50)
     assert res.metrics["reference_seconds_mean"] == pytest.approx(3 / 50)
     assert res.per_category == {"high": {"accuracy": 1.0, "count": 2}, "low": {"accuracy": 0.5, "count": 2}} or \
         {k: v["accuracy"] for k, v in res.per_category.items()} == {"high": 1.0, "low": 0.5}

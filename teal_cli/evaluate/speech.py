@@ -109,7 +109,10 @@ def fit_speech_judge(train: list, train_labels: list[str], test: list | None = N
     scale = x.std(0)
     scale[scale == 0] = 1.0
     model = LogisticRegression(max_iter=5000).fit((x - mean) / scale, np.asarray(train_labels))
-    judge = SpeechJudge(model.coef_, model.intercept_, [str(c) for c in model.classes_], mean, scale, n_mels, name=name)
+    coef, intercept = model.coef_, model.intercept_
+    if coef.shape[0] == 1:  # two classes: scikit-learn keeps one score s for classes_[1]; argmax needs [-s/2, s/2]
+        coef, intercept = np.concatenate([-coef, coef]) / 2, np.concatenate([-intercept, intercept]) / 2
+    judge = SpeechJudge(coef, intercept, [str(c) for c in model.classes_], mean, scale, n_mels, name=name)
     if test:
         judge.test_accuracy = float(np.mean(np.asarray(judge.classify(test)) == np.asarray(test_labels)))
     return judge
