@@ -211,10 +211,12 @@ MODEL="$OUT/model"
 READ_ARGS=(); [[ $READ != "$IMG" ]] && READ_ARGS=(--input-codec "$READ")
 step "4. teal init-embeddings: frozen SmolLM2-135M + E/O for $IMG and $AUD${READ_ARGS:+, E for $READ (read only)}, $SPK (speech out)"
 # A model made for other codecs is made again.
-codecs_of() { "$PY" -c 'import json,sys; print(" ".join(sorted(c["name"] for c in json.load(open(sys.argv[1]))["codecs"])))' "$1"; }
-WANT="$("$PY" -c 'import sys; print(" ".join(sorted(sys.argv[1:])))' "$IMG" "$AUD" "$SPK" ${READ_ARGS:+"$READ"})"
+# Each codec as name:o (written) or name:i (read only).
+codecs_of() { "$PY" -c 'import json,sys; print(" ".join(sorted(c["name"] + (":o" if c["output"] else ":i") for c in json.load(open(sys.argv[1]))["codecs"])))' "$1"; }
+WANT="$("$PY" -c 'import sys; print(" ".join(sorted(sys.argv[1:])))' "$IMG:o" "$AUD:i" "$SPK:o" ${READ_ARGS:+"$READ:i"})"
 if done_already "$MODEL/config.json" && [[ "$(codecs_of "$MODEL/config.json")" == "$WANT" ]]; then :; else
-  teal init-embeddings --llm smollm2-135m --codec "$IMG" --codec "$AUD" "${READ_ARGS[@]}" --output-codec "$SPK" --image-size "$IMAGE_SIZE" -o "$MODEL" --force
+  # Whisper units are read only (no decoder to speak them): the model speaks through $SPK.
+  teal init-embeddings --llm smollm2-135m --codec "$IMG" --input-codec "$AUD" "${READ_ARGS[@]}" --output-codec "$SPK" --image-size "$IMAGE_SIZE" -o "$MODEL" --force
 fi
 
 # ---------------------------------------------------------------- 5. training
