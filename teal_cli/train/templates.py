@@ -89,6 +89,9 @@ BUILTIN: dict[str, list[str]] = {
         "Say what you see: {input}\n",
         "{input}\nName this aloud.",
         "Speak about this image.\n{input}\n",
+        "{input}\nWhat is this? Answer in speech.",
+        "Read the image below aloud.\n{input}\n",
+        "{input}\nVoice what the picture shows:",
     ],
     "mcq": [
         "{input}\nAnswer with the letter of the correct option.",
