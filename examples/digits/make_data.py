@@ -8,7 +8,9 @@ Writes under OUT (paths in manifests are relative to OUT, where the manifests li
 - ``images/NNNN.png``: the 1,797 8x8 digits of ``sklearn.datasets.load_digits`` (values 0..16,
   scaled to 0..255 as ``round(v * 255 / 16)``), grayscale stored as RGB, named by their index;
 - ``audio/<voice>_s<speed>_p<pitch>_<word>.wav``: "zero".."nine" spoken by espeak-ng in every
-  combination of voice, speed (words per minute) and pitch (0..99), 16 kHz mono 16-bit;
+  combination of voice, speed (words per minute) and pitch (0..99), 16 kHz mono 16-bit, the
+  leading and trailing silence cut (:func:`trim_silence`), so that speech a model writes ends
+  where the word does;
 - manifests ``teal tokenize`` reads, one per task and split, as token records whose media
   segments still name a path (``{"v": 1, "id": .., "segments": [{"modality": "image", "path":
   ..}, {"modality": "text", "text": ..}], "task": .., "label": ..}``): segment order is the
@@ -19,6 +21,11 @@ Writes under OUT (paths in manifests are relative to OUT, where the manifests li
     "the digit 7", ...); the test and val splits use the first phrasing for every image;
   - ``t2i.{split}.jsonl``: text request ("draw a seven", ...) then image;
   - ``asr.{split}.jsonl``: audio then the spoken word;
+  - ``tts.{split}.jsonl``: a spoken request ("say seven", ...) then the utterance (one record
+    per utterance; ``"transcript"`` holds the word the speech should say);
+  - ``i2s.{split}.jsonl``: a digit image then an utterance of its digit from the same split
+    (image -> speech: read the digit aloud); train: one per utterance, with a random image of
+    its class; val / test: one per image, with a random utterance of its class;
 - ``splits.json``: seed, counts and the ids in each split; ``labels.json``: the class words.
 
 Splits: images by sample (stratified by class, 70 / 10 / 20 % train / val / test), speech by
@@ -65,6 +72,20 @@ REQUESTS = (
     "show me the digit {w}",
     "draw a handwritten {d}",
 )
+
+# Text -> speech requests (the "transcript" is the word alone).
+SPEAK = (
+    "say {w}",
+    "say the number {w}",
+    "read out the digit {d}",
+    "speak the word {w}",
+    "pronounce {d}",
+    "say {a} {w} aloud",
+)
+# Silence trimming: 10 ms frames quieter than the loudest frame by more than this are silence
+# at either end; TRIM_KEEP_MS of it stays on each side (a soft onset is not cut).
+TRIM_DB = 40.0
+TRIM_KEEP_MS = 20
 
 # espeak-ng voices: language voice + variant (see `espeak-ng --voices=en`, `--voices=variant`).
 VOICES = ("en", "en-us", "en+f3", "en+m3", "en-us+f2", "en-us+m5", "en-gb-scotland+f4", "en-029+m2")
@@ -155,6 +176,26 @@ def _voice_slug(voice: str) -> str:
     return voice.replace("+", "_")
 
 
+def trim_silence(wave, rate: int = SAMPLE_RATE, db: float = TRIM_DB, keep_ms: int = TRIM_KEEP_MS):
+    """``wave`` (1-D float array) without its leading and trailing silence: the 10 ms frames
+    before the first and after the last frame within ``db`` dB of the loudest frame's RMS,
+    ``keep_ms`` ms kept on each side. espeak-ng pads every word with ~0.1-0.3 s of silence; a
+    model trained on padded clips ends each segment with a run of one silence id that greedy
+    decoding repeats to the length cap instead of closing it. All-silent input is returned as is."""
+    import numpy as np
+
+    hop = rate // 100
+    n = len(wave) // hop
+    if n == 0:
+        return wave
+    rms = np.sqrt(np.mean(np.square(wave[: n * hop].reshape(n, hop)), axis=1))
+    loud = np.flatnonzero(rms >= rms.max() * 10 ** (-db / 20)) if rms.max() > 0 else np.array([], dtype=int)
+    if loud.size == 0:
+        return wave
+    keep = keep_ms * rate // 1000
+    return wave[max(0, loud[0] * hop - keep): min(len(wave), (loud[-1] + 1) * hop + keep)]
+
+
 def _speak(espeak: str, voice: str, speed: int, pitch: int, word: str, path: Path) -> None:
     """One espeak-ng utterance, resampled to 16 kHz mono 16-bit WAV at ``path`` (atomically)."""
     import numpy as np
@@ -170,7 +211,7 @@ def _speak(espeak: str, voice: str, speed: int, pitch: int, word: str, path: Pat
         wave, rate = sf.read(raw, dtype="float64", always_2d=True)
     if rate != ESPEAK_RATE:
         raise RuntimeError(f"espeak-ng wrote {rate} Hz, expected {ESPEAK_RATE}")
-    wave = resample_poly(wave.mean(axis=1), 160, 441)  # 22050 * 160 / 441 = 16000
+    wave = trim_silence(resample_poly(wave.mean(axis=1), 160, 441))  # 22050 * 160 / 441 = 16000
     pcm = np.clip(np.rint(wave * 32767.0), -32768, 32767).astype(np.int16)
     part = path.with_name(path.name + ".tmp.wav")
     sf.write(part, pcm, SAMPLE_RATE, subtype="PCM_16")
@@ -216,6 +257,46 @@ def make_audio(out: Path, seed: int, small: bool, jobs: int) -> dict:
     return summary
 
 
+def make_speech_out(out: Path, seed: int) -> dict:
+    """The speech-out manifests (``tts``, ``i2s``) from the ASR and caption manifests already
+    in ``out``; returns their counts per split."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed + 3)
+    counts: dict[str, dict[str, int]] = {"tts": {}, "i2s": {}}
+    for split in SPLITS:
+        asr = [json.loads(x) for x in (out / f"asr.{split}.jsonl").read_text().splitlines()]
+        images = [json.loads(x) for x in (out / f"caption.{split}.jsonl").read_text().splitlines()]
+        by_label_audio = {c: [r for r in asr if r["label"] == c] for c in range(len(WORDS))}
+        by_label_image = {c: [r for r in images if r["label"] == c] for c in range(len(WORDS))}
+        tts, i2s = [], []
+        for r in asr:
+            label = r["label"]
+            req = SPEAK[0] if split != "train" else SPEAK[rng.integers(len(SPEAK))]
+            wav = r["segments"][0]["path"]
+            tts.append({"v": 1, "id": "tts-" + r["id"].removeprefix("asr-"), "segments": [
+                {"modality": "text", "text": phrase(req, label)}, {"modality": "audio", "path": wav}],
+                "task": "text-to-speech", "label": label, "word": WORDS[label], "transcript": WORDS[label]})
+            if split == "train" and by_label_image[label]:
+                image = by_label_image[label][rng.integers(len(by_label_image[label]))]
+                i2s.append({"v": 1, "id": "i2s-" + r["id"].removeprefix("asr-"), "segments": [
+                    image["segments"][0], {"modality": "audio", "path": wav}],
+                    "task": "image-to-speech", "label": label, "word": WORDS[label], "transcript": WORDS[label]})
+        if split != "train":
+            for image in images:
+                label = image["label"]
+                if not by_label_audio[label]:
+                    continue
+                utt = by_label_audio[label][rng.integers(len(by_label_audio[label]))]
+                i2s.append({"v": 1, "id": "i2s-" + image["id"].removeprefix("cap-"), "segments": [
+                    image["segments"][0], {"modality": "audio", "path": utt["segments"][0]["path"]}],
+                    "task": "image-to-speech", "label": label, "word": WORDS[label], "transcript": WORDS[label]})
+        _write_atomic(out / f"tts.{split}.jsonl", _jsonl(tts))
+        _write_atomic(out / f"i2s.{split}.jsonl", _jsonl(i2s))
+        counts["tts"][split], counts["i2s"][split] = len(tts), len(i2s)
+    return counts
+
+
 def make_data(out: str | Path, seed: int = 0, small: bool = False, jobs: int = 2, audio: bool = True) -> dict:
     """Make every file under ``out``; return the contents of ``splits.json``.
 
@@ -229,6 +310,7 @@ def make_data(out: str | Path, seed: int = 0, small: bool = False, jobs: int = 2
     counts = {"caption": {s: len(images[s]) for s in SPLITS}, "t2i": {s: len(images[s]) for s in SPLITS}}
     if audio:
         counts["asr"] = {s: len(speech[s]) * len(WORDS) for s in SPLITS}
+        counts.update(make_speech_out(out, seed))
     summary = {"seed": seed, "small": small, "counts": counts, "images": images, "speech": speech}
     _write_atomic(out / "labels.json", json.dumps(list(WORDS)) + "\n")
     _write_atomic(out / "splits.json", json.dumps(summary, indent=1) + "\n")

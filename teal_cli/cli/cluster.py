@@ -35,6 +35,7 @@ def cluster(
     patch_size: Annotated[int, typer.Option("--patch-size", help="patch: side of the square pixel patches.", min=1)] = 4,
     image_size: Annotated[Optional[int], typer.Option("--image-size", help="patch: resize images to this square size first.", min=1)] = None,
     n_mels: Annotated[int, typer.Option("--n-mels", help="mel: 80 or 128 mel bands.")] = 80,
+    stack: Annotated[int, typer.Option("--stack", help="mel: join this many 10 ms frames into one vector (100/N ids a second).", min=1)] = 1,
     layer: Annotated[Optional[str], typer.Option("--layer", help="speech models: encoder layer (1..depth, or 'final').")] = None,
     checkpoint: Annotated[Optional[str], typer.Option("--checkpoint", help="speech models: local checkpoint file or folder.")] = None,
     features_cache: Annotated[Optional[str], typer.Option("--features-cache", help="Folder caching extracted features, reused across k sweeps.")] = None,
@@ -62,7 +63,10 @@ def cluster(
     check_choice(backend, ("torch", "faiss"), "--backend")
     dev, dt = setup_torch(device, dtype, seed)
     options = {"patch_size": patch_size, "image_size": image_size, "n_mels": n_mels, "layer": layer,
+               "stack": stack if stack != 1 else None,
                "checkpoint": checkpoint, "dtype": dt, "device": dev, "batch_size": batch_size}
+    if stack != 1 and not features.startswith("mel"):
+        raise UsageError(f"--stack {stack}: only mel features stack frames (got --features {features})")
     extractor = extractor_for(features, **{key: v for key, v in options.items() if v is not None})
     if import_km:
         from ..cluster.fit import import_codec

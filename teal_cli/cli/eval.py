@@ -14,7 +14,9 @@ HELP = """Score predictions against references; JSON results on stdout.
 TASK is caption (BLEU-1..4, CIDEr-D as the COCO evaluation computes them, sacreBLEU), mcq
 (accuracy of the chosen letter, per category), asr (WER, CER), classify (accuracy and
 confusion matrix of class-word answers), recon (a codec's PSNR, SSIM, log-mel distance and
-codebook usage on media; no model), gen (text -> image accuracy judged by a classifier) or
+codebook usage on media; no model), gen (text -> image accuracy judged by a classifier),
+speech-gen (generated speech judged by a speech judge --judge, or WER/CER of a Whisper
+transcription --asr-judge; segments closed by the model vs capped, durations) or
 ppl (per-token loss and perplexity per modality; needs --model).
 
 References (--data) are token records whose target segments ("role": "target", else the
@@ -31,18 +33,22 @@ Examples:
   teal eval recon --codec codecs/patch-p4-k64 --data images/ --report report/
   teal eval gen --predictions images.jsonl --data prompts.jsonl --report report/
   teal eval gen --model runs/digits --data t2i.test.tok.jsonl --temperature 1 --top-k 20 --seed 1
+  teal eval speech-gen --model runs/digits --data tts.test.tok.jsonl --judge speech-judge.npz --report report/
+  teal eval speech-gen --predictions speech.jsonl --data tts.test.tok.jsonl --asr-judge whisper-tiny.en/
   teal eval ppl --model runs/teal-7b --data heldout.tok.jsonl
 """
 
 
 @handle_errors
 def eval(
-    task: Annotated[str, typer.Argument(help="caption, mcq, asr, classify, recon, gen or ppl.", show_default=False)],
+    task: Annotated[str, typer.Argument(help="caption, mcq, asr, classify, recon, gen, speech-gen or ppl.", show_default=False)],
     data: Annotated[list[str], typer.Option("--data", "-d", help="Reference records (.jsonl); recon: media files, folders or manifests (repeatable).")] = [],
     predictions: Annotated[Optional[str], typer.Option("--predictions", "-p", help="Prediction records (.jsonl, or - for stdin), matched by id.")] = None,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model directory: generate the predictions (defaults to $TEAL_MODEL when --predictions is not given).")] = None,
     codec: Annotated[list[str], typer.Option("--codec", "-c", help="recon: the codec to measure; once per modality.")] = [],
-    judge: Annotated[Optional[str], typer.Option("--judge", help="gen: a judge file (.npz linear classifier; see the docs) [default: built-in digits judge].")] = None,
+    judge: Annotated[Optional[str], typer.Option("--judge", help="gen: a judge file (.npz linear classifier; see the docs) [default: built-in digits judge]; speech-gen: a speech judge file (.npz).")] = None,
+    asr_judge: Annotated[Optional[str], typer.Option("--asr-judge", help="speech-gen: a local Whisper checkpoint (Hugging Face folder) that transcribes the speech for WER/CER.")] = None,
+    max_audio_seconds: Annotated[Optional[float], typer.Option("--max-audio-seconds", help="speech-gen: the cap on a generated segment (with --model: as 'teal generate'; default 10) [with --predictions: the cap they were made with].", min=0.001)] = None,
     report: Annotated[Optional[str], typer.Option("--report", help="Write pictures (PNG) and index.html to this folder.")] = None,
     curves: Annotated[Optional[str], typer.Option("--curves", help="Training curves for the report: a metrics.jsonl or a model directory [default: --model's].")] = None,
     output: Annotated[Optional[str], typer.Option("-o", "--output", help="Write the JSON results to this file (atomically) instead of stdout.")] = None,
@@ -85,7 +91,7 @@ def eval(
 
         dev, dt = setup_torch(device, dtype, seed, llm=True)
     options = EvalOptions(task=task, data=list(data), predictions=predictions, model=model, codecs=list(codec),
-                          judge=judge, on_error=on_error, seed=seed, batch_size=batch_size, device=dev, dtype=dt,
+                          judge=judge, asr_judge=asr_judge, max_audio_seconds=max_audio_seconds, on_error=on_error, seed=seed, batch_size=batch_size, device=dev, dtype=dt,
                           max_new_tokens=max_new_tokens, template=_template(template, templates), cfg_scale=cfg_scale,
                           temperature=temperature, top_k=top_k, top_p=top_p)
     result = run_eval(options, warn=log.warn, info=log.info)

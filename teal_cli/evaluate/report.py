@@ -223,6 +223,12 @@ def write_report(result: "EvalResult", folder: str | Path, curves: str | Path | 
     if result.task == "gen" and result.figures.get("grid"):
         gen_png(result.figures["grid"], folder / "gen.png")
         written.append((folder / "gen.png", "Generations per prompt class"))
+    extra_html: list[str] = []
+    if result.task == "speech-gen":
+        from .speech import speech_report
+
+        figures, extra_html = speech_report(result, folder)
+        written += figures
     if result.confusion is not None and result.confusion["labels"]:
         acc = result.metrics.get("accuracy")
         title = f"{result.task}: confusion matrix" + (f" (accuracy {acc:.1%})" if acc is not None else "")
@@ -242,6 +248,7 @@ def write_report(result: "EvalResult", folder: str | Path, curves: str | Path | 
     body.append("<p>" + ", ".join(f"{html.escape(k)}: {v}" for k, v in result.counts.items()) + "</p>")
     for path, caption in written:
         body.append(f"<figure><img src=\"{html.escape(path.name)}\" alt=\"{html.escape(caption)}\"><figcaption>{html.escape(caption)}</figcaption></figure>")
+    body += extra_html
     body.append("<h2>Settings</h2><pre>" + html.escape(json.dumps(result.settings, indent=2, ensure_ascii=False)) + "</pre>")
     page = ("<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>teal eval " + html.escape(result.task) + "</title>"
             "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}td{padding:2px 12px}"

@@ -8,7 +8,7 @@ from typing import Any, Callable
 from ..errors import DataError, UsageError
 from .result import EvalResult
 
-TASKS = ("caption", "mcq", "asr", "classify", "recon", "gen", "ppl")
+TASKS = ("caption", "mcq", "asr", "classify", "recon", "gen", "speech-gen", "ppl")
 
 
 @dataclass
@@ -22,6 +22,11 @@ class EvalOptions:
         model: a model directory: generate the predictions (``ppl``: score the references).
         codecs: ``recon``: the codecs to test, one per modality.
         judge: ``gen``: a judge file (:mod:`~teal_cli.evaluate.judge`); None: the digits judge.
+            ``speech-gen``: a speech judge file (:mod:`~teal_cli.evaluate.speech`).
+        asr_judge: ``speech-gen``: a Hugging Face Whisper folder that transcribes the speech (WER, CER).
+        max_audio_seconds: ``speech-gen`` with --model: the generation cap on a segment
+            (:class:`~teal_cli.model.generate.GenerateOptions`); with --predictions, the cap
+            they were made with (segments that long count as capped, not closed).
         on_error: ``fail`` or ``skip`` (report, count, go on).
         seed: seeds sampling with --model (the built-in digits judge is always the same one).
         batch_size: recon tokenize batches; ppl and generation batches.
@@ -39,6 +44,8 @@ class EvalOptions:
     model: str | None = None
     codecs: list[str] = field(default_factory=list)
     judge: str | None = None
+    asr_judge: str | None = None
+    max_audio_seconds: float | None = None
     on_error: str = "fail"
     seed: int = 0
     batch_size: int = 16
@@ -71,6 +78,10 @@ def _check(o: EvalOptions) -> None:
         if not o.model:
             raise UsageError("ppl needs --model (the model whose per-token loss is measured)")
         return
+    if o.task == "speech-gen" and bool(o.judge) == bool(o.asr_judge):
+        raise UsageError("speech-gen needs one judge: --judge FILE.npz (a speech judge) or --asr-judge WHISPER_DIR")
+    if o.asr_judge and o.task != "speech-gen":
+        raise UsageError(f"--asr-judge judges generated speech (speech-gen), not {o.task}")
     if bool(o.predictions) == bool(o.model):
         raise UsageError(f"{o.task} needs exactly one of --model DIR (generate, then score) or --predictions P.jsonl")
 
@@ -109,9 +120,14 @@ def run_eval(o: EvalOptions, warn: Callable[[str], None] | None = None,
         from ..model.generate import GenerateOptions
         from .modeling import generate_predictions, load_model
 
+        modality = {"gen": "image", "speech-gen": "audio"}.get(o.task, "text")
         options = GenerateOptions(max_new_tokens=o.max_new_tokens, seed=o.seed, batch_size=o.batch_size,
-                                  output_modality="image" if o.task == "gen" else "text", cfg_scale=o.cfg_scale,
+                                  output_modality=modality, cfg_scale=o.cfg_scale,
                                   temperature=o.temperature, top_k=o.top_k, top_p=o.top_p)
+        if o.max_audio_seconds is not None:
+            options.max_audio_seconds = o.max_audio_seconds
+        elif o.task == "speech-gen":
+            o.max_audio_seconds = options.max_audio_seconds
         options.check()  # before loading the model: a bad option should not cost the load
         model = load_model(o.model, o.device, o.dtype)
         info(f"generating {len(references)} prediction(s) with {o.model}")
@@ -142,6 +158,14 @@ def run_eval(o: EvalOptions, warn: Callable[[str], None] | None = None,
 
         judge = load_judge(o.judge) if o.judge else digits_judge()
         result = score_gen(pairs, stats, o.data[0], judge, CodecCache(device=o.device), o.on_error, warn)
+    elif o.task == "speech-gen":
+        from ..codecs.registry import CodecCache
+        from .speech import WhisperJudge, load_speech_judge, score_speech_gen
+
+        judge = load_speech_judge(o.judge) if o.judge else None
+        asr = WhisperJudge(o.asr_judge, device=o.device) if o.asr_judge else None
+        result = score_speech_gen(pairs, stats, o.data[0], CodecCache(device=o.device), judge=judge, asr=asr,
+                                  max_audio_seconds=o.max_audio_seconds, on_error=o.on_error, warn=warn)
     else:
         from .tasks import TEXT_TASKS
 

@@ -359,6 +359,11 @@ class TealModel(nn.Module):
         - a codec id is scored against that codec's ids only (inside ``<img> ... </img>``
           nothing else can be sampled), which needs only the codec's head, not the text head;
         - a closing token (``</img>``) is forced by the grammar: loss 0;
+        - except inside audio, where the model itself ends the segment: an audio codec id is
+          scored against that codec's ids plus ``</aud>``, and ``</aud>`` against every output
+          audio codec's ids plus ``</aud>`` (its logit ``boundary_out[</aud>] · h``, as
+          generation's audio states allow); without this loss a model never learns to stop
+          speaking and every segment runs to ``--max-audio-seconds``;
         - anything else (text ids, EOS, opening tokens) against the text vocabulary plus the
           opening tokens, as in the text state.
 
@@ -372,6 +377,11 @@ class TealModel(nn.Module):
         cfg = self.config
         loss = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
         done = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
+        audio_close = cfg.boundary_id("audio", closing=True) if "audio" in cfg.boundary else None
+
+        def close_logit(h: torch.Tensor) -> torch.Tensor:  # [R, 1]: the </aud> logit
+            return h.float() @ self.boundary_out[audio_close - cfg.boundary_offset][:, None]
+
         for entry in cfg.codecs:
             inside = (labels >= entry.offset) & (labels < entry.offset + entry.vocab_size)
             if not bool(inside.any()):
@@ -379,9 +389,23 @@ class TealModel(nn.Module):
             if not entry.output:
                 raise ValueError(f"codec '{entry.name}' is input-only in this model: its ids cannot be targets")
             rows = inside.nonzero().squeeze(1)
-            part = F.cross_entropy(self.heads[entry.key].logits(hidden[rows]), labels[rows] - entry.offset, reduction="none")
+            h = hidden[rows]
+            logits = self.heads[entry.key].logits(h)
+            if entry.modality == "audio":
+                logits = torch.cat([logits, close_logit(h)], dim=-1)
+            part = F.cross_entropy(logits, labels[rows] - entry.offset, reduction="none")
             loss = loss.index_put((rows,), part)
             done |= inside
+        audio_out = [e for e in cfg.codecs if e.output and e.modality == "audio"]
+        if audio_close is not None and audio_out:
+            ends = labels == audio_close
+            if bool(ends.any()):
+                rows = ends.nonzero().squeeze(1)
+                h = hidden[rows]
+                logits = torch.cat([self.heads[e.key].logits(h) for e in audio_out] + [close_logit(h)], dim=-1)
+                target = torch.full_like(labels[rows], logits.shape[-1] - 1)
+                loss = loss.index_put((rows,), F.cross_entropy(logits, target, reduction="none"))
+                done |= ends
         opens = [cfg.boundary_id(m) for m in cfg.boundary]
         closes = torch.tensor([o + 1 for o in opens], dtype=labels.dtype, device=labels.device)
         done |= torch.isin(labels, closes)

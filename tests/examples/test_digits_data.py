@@ -141,3 +141,41 @@ def test_spoken_digits_split_by_speaker_setting(tmp_path):
     info = sf.info(tmp_path / records[0].segments[0].path)
     assert rate == 16000 and wave.ndim == 1 and info.subtype == "PCM_16"
     assert 0.2 < len(wave) / rate < 3.0 and np.abs(wave).max() > 0.05  # a spoken word, not silence
+
+
+def test_trim_silence_cuts_the_silent_ends_and_keeps_a_margin():
+    wave = np.zeros(8000)
+    wave[2000:5200] = 0.5 * np.sin(np.arange(3200) / 5)
+    wave[:2000] += 1e-5  # a noise floor far under -40 dB of the word
+    trimmed = make_data.trim_silence(wave)
+    # loud 10 ms frames 12..32 (2000 / 160 = 12.5, 5200 / 160 = 32.5), 20 ms (320 samples) kept each side
+    assert len(trimmed) == (33 - 12) * 160 + 2 * 320
+    np.testing.assert_array_equal(trimmed, wave[12 * 160 - 320: 33 * 160 + 320])
+    silent = np.zeros(1600)
+    assert make_data.trim_silence(silent) is silent
+
+
+def test_speech_out_manifests_pair_requests_and_images_with_utterances(tmp_path):
+    """tts: one spoken request per utterance; i2s: train one per utterance, val/test one per image,
+    always an utterance of the image's own digit from the same split."""
+    out = tmp_path
+    make_data.make_images(out, seed=0, small=True)
+    for split in SPLITS:  # two fake utterances per class and split
+        rows = [{"v": 1, "id": f"asr-{split}-{c}-{k}", "segments": [{"modality": "audio", "path": f"audio/{split}_{c}_{k}.wav"},
+                {"modality": "text", "text": make_data.WORDS[c]}], "task": "asr", "label": c, "word": make_data.WORDS[c]}
+                for c in range(10) for k in range(2)]
+        (out / f"asr.{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    counts = make_data.make_speech_out(out, seed=0)
+    assert counts["tts"] == {s: 20 for s in SPLITS}
+    assert counts["i2s"] == {"train": 20, "val": 21, "test": 40}
+    for split in SPLITS:
+        for r in _records(out / f"tts.{split}.jsonl"):
+            assert [s.modality for s in r.segments] == ["text", "audio"] and r.extra["task"] == "text-to-speech"
+            word = make_data.WORDS[r.extra["label"]]
+            assert r.extra["transcript"] == word and (word in r.segments[0].text or str(r.extra["label"]) in r.segments[0].text)
+            assert f"_{r.extra['label']}_" in r.segments[1].path and r.segments[1].path.startswith(f"audio/{split}_")
+        for r in _records(out / f"i2s.{split}.jsonl"):
+            assert [s.modality for s in r.segments] == ["image", "audio"] and r.extra["task"] == "image-to-speech"
+            assert f"_{r.extra['label']}_" in r.segments[1].path and r.segments[1].path.startswith(f"audio/{split}_")
+    test_tts = {r.segments[0].text for r in _records(out / "tts.test.jsonl")}
+    assert test_tts == {f"say {w}" for w in make_data.WORDS}

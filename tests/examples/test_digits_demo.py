@@ -45,8 +45,15 @@ def test_reduced_digits_demo_beats_chance(smollm2, tmp_path):
                          capture_output=True, text=True, timeout=1800)
     assert run.returncode == 0, run.stderr[-4000:]
     metrics = json.loads((out / "report" / "metrics.json").read_text())
-    assert set(metrics) == {"caption", "speech", "t2i", "t2i-sampled"} and all(0 <= m["accuracy"] <= 1 for m in metrics.values())
+    assert set(metrics) == {"caption", "speech", "t2i", "t2i-sampled", "tts", "i2s"} and all(0 <= m["accuracy"] <= 1 for m in metrics.values())
     assert metrics["speech"]["accuracy"] >= MIN_SPEECH_ACCURACY, (metrics, run.stdout[-2000:])
+    # Speech out: judged by the spoken-digit judge fitted on the training utterances, with the
+    # fraction of segments the model ended itself (the 2 s cap is 50 ids of the 25 Hz codec, the
+    # words ~6). Thresholds on both wait for a measured reduced run; here: speech came out.
+    for task in ("tts", "i2s"):
+        assert 0 <= metrics[task]["closed_fraction"] <= 1 and metrics[task]["seconds_mean"] > 0, (task, metrics[task])
+        assert (out / "report" / task / "spectrograms.png").is_file()
+        assert "<audio controls" in (out / "report" / task / "index.html").read_text()
     lines = [json.loads(x) for x in (out / "model" / "metrics.jsonl").read_text().splitlines()]
     stage2 = [x for x in lines if x.get("stage") == 2]
     first = next(x["loss"] for x in stage2 if "loss" in x)
@@ -56,6 +63,7 @@ def test_reduced_digits_demo_beats_chance(smollm2, tmp_path):
     codecs = {c["name"]: c for c in json.loads((out / "model" / "config.json").read_text())["codecs"]}
     assert codecs["digits-patch-p8-k32"]["input"] and not codecs["digits-patch-p8-k32"]["output"], codecs
     assert codecs["digits-patch-p4-k64"]["output"], codecs
+    assert codecs["digits-mel-80-x4-k32"]["output"] and codecs["digits-mel-80-x4-k32"]["modality"] == "audio", codecs
     caption_test = [json.loads(x) for x in (out / "tok" / "digits-patch-p8-k32" / "caption.test.tok.jsonl").read_text().splitlines()]
     assert caption_test and all(r["segments"][0]["codec"] == "digits-patch-p8-k32" and len(r["segments"][0]["tokens"]) == 1
                                 for r in caption_test)

@@ -338,3 +338,41 @@ def test_model_folder_follows_the_umask(llm_dirs, codecs, tmp_path):
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "m").stat().st_mode) == 0o775
     assert {stat.S_IMODE(f.stat().st_mode) for f in (tmp_path / "m").iterdir()} == {0o664}
+
+
+def test_target_loss_scores_the_end_of_speech(llm_dirs, codecs):
+    """Inside audio the model ends the segment itself, so ``</aud>`` is a target like the codec
+    ids (without it a trained model never closes a segment): both are scored against the audio
+    codec's ids plus ``</aud>``, as generation's audio states allow."""
+    import torch.nn.functional as F
+
+    model = build(llm_dirs["llama"], ["patch-p2-k16", "mel-80-k32"], image_size=8, seed=2)
+    with torch.no_grad():
+        for p in model.adapter_state_dict().values():
+            p.add_(torch.randn_like(p) * 0.3)
+    rec = Record(id="t", segments=[Segment("text", text="say seven"),
+                                   Segment("audio", codec="mel-80-k32", tokens=[3, 3, 7, 1, 0], frame_rate=100)])
+    enc = model.encode_record(rec)
+    ids = torch.tensor([enc.ids])
+    with torch.no_grad():
+        hidden, _ = model.hidden_states(ids)
+        h, labels = hidden[0, :-1], ids[0, 1:]
+        loss = model.target_loss(h, labels)
+        full = model.logits(h)
+    cfg = model.config
+    aud = cfg.codecs[1]
+    close = cfg.boundary_id("audio", closing=True)
+    cols = torch.cat([torch.arange(aud.offset, aud.offset + aud.vocab_size), torch.tensor([close])])
+    scored = 0
+    for i, label in enumerate(labels.tolist()):
+        if aud.offset <= label < aud.offset + aud.vocab_size or label == close:
+            expect = -F.log_softmax(full[i, cols], -1)[(cols == label).nonzero().item()]
+            torch.testing.assert_close(loss[i], expect, atol=1e-4, rtol=1e-4)
+            scored += 1
+    assert scored == 6 and labels.tolist().count(close) == 1
+    assert loss[labels == close].item() > 0
+    # and the gradient reaches the </aud> row of boundary_out
+    model.zero_grad()
+    hidden, _ = model.hidden_states(ids)
+    model.target_loss(hidden[0, :-1], labels)[labels == close].sum().backward()
+    assert model.boundary_out.grad[close - cfg.boundary_offset].abs().sum() > 0
