@@ -8,9 +8,9 @@ Writes under OUT (paths in manifests are relative to OUT, where the manifests li
 - ``images/NNNN.png``: the 1,797 8x8 digits of ``sklearn.datasets.load_digits`` (values 0..16,
   scaled to 0..255 as ``round(v * 255 / 16)``), grayscale stored as RGB, named by their index;
 - ``audio/<voice>_s<speed>_p<pitch>_<word>.wav``: "zero".."nine" spoken by espeak-ng in every
-  combination of voice, speed (words per minute) and pitch (0..99), 16 kHz mono 16-bit, the
-  leading and trailing silence cut (:func:`trim_silence`), so that speech a model writes ends
-  where the word does;
+  combination of voice, speed (words per minute) and pitch (0..99), 16 kHz mono 16-bit; with
+  ``--trim-silence`` the leading and trailing silence cut (:func:`trim_silence`), so that speech
+  a model writes ends where the word does;
 - manifests ``teal tokenize`` reads, one per task and split, as token records whose media
   segments still name a path (``{"v": 1, "id": .., "segments": [{"modality": "image", "path":
   ..}, {"modality": "text", "text": ..}], "task": .., "label": ..}``): segment order is the
@@ -196,7 +196,7 @@ def trim_silence(wave, rate: int = SAMPLE_RATE, db: float = TRIM_DB, keep_ms: in
     return wave[max(0, loud[0] * hop - keep): min(len(wave), (loud[-1] + 1) * hop + keep)]
 
 
-def _speak(espeak: str, voice: str, speed: int, pitch: int, word: str, path: Path) -> None:
+def _speak(espeak: str, voice: str, speed: int, pitch: int, word: str, path: Path, trim: bool = False) -> None:
     """One espeak-ng utterance, resampled to 16 kHz mono 16-bit WAV at ``path`` (atomically)."""
     import numpy as np
     import soundfile as sf
@@ -211,14 +211,16 @@ def _speak(espeak: str, voice: str, speed: int, pitch: int, word: str, path: Pat
         wave, rate = sf.read(raw, dtype="float64", always_2d=True)
     if rate != ESPEAK_RATE:
         raise RuntimeError(f"espeak-ng wrote {rate} Hz, expected {ESPEAK_RATE}")
-    wave = trim_silence(resample_poly(wave.mean(axis=1), 160, 441))  # 22050 * 160 / 441 = 16000
+    wave = resample_poly(wave.mean(axis=1), 160, 441)  # 22050 * 160 / 441 = 16000
+    if trim:
+        wave = trim_silence(wave)
     pcm = np.clip(np.rint(wave * 32767.0), -32768, 32767).astype(np.int16)
     part = path.with_name(path.name + ".tmp.wav")
     sf.write(part, pcm, SAMPLE_RATE, subtype="PCM_16")
     os.replace(part, path)
 
 
-def make_audio(out: Path, seed: int, small: bool, jobs: int) -> dict:
+def make_audio(out: Path, seed: int, small: bool, jobs: int, trim: bool = False) -> dict:
     """Speak every digit in every (voice, speed, pitch) combination; write the ASR manifests."""
     import numpy as np
 
@@ -250,7 +252,7 @@ def make_audio(out: Path, seed: int, small: bool, jobs: int) -> dict:
         manifests[split] = records
         summary[split] = names
     with ThreadPoolExecutor(max(1, jobs)) as pool:  # each job waits on its own espeak-ng process
-        for _ in pool.map(lambda job: _speak(espeak, *job), jobs_list):
+        for _ in pool.map(lambda job: _speak(espeak, *job, trim=trim), jobs_list):
             pass
     for split in SPLITS:
         _write_atomic(out / f"asr.{split}.jsonl", _jsonl(manifests[split]))
@@ -297,7 +299,8 @@ def make_speech_out(out: Path, seed: int) -> dict:
     return counts
 
 
-def make_data(out: str | Path, seed: int = 0, small: bool = False, jobs: int = 2, audio: bool = True) -> dict:
+def make_data(out: str | Path, seed: int = 0, small: bool = False, jobs: int = 2, audio: bool = True,
+              trim: bool = False) -> dict:
     """Make every file under ``out``; return the contents of ``splits.json``.
 
     ``splits.json``: ``{"seed", "small", "counts": {task: {split: n}}, "images": {split: [ids]},
@@ -306,12 +309,12 @@ def make_data(out: str | Path, seed: int = 0, small: bool = False, jobs: int = 2
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     images = make_images(out, seed, small)
-    speech = make_audio(out, seed, small, jobs) if audio else {}
+    speech = make_audio(out, seed, small, jobs, trim) if audio else {}
     counts = {"caption": {s: len(images[s]) for s in SPLITS}, "t2i": {s: len(images[s]) for s in SPLITS}}
     if audio:
         counts["asr"] = {s: len(speech[s]) * len(WORDS) for s in SPLITS}
         counts.update(make_speech_out(out, seed))
-    summary = {"seed": seed, "small": small, "counts": counts, "images": images, "speech": speech}
+    summary = {"seed": seed, "small": small, "trim_silence": trim, "counts": counts, "images": images, "speech": speech}
     _write_atomic(out / "labels.json", json.dumps(list(WORDS)) + "\n")
     _write_atomic(out / "splits.json", json.dumps(summary, indent=1) + "\n")
     return summary
@@ -325,8 +328,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--small", action="store_true", help="reduced set for smoke tests")
     parser.add_argument("--jobs", type=int, default=2, help="espeak-ng processes at once (default 2)")
     parser.add_argument("--no-audio", action="store_true", help="images only (no espeak-ng needed)")
+    parser.add_argument("--trim-silence", action="store_true",
+                        help="cut each utterance's leading and trailing silence (for speech out: DIGITS_SPEAK=1)")
     args = parser.parse_args(argv)
-    summary = make_data(args.out, seed=args.seed, small=args.small, jobs=args.jobs, audio=not args.no_audio)
+    summary = make_data(args.out, seed=args.seed, small=args.small, jobs=args.jobs, audio=not args.no_audio,
+                        trim=args.trim_silence)
     for task, per_split in summary["counts"].items():
         print(f"{task:8s} " + "  ".join(f"{s} {n:5d}" for s, n in per_split.items()), file=sys.stderr)
     return 0

