@@ -216,21 +216,43 @@ def score_speech_gen(pairs, stats, ref_name: str, codecs, *, judge: SpeechJudge 
                      asr: WhisperJudge | None = None, max_audio_seconds: float | None = None,
                      on_error: str = "fail", warn: Callable[[str], None] | None = None):
     """Judge generated speech (see the module docstring); returns an :class:`EvalResult` whose
-    ``figures["clips"]`` (class -> ``[(wave, sample_rate, judged, id)]``) feed the report."""
-    import numpy as np
+    ``figures["clips"]`` (class -> ``[(wave, sample_rate, judged, id)]``) feed the report.
 
-    from ..pipeline.detokenize import decode_segment
-    from . import metrics as M
-    from .pairs import predicted_segments, split_roles, text_of
-    from .result import EvalResult, per_category, sort_labels
-    from .tasks import NO_CLASS, _Bad
-    from .text import asr_normalize, canonical_class, class_of
+    Raises UsageError without exactly one judge, DataError when nothing is left to score."""
+    from .result import EvalResult, nothing_to_score, sort_labels
+    from .tasks import _Bad
+    from .text import canonical_class
 
     if (judge is None) == (asr is None):
         raise UsageError("speech-gen needs one judge: --judge FILE.npz (a speech judge) or --asr-judge WHISPER_DIR")
     bad = _Bad(ref_name, on_error, warn, stats)
     by_key = {canonical_class(c): c for c in judge.classes} if judge else {}
-    rows = []  # (key or None, reference text, wave or None, sample rate, ref seconds, gen seconds, closed or None, id)
+    rows = _speech_rows(pairs, codecs, judge, asr, by_key, bad, max_audio_seconds, on_error, warn)
+    if not rows:
+        nothing_to_score("speech-gen", ref_name, stats.counts(0))
+    metrics, per_cat, confusion, clips = _judged(rows, judge, asr, by_key)
+    ended = [r[6] for r in rows if r[6] is not None]
+    metrics.update(_durations(rows, ended))
+    counts = {**stats.counts(len(rows)), "no_audio": sum(r[2] is None for r in rows),
+              "closed": sum(1 for e in ended if e), "capped": sum(1 for e in ended if not e)}
+    settings = {"judge": judge.name if judge else f"whisper {asr.name} (greedy, transformers)",
+                "judge_input": "16 kHz waveform decoded by the segment's codec",
+                "max_audio_seconds": max_audio_seconds}
+    if asr is not None:
+        settings["scoring"] = "jiwer corpus WER/CER of ASR-normalised transcripts against the 'transcript' key, else the prompt text"
+    else:
+        settings["prompt_class"] = "record 'class'/'label' key, else the judge class word in 'transcript' or the prompt"
+    return EvalResult("speech-gen", metrics, counts, settings, per_category=per_cat, confusion=confusion,
+                      figures={"clips": {c: clips[c] for c in (sort_labels(list(clips)) if judge else sorted(clips))}})
+
+
+def _speech_rows(pairs, codecs, judge, asr, by_key, bad, max_audio_seconds, on_error, warn) -> list[tuple]:
+    """One row per scorable reference: ``(class key or None, reference text, 16 kHz wave or None,
+    sample rate, reference seconds, generated seconds, closed by the model or None, id)``."""
+    from .pairs import predicted_segments, split_roles
+    from .text import asr_normalize, canonical_class, class_of
+
+    rows = []
     for ref, pred in pairs:
         prompt, targets = split_roles(ref)
         key = None
@@ -249,31 +271,48 @@ def score_speech_gen(pairs, stats, ref_name: str, codecs, *, judge: SpeechJudge 
         ref_seg = next((s for s in targets if s.modality == "audio" and s.tokens is not None), None)
         ref_seconds = len(ref_seg.tokens) / float(ref_seg.frame_rate) if ref_seg is not None and ref_seg.frame_rate else None
         seg = next((s for s in predicted_segments(pred) if s.modality == "audio" and s.tokens is not None), None)
-        wave = rate = gen_seconds = closed = None
-        if seg is not None:
-            try:
-                codec = codecs.get(seg.codec)
-                wave, rate = decode_segment(seg, codec, f"prediction '{pred.id}' audio segment")
-                fr = float(seg.frame_rate or codec.frame_rate)
-                gen_seconds = len(seg.tokens) / fr
-                if max_audio_seconds is not None:
-                    closed = len(seg.tokens) < max(1, int(max_audio_seconds * fr))
-            except TealError as exc:
-                if on_error == "fail":
-                    raise
-                if warn:
-                    warn(f"prediction '{pred.id}': {exc} (counted as wrong)")
-                wave = None
-        if wave is not None:
-            wave = wave.float().numpy()
-            if rate != SAMPLE_RATE:
-                from ..media import resample
-
-                wave = resample(wave, rate, SAMPLE_RATE)
+        wave, gen_seconds, closed = _decoded(seg, pred, codecs, max_audio_seconds, on_error, warn)
         rows.append((key, text, wave, SAMPLE_RATE, ref_seconds, gen_seconds, closed, pred.id))
+    return rows
+
+
+def _decoded(seg, pred, codecs, max_audio_seconds, on_error, warn):
+    """``(16 kHz float wave or None, seconds, closed before the cap or None)`` of a predicted
+    audio segment; a segment that does not decode is counted as wrong (or raises with
+    ``on_error="fail"``)."""
+    from ..media.io import resample
+    from ..pipeline.detokenize import decode_segment
+
+    if seg is None:
+        return None, None, None
+    try:
+        codec = codecs.get(seg.codec)
+        wave, rate = decode_segment(seg, codec, f"prediction '{pred.id}' audio segment")
+    except TealError as exc:
+        if on_error == "fail":
+            raise
+        if warn:
+            warn(f"prediction '{pred.id}': {exc} (counted as wrong)")
+        return None, None, None
+    fr = float(seg.frame_rate or codec.frame_rate)
+    closed = len(seg.tokens) < max(1, int(max_audio_seconds * fr)) if max_audio_seconds is not None else None
+    wave = wave.float().numpy()
+    if rate != SAMPLE_RATE:
+        wave = resample(wave, rate, SAMPLE_RATE)
+    return wave, len(seg.tokens) / fr, closed
+
+
+def _judged(rows, judge, asr, by_key):
+    """Run the judge over the rows' waves: ``(metrics, per category, confusion, clips)``."""
+    import numpy as np
+
+    from . import metrics as M
+    from .result import per_category, sort_labels
+    from .tasks import NO_CLASS
+    from .text import asr_normalize, canonical_class
+
     waves = [r[2] for r in rows if r[2] is not None]
     heard = iter(judge.classify(waves) if judge else asr.transcribe(waves))
-    metrics: dict = {}
     items, truth, guess, refs, hyps = [], [], [], [], []
     clips: dict[str, list] = {}
     for key, text, wave, rate, _, _, _, rid in rows:
@@ -290,46 +329,39 @@ def score_speech_gen(pairs, stats, ref_name: str, codecs, *, judge: SpeechJudge 
             cls, shown = text, got or ""
         if wave is not None and len(clips.setdefault(cls, [])) < CLIPS_PER_CLASS:
             clips[cls].append((wave, rate, shown, rid))
-    confusion = per_cat = None
+    metrics: dict = {}
     if judge is not None:
         metrics["accuracy"] = M.accuracy([ok for _, ok in items])
         if judge.test_accuracy is not None:
             metrics["judge_test_accuracy"] = judge.test_accuracy
-        keys = list(by_key)
-        labels = sort_labels(keys) + ([NO_CLASS] if NO_CLASS in guess else [])
+        labels = sort_labels(list(by_key)) + ([NO_CLASS] if NO_CLASS in guess else [])
         confusion = {"labels": [by_key.get(k, k) for k in labels], "matrix": M.confusion(truth, guess, labels)}
-        per_cat = per_category(items)
-    else:
-        metrics["wer"], metrics["cer"] = M.wer_cer(refs, hyps) if refs else (0.0, 0.0)
-        if rows:
-            per_text: dict[str, list[bool]] = {}
-            for r, h in zip(refs, hyps):
-                per_text.setdefault(r, []).append(r == h)
-            per_cat = {t: {"accuracy": float(np.mean(v)), "count": len(v)} for t, v in sorted(per_text.items())}
+        return metrics, per_category(items), confusion, clips
+    metrics["wer"], metrics["cer"] = M.wer_cer(refs, hyps)
+    per_text: dict[str, list[bool]] = {}
+    for r, h in zip(refs, hyps):
+        per_text.setdefault(r, []).append(r == h)
+    per_cat = {t: {"accuracy": float(np.mean(v)), "count": len(v)} for t, v in sorted(per_text.items())}
+    return metrics, per_cat, None, clips
+
+
+def _durations(rows, ended) -> dict:
+    """Closed fraction and mean durations (seconds) of the generated and reference segments."""
+    import numpy as np
+
+    out: dict = {}
     gen = [r[5] for r in rows if r[5] is not None]
     ref = [r[4] for r in rows if r[4] is not None]
-    ended = [r[6] for r in rows if r[6] is not None]
     if ended:
-        metrics["closed_fraction"] = float(np.mean(ended))
+        out["closed_fraction"] = float(np.mean(ended))
     if gen:
-        metrics["seconds_mean"] = float(np.mean(gen))
+        out["seconds_mean"] = float(np.mean(gen))
     if ref:
-        metrics["reference_seconds_mean"] = float(np.mean(ref))
-    pairs_s = [(r[5], r[4]) for r in rows if r[4] is not None and r[5] is not None]
-    if pairs_s:
-        metrics["seconds_ratio_mean"] = float(np.mean([g / max(r, 1e-9) for g, r in pairs_s]))
-    no_audio = sum(r[2] is None for r in rows)
-    counts = {**stats.counts(len(rows)), "no_audio": no_audio,
-              "closed": sum(1 for e in ended if e), "capped": sum(1 for e in ended if not e)}
-    settings = {"judge": judge.name if judge else f"whisper {asr.name} (greedy, transformers)",
-                "judge_input": "16 kHz waveform decoded by the segment's codec",
-                "max_audio_seconds": max_audio_seconds}
-    if asr is not None:
-        settings["scoring"] = "jiwer corpus WER/CER of ASR-normalised transcripts against the 'transcript' key, else the prompt text"
-    else:
-        settings["prompt_class"] = "record 'class'/'label' key, else the judge class word in 'transcript' or the prompt"
-    return EvalResult("speech-gen", metrics, counts, settings, per_category=per_cat, confusion=confusion,
-                      figures={"clips": {c: clips[c] for c in (sort_labels(list(clips)) if judge else sorted(clips))}})
+        out["reference_seconds_mean"] = float(np.mean(ref))
+    both = [(r[5], r[4]) for r in rows if r[4] is not None and r[5] is not None]
+    if both:
+        out["seconds_ratio_mean"] = float(np.mean([g / max(r, 1e-9) for g, r in both]))
+    return out
 
 
 def speech_report(result, folder: Path) -> tuple[list[tuple[Path, str]], list[str]]:

@@ -189,3 +189,19 @@ def test_speech_gen_needs_exactly_one_judge(tmp_path):
     for kw in ({}, {"judge": "a.npz", "asr_judge": "w"}):
         with pytest.raises(UsageError, match="one judge"):
             run_eval(EvalOptions(task="speech-gen", data=[str(tmp_path / "r.jsonl")], predictions=str(tmp_path / "r.jsonl"), **kw))
+
+
+def test_speech_gen_over_nothing_is_an_error_not_a_score(speech_codec, tmp_path):
+    """Every reference skipped (its class is not the judge's) leaves nothing to score: an error,
+    never an accuracy of 0."""
+    from teal_cli.errors import DataError
+    from teal_cli.evaluate import EvalOptions, run_eval
+    from teal_cli.evaluate.speech import save_speech_judge
+
+    save_speech_judge(_judge(), tmp_path / "j.npz")
+    refs, preds = _records(tmp_path, [[0, 1, 2], [4, 5, 6], [0, 1, 2], [4, 5, 6]])
+    text = refs.read_text().replace('"label": "low"', '"label": "other"').replace('"label": "high"', '"label": "other"')
+    refs.write_text(text)
+    with pytest.raises(DataError, match="nothing to score"):
+        run_eval(EvalOptions(task="speech-gen", data=[str(refs)], predictions=str(preds), judge=str(tmp_path / "j.npz"),
+                             on_error="skip"))
