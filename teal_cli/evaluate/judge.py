@@ -117,8 +117,6 @@ def save_judge(judge: LinearJudge, path: str | Path) -> None:
     """Write ``judge`` as a judge file (atomically)."""
     import numpy as np
 
-    from ..runtime.files import atomic_output
-
     arrays = {"coef": np.asarray(judge.coef, dtype=np.float64), "intercept": np.asarray(judge.intercept, dtype=np.float64),
               "classes": np.asarray(judge.classes, dtype=np.str_), "size": np.asarray(judge.size, dtype=np.int64),
               "max_value": np.asarray(judge.max_value, dtype=np.float64)}
@@ -126,12 +124,23 @@ def save_judge(judge: LinearJudge, path: str | Path) -> None:
         arrays["mean"], arrays["scale"] = np.asarray(judge.mean, np.float64), np.asarray(judge.scale, np.float64)
     if judge.test_accuracy is not None:
         arrays["test_accuracy"] = np.asarray(judge.test_accuracy, dtype=np.float64)
+    write_npz(path, arrays)
+
+
+def write_npz(path: str | Path, arrays: dict) -> None:
+    """Write plain arrays as ``.npz`` (atomically): the one format of teal's judge files."""
+    import numpy as np
+
+    from ..runtime.files import atomic_output
+
     with atomic_output(path, binary=True) as f:
         np.savez(f, **arrays)
 
 
-def load_judge(path: str | Path) -> LinearJudge:
-    """Read a judge file (never unpickles); errors name the file and the array at fault."""
+def read_npz(path: str | Path, required: tuple[str, ...], what: str = "judge file") -> dict:
+    """The arrays of a judge ``.npz`` (never unpickles). Raises UsageError for a missing file,
+    DataError naming the file for one that is not an ``.npz`` of plain arrays or lacks one of
+    ``required``."""
     import zipfile
 
     import numpy as np
@@ -144,9 +153,18 @@ def load_judge(path: str | Path) -> LinearJudge:
             arrays = {k: data[k] for k in data.files}
     except (ValueError, OSError, zipfile.BadZipFile) as exc:
         raise DataError(f"{path}: not a judge file (.npz of plain arrays, no pickles): {exc}") from None
-    missing = [k for k in ("coef", "intercept", "classes", "size", "max_value") if k not in arrays]
+    missing = [k for k in required if k not in arrays]
     if missing:
-        raise DataError(f"{path}: judge file lacks array(s) {', '.join(missing)}")
+        raise DataError(f"{path}: {what} lacks array(s) {', '.join(missing)}")
+    return arrays
+
+
+def load_judge(path: str | Path) -> LinearJudge:
+    """Read a judge file (never unpickles); errors name the file and the array at fault."""
+    import numpy as np
+
+    path = Path(path)
+    arrays = read_npz(path, ("coef", "intercept", "classes", "size", "max_value"))
     coef = arrays["coef"].astype(np.float64)
     intercept = arrays["intercept"].astype(np.float64).reshape(-1)
     classes = [str(c) for c in arrays["classes"].reshape(-1)]

@@ -122,7 +122,7 @@ def save_speech_judge(judge: SpeechJudge, path: str | Path) -> None:
     """Write ``judge`` as a pickle-free ``.npz`` (atomically)."""
     import numpy as np
 
-    from ..runtime.files import atomic_output
+    from .judge import write_npz
 
     arrays = {"coef": np.asarray(judge.coef, np.float64), "intercept": np.asarray(judge.intercept, np.float64),
               "classes": np.asarray(judge.classes, dtype=np.str_), "mean": np.asarray(judge.mean, np.float64),
@@ -130,24 +130,17 @@ def save_speech_judge(judge: SpeechJudge, path: str | Path) -> None:
               "kind": np.asarray(JUDGE_KIND)}
     if judge.test_accuracy is not None:
         arrays["test_accuracy"] = np.asarray(judge.test_accuracy, np.float64)
-    with atomic_output(path, binary=True) as f:
-        np.savez(f, **arrays)
+    write_npz(path, arrays)
 
 
 def load_speech_judge(path: str | Path) -> SpeechJudge:
     """Read a speech judge file (never unpickles); errors name the file and the array at fault."""
-    import zipfile
-
     import numpy as np
 
+    from .judge import read_npz
+
     path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"--judge {path}: no such file")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
-    except (ValueError, OSError, zipfile.BadZipFile) as exc:
-        raise DataError(f"{path}: not a judge file (.npz of plain arrays, no pickles): {exc}") from None
+    arrays = read_npz(path, ())
     if str(arrays.get("kind", "")) != JUDGE_KIND:
         raise DataError(f"{path}: not a speech judge (no 'kind' array saying \"{JUDGE_KIND}\"; an image judge?)")
     missing = [k for k in ("coef", "intercept", "classes", "mean", "scale", "n_mels") if k not in arrays]
