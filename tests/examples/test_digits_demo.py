@@ -75,11 +75,15 @@ def test_reduced_digits_demo_beats_chance(smollm2, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.manual
 def test_reduced_digits_demo_speaks(smollm2, tmp_path):
     """DIGITS_SPEAK=1: text -> speech and image -> speech join the reduced demo and come out as
     judged, playable speech. Accuracy thresholds wait for a measured run (issue 27); this checks
     the wiring: the model writes the mel codec and reads Whisper units, every request gets a
-    segment, the report has players and spectrograms."""
+    segment, the report has players and spectrograms.
+
+    Run by hand (``python -m pytest -m manual``): beside the rest of the suite on 2 shared cores
+    it ran past its 30-minute limit, so it is not part of the README's test command."""
     assert shutil.which("espeak-ng") is not None, "espeak-ng is not installed (apt-get install espeak-ng); the demo needs it"
     out = tmp_path / "demo"
     env = {**os.environ, "DIGITS_SMALL": "1", "DIGITS_SPEAK": "1", "DIGITS_STEPS1": "20", "DIGITS_STEPS2": "100",
