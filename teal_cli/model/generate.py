@@ -707,8 +707,7 @@ def generate(model: "TealModel", records: Iterable[Record], options: GenerateOpt
         seeds = [row_seed(options.seed, rec.id, repeat) for rec, _, repeat in batch]
         results = generate_ids(model, [ids for _, ids, _ in batch], options, grammar, seeds)
         for (rec, _, repeat), res in zip(batch, results):
-            # Echoed segments say they are the prompt, so that eval scores only what was generated.
-            segments = [s.with_role("prompt") for s in rec.segments if s.extra.get("role") != "target"] if options.echo else []
+            segments = echoed_prompt(rec) if options.echo else []
             generation = {**info, "finish": res.finish}
             if repeat:
                 generation["repeat"] = repeat
@@ -731,6 +730,12 @@ def generate(model: "TealModel", records: Iterable[Record], options: GenerateOpt
             batch = []
     if batch:
         yield from run(batch)
+
+
+def echoed_prompt(record: Record) -> list[Segment]:
+    """The prompt segments ``--echo`` puts before the answer, each marked ``role: prompt`` so that
+    eval scores only what was generated (both engines use this)."""
+    return [s.with_role("prompt") for s in record.segments if s.extra.get("role") != "target"]
 
 
 def _prompt_ids(model: "TealModel", record: Record, context: int | None, need: int, options: GenerateOptions) -> list[int]:

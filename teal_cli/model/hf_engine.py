@@ -26,7 +26,7 @@ import torch
 from ..errors import DataError, UsageError
 from ..records import Record, Segment
 from . import hf_grammar
-from .generate import GenerateOptions
+from .generate import GenerateOptions, echoed_prompt
 
 
 class ExportedModel:
@@ -146,7 +146,7 @@ def generate(exported: ExportedModel, records: Iterable[Record], options: Genera
     def run(batch):
         results = generate_batch(exported, [ids for _, ids, _ in batch], options, processor)
         for (rec, _, repeat), (ids, finish) in zip(batch, results):
-            segments = [s for s in rec.segments if s.extra.get("role") != "target"] if options.echo else []
+            segments = echoed_prompt(rec) if options.echo else []
             generation = {**info, "finish": finish}
             if repeat:
                 generation["repeat"] = repeat

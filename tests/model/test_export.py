@@ -166,6 +166,22 @@ def test_hf_engine_gives_teal_greedy_records(exported, batch_size):
     assert opened  # the free mode really exercised a segment the model opened itself
 
 
+def test_hf_engine_echo_marks_the_prompt_as_teal_does(exported):
+    """--echo under --engine hf: the echoed prompt says it is the prompt (eval leaves it out), and
+    the record equals teal's echo."""
+    from teal_cli.model.hf_engine import ExportedModel, generate as hf_generate
+
+    model, _, out = exported
+    options = GenerateOptions(max_new_tokens=4, output_modality="text", batch_size=2, echo=True)
+    ours = [r.to_json() for r in generate(model, prompts(model), options)]
+    theirs = [r.to_json() for r in hf_generate(ExportedModel(out), prompts(model), options)]
+    for a, b in zip(ours, theirs, strict=True):
+        a.pop("generation"), b.pop("generation")
+        assert a == b
+        echoed = [s for s in b["segments"] if s.get("role") == "prompt"]
+        assert echoed and echoed == b["segments"][:len(echoed)]
+
+
 def test_standalone_processor_with_plain_generate(exported):
     """The copied ``teal_grammar.py`` + ``model.generate`` (no teal in the loop) gives teal's ids."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
