@@ -29,7 +29,7 @@ def no_auto_compile(monkeypatch):
     test, once a module's models had decoded enough tokens); tests of it set the threshold."""
     from teal_cli.model import generate
 
-    monkeypatch.setattr(generate, "AUTO_MIN_ROW_STEPS", {})
+    monkeypatch.setattr(generate, "AUTO_COMPILE_SECONDS", {})
 
 
 @pytest.fixture(autouse=True)

@@ -53,6 +53,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
+import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
@@ -448,6 +449,7 @@ def generate_ids(model: "TealModel", prompts: list[list[int]], options: Generate
     neg_inf = torch.tensor(float("-inf"), device=device)
 
     steps = decoding_steps(model, prompts, options, grammar, R, width)
+    started = time.perf_counter()
     hidden = steps.prefill(ids, attn)
     step = 0
     while True:
@@ -485,18 +487,21 @@ def generate_ids(model: "TealModel", prompts: list[list[int]], options: Generate
         ids = torch.tensor(feed, dtype=torch.long, device=device)[:, None]
         pos = torch.tensor(positions, dtype=torch.long, device=device)[:, None]
         hidden = steps.step(ids, attn, pos)
+    if not steps.compiled:
+        eager_seconds(model, time.perf_counter() - started)
     return [Generated(r.ids, r.finish) for r in rows]
 
 
 # ---------------------------------------------------------------------- one decoding step: eager or compiled
 
-# ``compile="auto"`` compiles once the rows x steps this model has decoded in this process
-# (the batch about to start included) reach this many: until then the eager steps cost less
-# than a compile would (torch.compile of SmolLM2's step took 60-290 s on a shared 2-core
-# EPYC and saved 20-30 % a token: it pays off after thousands of tokens; measured with
-# benchmarks/generate.py). Like renting skis until their price is spent, this never costs
-# more than twice the better choice made in hindsight.
-AUTO_MIN_ROW_STEPS = {"cpu": 8192, "cuda": 512}
+# ``compile="auto"`` rents before it buys: batches run eagerly until the eager decoding time this
+# model has spent in this process reaches what a compile is expected to cost, then it compiles
+# (ski rental: never more than twice the better choice made in hindsight). torch.compile of
+# SmolLM2-135M's step took 60-290 s on a 2-core AMD EPYC and saved 20-30 % a token
+# (benchmarks/generate.py); on a GPU a reduce-overhead compile takes tens of seconds. The time
+# actually spent is counted, not a batch's bound: a 2 s audio cap bounds 51 steps where a spoken
+# digit takes 8, and counting bounds compiled a 360-prompt evaluation for 3 minutes to save seconds.
+AUTO_COMPILE_SECONDS = {"cpu": 120.0, "cuda": 30.0}
 _CACHE_ROUND = 64  # static cache lengths are rounded up to a multiple of this: fewer recompiles
 COMPILE_BACKEND = "inductor"  # torch.compile's backend (tests use "eager": the same graph, no code generation)
 
@@ -629,12 +634,13 @@ def row_step_bound(prompt_lens: list[int], options: GenerateOptions, grammar: Gr
     return max(bound, 0) + 1
 
 
-def use_compiled(model: "TealModel", options: GenerateOptions, rows: int, bound: int, tight: bool = True) -> bool:
+def use_compiled(model: "TealModel", options: GenerateOptions, tight: bool = True) -> bool:
     """``options.compile``: ``on``/``off``; ``auto``: compile when the model supports it, the
     batch's bound is ``tight`` (a forced segment or text only: not a free answer whose bound
     counts every segment the model might open, which would size the cache for the whole
-    context), and this model's rows x steps so far in this process reach
-    :data:`AUTO_MIN_ROW_STEPS`. Raises UsageError for ``on`` with a model it cannot run."""
+    context), and the eager decoding seconds this model has spent in this process
+    (:func:`eager_seconds`) reach :data:`AUTO_COMPILE_SECONDS`. Raises UsageError for ``on``
+    with a model it cannot run."""
     if options.compile == "off":
         return False
     why = static_cache_unsupported(model)
@@ -644,9 +650,14 @@ def use_compiled(model: "TealModel", options: GenerateOptions, rows: int, bound:
         return True
     if why or not tight:
         return False
-    done = model.__dict__.get("_row_steps", 0) + rows * bound
-    model.__dict__["_row_steps"] = done
-    return done >= AUTO_MIN_ROW_STEPS.get(model.device.type, 1 << 62)
+    return eager_seconds(model) >= AUTO_COMPILE_SECONDS.get(model.device.type, float("inf"))
+
+
+def eager_seconds(model: "TealModel", add: float = 0.0) -> float:
+    """The wall seconds ``model`` has spent decoding eagerly in this process, after adding ``add``."""
+    spent = model.__dict__.get("_eager_seconds", 0.0) + add
+    model.__dict__["_eager_seconds"] = spent
+    return spent
 
 
 def decoding_steps(model: "TealModel", prompts: list[list[int]], options: GenerateOptions, grammar: Grammar,
@@ -654,7 +665,7 @@ def decoding_steps(model: "TealModel", prompts: list[list[int]], options: Genera
     """The batch's step function: :class:`CompiledSteps` or :class:`EagerSteps` (``options.compile``)."""
     bound = row_step_bound([len(p) for p in prompts], options, grammar, model.context_length)
     tight = grammar.forced or options.output_modality == "text" or not grammar.open_ids
-    if use_compiled(model, options, rows, bound, tight):
+    if use_compiled(model, options, tight):
         return CompiledSteps(model, rows, width + bound)
     return EagerSteps(model)
 

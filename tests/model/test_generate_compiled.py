@@ -12,8 +12,8 @@ import torch
 
 from teal_cli.errors import DataError, UsageError
 from teal_cli.model import generate as gen
-from teal_cli.model.generate import (CompiledSteps, EagerSteps, GenerateOptions, Grammar, generate, row_step_bound,
-                                     use_compiled)
+from teal_cli.model.generate import (CompiledSteps, EagerSteps, GenerateOptions, Grammar, eager_seconds, generate,
+                                     row_step_bound, use_compiled)
 from teal_cli.records import Record, Segment
 from test_generate import build, codec_dirs, llm_dirs, prompts, root, text_ids  # noqa: F401 (fixtures)
 
@@ -152,21 +152,26 @@ def test_compile_off_and_auto_keep_the_eager_steps(models, monkeypatch):
     assert used == [EagerSteps, EagerSteps] and auto == off
 
 
-def test_auto_compiles_once_the_decoded_rows_x_steps_would_have_paid_for_it(models, monkeypatch):
+def test_auto_compiles_once_the_eager_decoding_time_would_have_paid_for_it(models, monkeypatch):
     model = models["gpt2"]
-    monkeypatch.setitem(model.__dict__, "_row_steps", 0)
-    monkeypatch.setattr(gen, "AUTO_MIN_ROW_STEPS", {"cpu": 8192})  # tests/conftest.py turns "auto" off
+    monkeypatch.setitem(model.__dict__, "_eager_seconds", 0.0)
+    monkeypatch.setattr(gen, "AUTO_COMPILE_SECONDS", {"cpu": 120.0})  # tests/conftest.py turns "auto" off
     auto = GenerateOptions()
-    threshold = 8192
-    quarter = dict(rows=2, bound=threshold // 8)
-    assert [use_compiled(model, auto, **quarter) for _ in range(3)] == [False, False, False]
-    assert not use_compiled(model, auto, 8, threshold, tight=False)  # a free answer's loose bound never counts
-    assert not use_compiled(model, GenerateOptions(compile="off"), 8, threshold)
-    assert use_compiled(model, auto, **quarter)  # the fourth quarter of the threshold
+    assert not use_compiled(model, auto)
+    eager_seconds(model, 119.0)
+    assert not use_compiled(model, auto)
+    assert not use_compiled(model, GenerateOptions(compile="off"))
+    # Each eager batch adds the seconds it actually took (not its bound): a batch of free answers
+    # or one that ends early counts what it spent.
+    segments(model, prompts(2), output_modality="image", compile="auto")
+    assert 119.0 < model.__dict__["_eager_seconds"] < 119.0 + 60
+    eager_seconds(model, 1.0)
+    assert use_compiled(model, auto)  # the spent time reached the expected compile cost
+    assert not use_compiled(model, auto, tight=False)  # a free answer's loose bound: stays eager
     monkeypatch.setattr(model.llm.config, "_attn_implementation", "flash_attention_2")
-    assert not use_compiled(model, auto, 8, threshold)
+    assert not use_compiled(model, auto)
     with pytest.raises(UsageError, match="--compile on: attention implementation 'flash_attention_2'"):
-        use_compiled(model, GenerateOptions(compile="on"), 1, 1)
+        use_compiled(model, GenerateOptions(compile="on"))
 
 
 def test_compile_option_is_checked():
