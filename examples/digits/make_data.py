@@ -21,11 +21,13 @@ Writes under OUT (paths in manifests are relative to OUT, where the manifests li
     "the digit 7", ...); the test and val splits use the first phrasing for every image;
   - ``t2i.{split}.jsonl``: text request ("draw a seven", ...) then image;
   - ``asr.{split}.jsonl``: audio then the spoken word;
-  - ``tts.{split}.jsonl``: a spoken request ("say seven", ...) then the utterance (one record
-    per utterance; ``"transcript"`` holds the word the speech should say);
-  - ``i2s.{split}.jsonl``: a digit image then an utterance of its digit from the same split
-    (image -> speech: read the digit aloud); train: one per utterance, with a random image of
-    its class; val / test: one per image, with a random utterance of its class;
+  - ``tts.{split}.jsonl``: a spoken request ("say seven", ...) then the word in the speaking
+    voice (one record per utterance of the split; ``"transcript"`` holds the word the speech
+    should say);
+  - ``i2s.{split}.jsonl``: a digit image then its word in the speaking voice (image -> speech:
+    read the digit aloud); train: one per utterance, with a random image of its class; val /
+    test: one per image. The speaking voice is one training speaker setting
+    (:func:`speaking_voice`, named in ``splits.json``), as a TTS voice is;
 - ``splits.json``: seed, counts and the ids in each split; ``labels.json``: the class words.
 
 Splits: images by sample (stratified by class, 70 / 10 / 20 % train / val / test), speech by
@@ -95,6 +97,9 @@ VOICES = ("en", "en-us", "en+f3", "en+m3", "en-us+f2", "en-us+m5", "en-gb-scotla
 SPEEDS = (130, 160, 190)
 PITCHES = (35, 50, 65)
 SMALL_VOICES, SMALL_SPEEDS, SMALL_PITCHES = ("en", "en+f3"), (140, 180), (30, 50, 70)
+# The voice the model speaks in (text -> speech, image -> speech): the training setting nearest
+# this one (speaking_voice). The middle speed and pitch; every setting is still heard in ASR.
+SPEAKING_VOICE = ("en-us", 160, 50)
 
 SAMPLE_RATE = 16000
 ESPEAK_RATE = 22050
@@ -259,44 +264,60 @@ def make_audio(out: Path, seed: int, small: bool, jobs: int, trim: bool = False)
     return summary
 
 
+def speaking_voice(train: list[dict]) -> dict:
+    """The one speaker setting the model learns to speak in: of the training split's settings,
+    the one nearest SPEAKING_VOICE (speed, then pitch, then the order of VOICES).
+
+    Speech out is single-speaker, as TTS without speaker conditioning is: with every training
+    setting as a target (51 settings, 39-49 distinct id sequences a word), greedy decoding
+    averaged the voices and two of the ten words came out wrong (examples/digits/README.md)."""
+    voice, speed, pitch = SPEAKING_VOICE
+    order = {v: i for i, v in enumerate(VOICES + SMALL_VOICES)}
+    settings = {(r["voice"], r["speed"], r["pitch"]) for r in train}
+    best = min(settings, key=lambda t: (t[0] != voice, abs(t[1] - speed), abs(t[2] - pitch), order.get(t[0], 99)))
+    return {"voice": best[0], "speed": best[1], "pitch": best[2]}
+
+
 def make_speech_out(out: Path, seed: int) -> dict:
     """The speech-out manifests (``tts``, ``i2s``) from the ASR and caption manifests already
-    in ``out``; returns their counts per split."""
+    in ``out``, every target utterance in the :func:`speaking_voice`; returns their counts per
+    split and the voice."""
     import numpy as np
 
     rng = np.random.default_rng(seed + 3)
+    asr_train = [json.loads(x) for x in (out / "asr.train.jsonl").read_text().splitlines()]
+    voice = speaking_voice(asr_train)
+    clip = {r["label"]: r["segments"][0]["path"] for r in asr_train
+            if (r["voice"], r["speed"], r["pitch"]) == (voice["voice"], voice["speed"], voice["pitch"])}
     counts: dict[str, dict[str, int]] = {"tts": {}, "i2s": {}}
     for split in SPLITS:
         asr = [json.loads(x) for x in (out / f"asr.{split}.jsonl").read_text().splitlines()]
         images = [json.loads(x) for x in (out / f"caption.{split}.jsonl").read_text().splitlines()]
-        by_label_audio = {c: [r for r in asr if r["label"] == c] for c in range(len(WORDS))}
         by_label_image = {c: [r for r in images if r["label"] == c] for c in range(len(WORDS))}
         tts, i2s = [], []
+        # As many requests as the split has utterances (train: a random phrasing each; val and
+        # test: the first phrasing); each is answered in the speaking voice.
         for r in asr:
             label = r["label"]
             req = SPEAK[0] if split != "train" else SPEAK[rng.integers(len(SPEAK))]
-            wav = r["segments"][0]["path"]
             tts.append({"v": 1, "id": "tts-" + r["id"].removeprefix("asr-"), "segments": [
-                {"modality": "text", "text": phrase(req, label)}, {"modality": "audio", "path": wav}],
+                {"modality": "text", "text": phrase(req, label)}, {"modality": "audio", "path": clip[label]}],
                 "task": "text-to-speech", "label": label, "word": WORDS[label], "transcript": WORDS[label]})
             if split == "train" and by_label_image[label]:
                 image = by_label_image[label][rng.integers(len(by_label_image[label]))]
                 i2s.append({"v": 1, "id": "i2s-" + r["id"].removeprefix("asr-"), "segments": [
-                    image["segments"][0], {"modality": "audio", "path": wav}],
+                    image["segments"][0], {"modality": "audio", "path": clip[label]}],
                     "task": "image-to-speech", "label": label, "word": WORDS[label], "transcript": WORDS[label]})
         if split != "train":
-            for image in images:
+            for image in images:  # every held-out image read aloud
                 label = image["label"]
-                if not by_label_audio[label]:
-                    continue
-                utt = by_label_audio[label][rng.integers(len(by_label_audio[label]))]
                 i2s.append({"v": 1, "id": "i2s-" + image["id"].removeprefix("cap-"), "segments": [
-                    image["segments"][0], {"modality": "audio", "path": utt["segments"][0]["path"]}],
+                    image["segments"][0], {"modality": "audio", "path": clip[label]}],
                     "task": "image-to-speech", "label": label, "word": WORDS[label], "transcript": WORDS[label]})
         _write_atomic(out / f"tts.{split}.jsonl", _jsonl(tts))
         _write_atomic(out / f"i2s.{split}.jsonl", _jsonl(i2s))
         counts["tts"][split], counts["i2s"][split] = len(tts), len(i2s)
-    return counts
+    return {"counts": counts, "speaking_voice": voice}
 
 
 def make_data(out: str | Path, seed: int = 0, small: bool = False, jobs: int = 2, audio: bool = True,
@@ -313,8 +334,11 @@ def make_data(out: str | Path, seed: int = 0, small: bool = False, jobs: int = 2
     counts = {"caption": {s: len(images[s]) for s in SPLITS}, "t2i": {s: len(images[s]) for s in SPLITS}}
     if audio:
         counts["asr"] = {s: len(speech[s]) * len(WORDS) for s in SPLITS}
-        counts.update(make_speech_out(out, seed))
+        speech_out = make_speech_out(out, seed)
+        counts.update(speech_out["counts"])
     summary = {"seed": seed, "small": small, "trim_silence": trim, "counts": counts, "images": images, "speech": speech}
+    if audio:
+        summary["speaking_voice"] = speech_out["speaking_voice"]
     _write_atomic(out / "labels.json", json.dumps(list(WORDS)) + "\n")
     _write_atomic(out / "splits.json", json.dumps(summary, indent=1) + "\n")
     return summary

@@ -16,9 +16,9 @@
 #   DIGITS_IMAGE_SIZE=S  upscale the 8x8 digits to S x S (bicubic) before patching (default 8: no upscale)
 #   DIGITS_STEPS1=N, DIGITS_STEPS2=N, DIGITS_BATCH=N, DIGITS_LR1=X, DIGITS_LR2=X
 #                    training length and peak learning rates (defaults in defaults.sh)
-#   DIGITS_SPEAK=1   speech out too (not yet measured at full size): text -> speech and image -> speech
-#                    through a mel codec, judged by a spoken-digit classifier; the spoken digits are
-#                    trimmed of silence, so use a fresh OUT (a folder made without it is refused)
+#   DIGITS_SPEAK=0   no speech out (text -> speech and image -> speech through a mel codec, judged by
+#                    a spoken-digit classifier, are on by default); the spoken digits are then not
+#                    trimmed of silence, so use a fresh OUT (a folder made the other way is refused)
 #   DIGITS_SPEAK_STACK=S, DIGITS_SPEAK_K=K   the speech-out codec: log-mel frames stacked S at a time
 #                    (100/S ids a second; default 4), K centroids (default 256; 32 with DIGITS_SMALL)
 #   DIGITS_CAPTION_REPEAT=N, DIGITS_CAPTION_TEMPERATURE=T   stage 2's copies of the caption records
@@ -30,7 +30,7 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/../.." && pwd)"
 OUT="$(mkdir -p "${1:-digits-demo}" && cd "${1:-digits-demo}" && pwd)"
 SEED="${DIGITS_SEED:-0}"
-SPEAK="${DIGITS_SPEAK:-}"
+SPEAK=1; [[ "${DIGITS_SPEAK:-1}" == 0 ]] && SPEAK=""   # speech out unless DIGITS_SPEAK=0
 source "$HERE/defaults.sh"   # STEPS1, STEPS2, BATCH, LR1, LR2, CAPTION_REPEAT
 # Codecs are found by name in OUT/codecs, so token records say "digits-patch-p4-k256", not a path.
 export TEAL_CODEC_PATH="$OUT/codecs${TEAL_CODEC_PATH:+:$TEAL_CODEC_PATH}"
@@ -56,7 +56,7 @@ if ! done_already "$DATA/splits.json"; then
 fi
 # Speech out trains on trimmed utterances, the rest of the demo on espeak's own: one folder, one kind.
 "$PY" -c 'import json,sys; made=bool(json.load(open(sys.argv[1])).get("trim_silence")); sys.exit(made != bool(sys.argv[2]))' \
-  "$DATA/splits.json" "$SPEAK" || { echo "Error: $OUT was made $([[ -n $SPEAK ]] && echo without || echo with) DIGITS_SPEAK=1; use another output folder" >&2; exit 1; }
+  "$DATA/splits.json" "$SPEAK" || { echo "Error: $OUT was made $([[ -n $SPEAK ]] && echo "with DIGITS_SPEAK=0" || echo "with speech out"); use another output folder" >&2; exit 1; }
 if [[ -n $SPEAK ]]; then
   # The judge of generated speech: a linear classifier over pooled log-mel statistics of the
   # training utterances (held-out accuracy on the test utterances: 100 % on the full set).
