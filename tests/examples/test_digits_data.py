@@ -155,27 +155,34 @@ def test_trim_silence_cuts_the_silent_ends_and_keeps_a_margin():
     assert make_data.trim_silence(silent) is silent
 
 
-def test_speech_out_manifests_pair_requests_and_images_with_utterances(tmp_path):
-    """tts: one spoken request per utterance; i2s: train one per utterance, val/test one per image,
-    always an utterance of the image's own digit from the same split."""
+def test_speech_out_manifests_answer_in_one_training_voice(tmp_path):
+    """tts: one spoken request per utterance of the split; i2s: train one per utterance, val/test
+    one per image; every answer is the word of the request's (or image's) own digit, spoken in
+    the one speaking voice: the training setting nearest SPEAKING_VOICE."""
     out = tmp_path
     make_data.make_images(out, seed=0, small=True)
-    for split in SPLITS:  # two fake utterances per class and split
-        rows = [{"v": 1, "id": f"asr-{split}-{c}-{k}", "segments": [{"modality": "audio", "path": f"audio/{split}_{c}_{k}.wav"},
-                {"modality": "text", "text": make_data.WORDS[c]}], "task": "asr", "label": c, "word": make_data.WORDS[c]}
-                for c in range(10) for k in range(2)]
+    settings = {"train": [("en", 130, 35), ("en-us", 190, 50), ("en-us", 160, 65)],
+                "val": [("en-us", 160, 50)], "test": [("en", 160, 50)]}  # the preferred voice is not a training one
+    for split in SPLITS:
+        rows = [{"v": 1, "id": f"asr-{split}-{c}-{k}", "segments": [{"modality": "audio", "path": f"audio/{v}_s{sp}_p{pi}_{c}.wav"},
+                {"modality": "text", "text": make_data.WORDS[c]}], "task": "asr", "label": c, "word": make_data.WORDS[c],
+                "voice": v, "speed": sp, "pitch": pi}
+                for c in range(10) for k, (v, sp, pi) in enumerate(settings[split])]
         (out / f"asr.{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    counts = make_data.make_speech_out(out, seed=0)
-    assert counts["tts"] == {s: 20 for s in SPLITS}
-    assert counts["i2s"] == {"train": 20, "val": 21, "test": 40}
+    made = make_data.make_speech_out(out, seed=0)
+    # en-us first, then the nearest speed (190 and 160 are 30 and 0 away), then pitch
+    assert made["speaking_voice"] == {"voice": "en-us", "speed": 160, "pitch": 65}
+    counts = made["counts"]
+    assert counts["tts"] == {"train": 30, "val": 10, "test": 10}
+    assert counts["i2s"] == {"train": 30, "val": 21, "test": 40}
     for split in SPLITS:
         for r in _records(out / f"tts.{split}.jsonl"):
             assert [s.modality for s in r.segments] == ["text", "audio"] and r.extra["task"] == "text-to-speech"
             word = make_data.WORDS[r.extra["label"]]
             assert r.extra["transcript"] == word and (word in r.segments[0].text or str(r.extra["label"]) in r.segments[0].text)
-            assert f"_{r.extra['label']}_" in r.segments[1].path and r.segments[1].path.startswith(f"audio/{split}_")
+            assert r.segments[1].path == f"audio/en-us_s160_p65_{r.extra['label']}.wav"
         for r in _records(out / f"i2s.{split}.jsonl"):
             assert [s.modality for s in r.segments] == ["image", "audio"] and r.extra["task"] == "image-to-speech"
-            assert f"_{r.extra['label']}_" in r.segments[1].path and r.segments[1].path.startswith(f"audio/{split}_")
+            assert r.segments[1].path == f"audio/en-us_s160_p65_{r.extra['label']}.wav"
     test_tts = {r.segments[0].text for r in _records(out / "tts.test.jsonl")}
     assert test_tts == {f"say {w}" for w in make_data.WORDS}
